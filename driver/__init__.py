@@ -1,0 +1,21 @@
+"""Host driver for nvcim chips.
+
+    sess = driver.load("model.onnx")                 # like onnxruntime.InferenceSession
+    y, = sess.run(None, {"x": x})
+    dev = driver.open("emu://?seed=1&sigma=0.3")     # low-level: registers, cells, noise
+"""
+
+from .device import Device, Identity, WriteStats
+from .errors import (CompileError, DeviceError, InvalidArgument, LinkError, LinkTimeout, NvcimError,
+                     ProtocolError)
+from .session import NodeArg, Session, deploy, load
+
+
+def open(url: str | None = None, timeout: float = 5.0) -> Device:  # noqa: A001 (mirrors serial/io naming)
+    """Open the chip at ``url`` (default $NVCIM_DEVICE, else a fresh in-process chip)."""
+    return Device.open(url, timeout=timeout)
+
+
+__all__ = ["load", "open", "Session", "Device", "Identity", "WriteStats", "NodeArg", "deploy",
+           "NvcimError", "DeviceError", "LinkError", "LinkTimeout", "ProtocolError",
+           "InvalidArgument", "CompileError"]

@@ -1,0 +1,98 @@
+"""A reliable request/reply link over any pyserial port.
+
+Each command carries a fresh sequence number. A reply that does not arrive in time, or
+arrives damaged, or a chip reply saying our frame arrived damaged, makes the link send the
+same frame again with the same sequence number; the chip answers a repeat from its reply
+cache without executing it twice, so every command is safe to retransmit.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import serial
+
+from firmware_emu.protocol import (FLAG_RESPONSE, MAX_PAYLOAD, Command, ErrorCode, Frame, FrameError,
+                                   FrameReader, encode)
+from firmware_emu.registers import BY_NAME
+
+from .errors import DeviceError, LinkTimeout, ProtocolError
+
+log = logging.getLogger(__name__)
+
+_RETRANSMIT_CODES = {ErrorCode.BAD_CRC, ErrorCode.BAD_HEADER}
+
+
+class Link:
+    def __init__(self, port: serial.SerialBase, timeout: float = 5.0, retries: int = 8):
+        self.port = port
+        self.timeout = timeout
+        self.retries = retries
+        self.retransmissions = 0
+        self._seq = 0
+        self._reader = FrameReader(MAX_PAYLOAD)
+        port.timeout = min(0.05, timeout)
+
+    def close(self) -> None:
+        self.port.close()
+
+    def transact(self, command: Command, payload: bytes = b"") -> bytes:
+        """Send one command and return the chip's reply payload."""
+        self._seq = (self._seq + 1) & 0xFFFF
+        frame = encode(command, self._seq, payload)
+        last_problem = "no reply"
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.retransmissions += 1
+                log.debug("retransmitting %s seq %d (%s)", command.name, self._seq, last_problem)
+            self.port.write(frame)
+            reply = self._await(self._seq)
+            if isinstance(reply, str):
+                last_problem = reply
+                continue
+            if reply.is_error:
+                code, message = reply.error()
+                if code in _RETRANSMIT_CODES:
+                    last_problem = f"chip saw a damaged frame ({ErrorCode(code).name})"
+                    continue
+                raise DeviceError(command.name, code, message, self._status_after_error())
+            if reply.command != command:
+                raise ProtocolError(f"{command.name}: reply is for command 0x{reply.command:02X}")
+            return reply.payload
+        if last_problem == "no reply":
+            raise LinkTimeout(f"{command.name}: no reply from the chip after {self.retries + 1} tries "
+                              f"of {self.timeout:g} s on {self.port.port}")
+        raise ProtocolError(f"{command.name}: gave up after {self.retries + 1} tries: {last_problem}")
+
+    def _await(self, seq: int) -> Frame | str:
+        """The reply to ``seq``, or a string saying why none usable arrived."""
+        deadline = time.monotonic() + self.timeout
+        items = self._reader.feed(b"")
+        while True:
+            for item in items:
+                if isinstance(item, FrameError):
+                    if item.seq in (seq, None):
+                        return f"damaged reply ({item.code.name})"
+                elif item.flags & FLAG_RESPONSE and item.seq == seq:
+                    return item
+            data = self.port.read(max(1, self.port.in_waiting))
+            items = self._reader.feed(data)
+            if data:
+                continue
+            if self._nothing_more_can_come() or time.monotonic() >= deadline:
+                self._reader.buf.clear()
+                return "no reply"
+
+    def _nothing_more_can_come(self) -> bool:
+        # An in-process chip answers inside write(): an empty read means the reply is lost.
+        return getattr(self.port, "chip", None) is not None
+
+    def _status_after_error(self) -> int | None:
+        """STATUS register, read after a refused command so the error can carry it."""
+        self._seq = (self._seq + 1) & 0xFFFF
+        self.port.write(encode(Command.REG_READ, self._seq, BY_NAME["STATUS"].offset.to_bytes(4, "little")))
+        reply = self._await(self._seq)
+        if isinstance(reply, Frame) and not reply.is_error and len(reply.payload) == 4:
+            return int.from_bytes(reply.payload, "little")
+        return None

@@ -1,0 +1,402 @@
+"""The emulated chip: register file, staging buffer, cell arrays, executor, command handler.
+
+A transport hands raw bytes to ``Chip.feed`` and sends back what it returns. Every frame
+gets a reply; a frame that repeats the previous sequence number is answered from a cache
+without running again, so a host may retransmit any command safely.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import executor
+from .crossbar import CellArrays, ProgramStats
+from .physics import DeviceModel
+from .program_format import Program, ProgramFormatError, packed_size, parse_code, unpack_cells
+from .protocol import (FLAG_ERROR, FLAG_RESPONSE, MAX_PAYLOAD, CellMode, CellQuantity,
+                       CellsEraseArgs, CellsReadArgs, CellsWriteArgs, CellsWriteReply, Command, ErrorCode, Frame,
+                       FrameError, FrameReader, IdentifyReply, encode, error_payload)
+from .registers import BY_OFFSET, CHIP_ID_VALUE, Q16, REGISTERS, VERSION_VALUE, Access, DeviceModelCode
+
+
+class ChipError(Exception):
+    """A command the chip refuses; becomes an error reply with ``code``."""
+
+    def __init__(self, code: ErrorCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class ChipConfig:
+    """Build-time parameters of a chip (what a datasheet's ordering code fixes)."""
+
+    arrays: int = 256
+    rows: int = 256
+    cols: int = 256
+    weight_bits: int = 8
+    cell_bits: int = 2
+    buffer_size: int = 64 << 20
+    # power-on values of the settings registers
+    sigma: float = 0.3
+    seed: int = 0
+    model: DeviceModelCode = DeviceModelCode.GAUSSIAN
+    read_noise: float = 0.0
+
+    def __post_init__(self):
+        if self.cell_bits not in (1, 2, 4, 8) or self.weight_bits % self.cell_bits:
+            raise ValueError(f"cell_bits={self.cell_bits} must be 1, 2, 4 or 8 and divide weight_bits={self.weight_bits}")
+        for name in ("arrays", "rows", "cols"):
+            if not 0 < getattr(self, name) <= 0xFFFF:
+                raise ValueError(f"{name}={getattr(self, name)} must be in 1..65535")
+        if not 0 <= self.sigma < 0x7FFF:
+            raise ValueError(f"sigma={self.sigma} must be >= 0")
+
+    @classmethod
+    def from_options(cls, options: dict[str, str]) -> "ChipConfig":
+        """Build a config from text options (URL query or command line), naming any bad one."""
+        fields = {f.name: f.type for f in cls.__dataclass_fields__.values()}
+        kwargs: dict = {}
+        for key, text in options.items():
+            if key not in fields:
+                raise ValueError(f"unknown chip option '{key}' (known: {', '.join(fields)})")
+            try:
+                if key == "model":
+                    kwargs[key] = DeviceModelCode[text.upper()]
+                elif key in ("sigma", "read_noise"):
+                    kwargs[key] = float(text)
+                else:
+                    kwargs[key] = int(text, 0)
+            except (KeyError, ValueError):
+                choices = ", ".join(m.name for m in DeviceModelCode) if key == "model" else "a number"
+                raise ValueError(f"chip option {key}={text!r} is not valid (expected {choices})") from None
+        return cls(**kwargs)
+
+
+_COUNTERS = ("write_pulses", "read_pulses", "verify_iterations")
+
+
+class Chip:
+    def __init__(self, config: ChipConfig | None = None):
+        self.config = config or ChipConfig()
+        c = self.config
+        self.cells = CellArrays(c.arrays, c.rows, c.cols)
+        self.buffer = bytearray(c.buffer_size)
+        self._reader = FrameReader(MAX_PAYLOAD)
+        self._last: tuple[int, int, bytes] | None = None  # (seq, payload crc, reply)
+        self._weights_cache: dict[int, tuple[int, np.ndarray]] = {}
+        self.power_on()
+
+    # -- state ---------------------------------------------------------------------
+    def power_on(self) -> None:
+        """Reset every volatile part; the cell arrays are non-volatile and stay."""
+        c = self.config
+        self.regs = {r.name: r.reset for r in REGISTERS}
+        self.regs.update(
+            CAP_ARRAYS=c.arrays, CAP_GEOMETRY=c.rows | (c.cols << 16),
+            CAP_CELL=c.weight_bits | (c.cell_bits << 8), CAP_BUFFER=c.buffer_size,
+            CAP_MAX_PAYLOAD=MAX_PAYLOAD, SIGMA=round(c.sigma * Q16), SEED=c.seed & 0xFFFFFFFF,
+            DEVICE_MODEL=int(c.model), READ_NOISE=round(c.read_noise * Q16))
+        self.counters = {name: 0 for name in _COUNTERS}
+        self.counters.update(verify_failures=0, cells_written=0, mvm_ops=0)
+        self.program: Program | None = None
+        self._weights_cache.clear()
+        self.rng = np.random.default_rng(self.regs["SEED"])
+
+    @property
+    def device(self) -> DeviceModel:
+        return DeviceModel(cell_bits=self.config.cell_bits, sigma=self.regs["SIGMA"] / Q16,
+                           model=DeviceModelCode(self.regs["DEVICE_MODEL"]),
+                           read_noise=self.regs["READ_NOISE"] / Q16)
+
+    def _status(self) -> int:
+        return self.regs["STATUS"] & ~0b100 | (0b100 if self.program is not None else 0)
+
+    # -- registers -----------------------------------------------------------------
+    def read_register(self, addr: int) -> int:
+        reg = BY_OFFSET.get(addr)
+        if reg is None:
+            self._bus_error(addr, ErrorCode.BUS_ERROR, f"read of unmapped address 0x{addr:03X}")
+        name = reg.name
+        if name == "STATUS":
+            return self._status()
+        if name.startswith("CNT_"):
+            return self._counter(name)
+        if reg.access == Access.WO:
+            return 0
+        return self.regs[name]
+
+    def _counter(self, name: str) -> int:
+        key = {"WRITE_PULSES": "write_pulses", "READ_PULSES": "read_pulses",
+               "VERIFY_ITERS": "verify_iterations", "VERIFY_FAILS": "verify_failures",
+               "CELLS_WRITTEN": "cells_written", "MVM_OPS": "mvm_ops"}
+        base = name[4:].removesuffix("_LO").removesuffix("_HI")
+        value = self.counters[key[base]]
+        return (value >> 32) & 0xFFFFFFFF if name.endswith("_HI") else value & 0xFFFFFFFF
+
+    def write_register(self, addr: int, value: int) -> None:
+        reg = BY_OFFSET.get(addr)
+        if reg is None:
+            self._bus_error(addr, ErrorCode.BUS_ERROR, f"write to unmapped address 0x{addr:03X}")
+        if reg.access == Access.RO:
+            self._bus_error(addr, ErrorCode.READ_ONLY, f"write to read-only register {reg.name} (0x{addr:03X})")
+        name = reg.name
+        if reg.access == Access.W1C:
+            self.regs[name] &= ~value
+        elif name == "CONTROL":
+            if value & 1:
+                self.power_on()
+        else:
+            if name == "DEVICE_MODEL" and value not in DeviceModelCode._value2member_map_:
+                raise ChipError(ErrorCode.BAD_ARGUMENT, f"DEVICE_MODEL value {value} is not a device model "
+                                f"({', '.join(f'{m.value}={m.name}' for m in DeviceModelCode)})")
+            self.regs[name] = value
+            if name == "SEED":
+                self.rng = np.random.default_rng(value)
+
+    def _bus_error(self, addr: int, code: ErrorCode, message: str):
+        self.regs["STATUS"] |= 0x10
+        self.regs["ERROR_ADDR"] = addr
+        raise ChipError(code, message)
+
+    # -- frames --------------------------------------------------------------------
+    def feed(self, data: bytes) -> bytes:
+        """Consume bytes from the host; return the reply bytes (possibly empty)."""
+        replies = []
+        for item in self._reader.feed(data):
+            if isinstance(item, FrameError):
+                seq = 0xFFFF if item.seq is None else item.seq
+                replies.append(encode(0, seq, error_payload(item.code, str(item)), FLAG_RESPONSE | FLAG_ERROR))
+            else:
+                replies.append(self._handle_frame(item))
+        return b"".join(replies)
+
+    def _handle_frame(self, frame: Frame) -> bytes:
+        key = (frame.seq, zlib.crc32(frame.payload) ^ frame.command)
+        if self._last is not None and self._last[:2] == key:
+            return self._last[2]
+        try:
+            payload = self.execute(frame.command, frame.payload)
+            reply = encode(frame.command, frame.seq, payload, FLAG_RESPONSE)
+            self.regs["STATUS"] &= ~0b1000
+        except ChipError as e:
+            self.regs["STATUS"] |= 0b1000
+            self.regs["ERROR_CODE"] = int(e.code)
+            self.regs["IRQ_FLAGS"] |= 0b10
+            reply = encode(frame.command, frame.seq, error_payload(e.code, str(e)), FLAG_RESPONSE | FLAG_ERROR)
+        self._last = (*key, reply)
+        return reply
+
+    def execute(self, command: int, payload: bytes) -> bytes:
+        """Run one command; raise ChipError for anything the chip refuses."""
+        handler = self._HANDLERS.get(command)
+        if handler is None:
+            raise ChipError(ErrorCode.UNKNOWN_COMMAND, f"unknown command 0x{command:02X}")
+        try:
+            return handler(self, payload)
+        except struct.error as e:
+            name = Command(command).name
+            raise ChipError(ErrorCode.BAD_LENGTH, f"{name}: payload of {len(payload)} bytes is malformed ({e})") from None
+
+    # -- command handlers ----------------------------------------------------------
+    def _ping(self, payload: bytes) -> bytes:
+        return payload
+
+    def _identify(self, payload: bytes) -> bytes:
+        c = self.config
+        return IdentifyReply.build(dict(chip_id=CHIP_ID_VALUE, version=VERSION_VALUE, arrays=c.arrays,
+                                        rows=c.rows, cols=c.cols, weight_bits=c.weight_bits,
+                                        cell_bits=c.cell_bits, buffer_size=c.buffer_size,
+                                        max_payload=MAX_PAYLOAD))
+
+    def _reg_read(self, payload: bytes) -> bytes:
+        addr, = struct.unpack("<I", payload)
+        return struct.pack("<I", self.read_register(addr))
+
+    def _reg_write(self, payload: bytes) -> bytes:
+        addr, value = struct.unpack("<II", payload)
+        self.write_register(addr, value)
+        return b""
+
+    def _buffer_range(self, offset: int, length: int) -> slice:
+        if offset < 0 or length < 0 or offset + length > len(self.buffer):
+            raise ChipError(ErrorCode.BAD_ADDRESS, f"buffer range {offset}..{offset + length} outside the "
+                            f"{len(self.buffer)}-byte staging buffer")
+        return slice(offset, offset + length)
+
+    def _buf_write(self, payload: bytes) -> bytes:
+        offset, = struct.unpack_from("<I", payload)
+        self.buffer[self._buffer_range(offset, len(payload) - 4)] = memoryview(payload)[4:]
+        return b""
+
+    def _buf_read(self, payload: bytes) -> bytes:
+        offset, length = struct.unpack("<II", payload)
+        if length > MAX_PAYLOAD:
+            raise ChipError(ErrorCode.BAD_ARGUMENT, f"BUF_READ of {length} bytes exceeds the frame maximum {MAX_PAYLOAD}")
+        return bytes(self.buffer[self._buffer_range(offset, length)])
+
+    def _program_load(self, payload: bytes) -> bytes:
+        length, crc = struct.unpack("<II", payload)
+        code = bytes(self.buffer[self._buffer_range(0, length)])
+        if zlib.crc32(code) != crc:
+            raise ChipError(ErrorCode.BAD_PROGRAM, f"code section CRC mismatch over {length} staged bytes")
+        c = self.config
+        header = _StagedHeader(c.weight_bits, c.cell_bits, c.rows, c.cols)
+        try:
+            program = parse_code(code, header)
+        except ProgramFormatError as e:
+            raise ChipError(ErrorCode.BAD_PROGRAM, str(e)) from None
+        problem = self._check_placement(program)
+        if problem:
+            raise ChipError(ErrorCode.BAD_PROGRAM, problem)
+        self.program = program
+        self._weights_cache.clear()
+        return b""
+
+    def _check_placement(self, program: Program) -> str | None:
+        s = program.slices
+        for li, layer in enumerate(program.layers):
+            for ti, t in enumerate(layer.tiles):
+                where = self.cells.check_region(t.array, t.row, t.col, t.in_count, t.out_count * s)
+                if where:
+                    return f"layer '{layer.name}' tile {ti}: {where}"
+                if t.in_start + t.in_count > layer.in_features or t.out_start + t.out_count > layer.out_features:
+                    return f"layer '{layer.name}' tile {ti}: block outside the {layer.in_features}x{layer.out_features} weight"
+        for ins in program.instructions:
+            if ins.layer >= len(program.layers):
+                return f"instruction '{ins.name}' uses layer {ins.layer}, program has {len(program.layers)}"
+            if any(t >= len(program.tensors) for t in ins.inputs + ins.outputs):
+                return f"instruction '{ins.name}' names a tensor beyond the {len(program.tensors)} declared"
+        return None
+
+    def _cells_write(self, payload: bytes) -> bytes:
+        args = CellsWriteArgs.parse(payload) if len(payload) == CellsWriteArgs.sizeof() else _bad_len("CELLS_WRITE", payload, CellsWriteArgs)
+        r = args.region
+        where = self.cells.check_region(r.array, r.row, r.col, r.height, r.width)
+        if where:
+            raise ChipError(ErrorCode.BAD_ADDRESS, f"CELLS_WRITE: {where}")
+        if args.mode not in CellMode._value2member_map_:
+            raise ChipError(ErrorCode.BAD_ARGUMENT, f"CELLS_WRITE: mode {args.mode} is not 0 (open loop) or 1 (verify)")
+        n = r.height * r.width
+        k = self.config.cell_bits
+        size = packed_size(n, k)
+        targets = unpack_cells(bytes(self.buffer[self._buffer_range(0, size)]), 0, (r.height, r.width), k)
+        mask = None
+        if args.masked:
+            mbytes = bytes(self.buffer[self._buffer_range(size, packed_size(n, 1))])
+            mask = unpack_cells(mbytes, 0, (r.height, r.width), 1).astype(bool)
+        regs = self.regs
+        stats = self.cells.program(r.array, r.row, r.col, targets, mask,
+                                   verify=args.mode == CellMode.VERIFY, model=self.device, rng=self.rng,
+                                   tol=regs["VERIFY_TOL"] / Q16, max_iter=regs["VERIFY_MAX_ITER"])
+        self._account(stats)
+        return CellsWriteReply.build(dict(cells=stats.cells, write_pulses=stats.write_pulses,
+                                          read_pulses=stats.read_pulses, verify_failures=stats.verify_failures))
+
+    def _account(self, stats: ProgramStats) -> None:
+        c = self.counters
+        c["write_pulses"] += stats.write_pulses
+        c["read_pulses"] += stats.read_pulses
+        c["verify_iterations"] += stats.verify_iterations
+        c["verify_failures"] += stats.verify_failures
+        c["cells_written"] += stats.cells
+        self.regs["IRQ_FLAGS"] |= 0b1 | (0b100 if stats.verify_failures else 0)
+
+    def _cells_read(self, payload: bytes) -> bytes:
+        args = CellsReadArgs.parse(payload) if len(payload) == CellsReadArgs.sizeof() else _bad_len("CELLS_READ", payload, CellsReadArgs)
+        r = args.region
+        where = self.cells.check_region(r.array, r.row, r.col, r.height, r.width)
+        if where:
+            raise ChipError(ErrorCode.BAD_ADDRESS, f"CELLS_READ: {where}")
+        if args.quantity not in CellQuantity._value2member_map_:
+            raise ChipError(ErrorCode.BAD_ARGUMENT, f"CELLS_READ: quantity {args.quantity} is not 0, 1 or 2")
+        span = self._buffer_range(0, r.height * r.width * 4)
+        values = self.cells.read(r.array, r.row, r.col, r.height, r.width, args.quantity, self.device, self.rng)
+        if args.quantity == CellQuantity.CONDUCTANCE:
+            self.counters["read_pulses"] += r.height * r.width
+        self.buffer[span] = np.ascontiguousarray(values, dtype="<f4").tobytes()
+        return struct.pack("<I", span.stop)
+
+    def _cells_erase(self, payload: bytes) -> bytes:
+        args = CellsEraseArgs.parse(payload) if len(payload) == CellsEraseArgs.sizeof() else _bad_len("CELLS_ERASE", payload, CellsEraseArgs)
+        r = args.region
+        if args.arrays == 0:
+            raise ChipError(ErrorCode.BAD_ARGUMENT, "CELLS_ERASE: array count 0")
+        for array in (r.array, r.array + args.arrays - 1):
+            where = self.cells.check_region(array, r.row, r.col, r.height, r.width)
+            if where:
+                raise ChipError(ErrorCode.BAD_ADDRESS, f"CELLS_ERASE: {where}")
+        self.cells.erase(r.array, args.arrays, r.row, r.col, r.height, r.width)
+        return b""
+
+    def _run(self, payload: bytes) -> bytes:
+        batch, = struct.unpack("<I", payload)
+        program = self.program
+        if program is None:
+            raise ChipError(ErrorCode.NO_PROGRAM, "RUN: no program loaded (PROGRAM_LOAD first)")
+        if batch == 0:
+            raise ChipError(ErrorCode.BAD_ARGUMENT, "RUN: batch size 0")
+        feeds, offset = [], 0
+        for tid in program.inputs:
+            shape = (batch, *program.tensors[tid].shape[1:])
+            n = int(np.prod(shape)) * 4
+            feeds.append(np.frombuffer(self.buffer, dtype="<f4", count=n // 4, offset=offset).reshape(shape))
+            offset = self._buffer_range(offset, n).stop
+        try:
+            outputs = executor.run(program, feeds, self._layer_weights)
+        except executor.ExecutionError as e:
+            raise ChipError(ErrorCode.BAD_ARGUMENT, f"RUN: {e}") from None
+        reply, offset = [struct.pack("<B", len(outputs))], 0
+        for out in outputs:
+            data = np.ascontiguousarray(out, dtype="<f4").tobytes()
+            span = self._buffer_range(offset, len(data))
+            self.buffer[span] = data
+            offset = span.stop
+            reply.append(struct.pack(f"<B{out.ndim}I", out.ndim, *out.shape))
+        self.counters["mvm_ops"] += batch * sum(1 for i in program.instructions if i.layer >= 0)
+        return b"".join(reply)
+
+    def _layer_weights(self, index: int) -> np.ndarray:
+        """Effective weights of a layer from the programmed conductances, cached per cell generation."""
+        gen = self.cells.generation
+        hit = self._weights_cache.get(index)
+        if hit is not None and hit[0] == gen:
+            return hit[1]
+        program = self.program
+        tiles = program.layers[index].tiles
+        s = program.slices
+
+        def conductance(i: int) -> np.ndarray:
+            t = tiles[i]
+            return self.cells.g[t.array, t.row:t.row + t.in_count, t.col:t.col + t.out_count * s]
+
+        w = executor.effective_weights(program, index, conductance)
+        self._weights_cache[index] = (gen, w)
+        return w
+
+    _HANDLERS = {
+        Command.PING: _ping, Command.IDENTIFY: _identify,
+        Command.REG_READ: _reg_read, Command.REG_WRITE: _reg_write,
+        Command.BUF_WRITE: _buf_write, Command.BUF_READ: _buf_read,
+        Command.PROGRAM_LOAD: _program_load,
+        Command.CELLS_WRITE: _cells_write, Command.CELLS_READ: _cells_read, Command.CELLS_ERASE: _cells_erase,
+        Command.RUN: _run,
+    }
+
+
+@dataclass
+class _StagedHeader:
+    """The header fields a staged code section is checked against: the chip's own."""
+
+    weight_bits: int
+    cell_bits: int
+    array_rows: int
+    array_cols: int
+
+
+def _bad_len(name: str, payload: bytes, struct_) -> None:
+    raise ChipError(ErrorCode.BAD_LENGTH, f"{name}: payload is {len(payload)} bytes, expected {struct_.sizeof()}")

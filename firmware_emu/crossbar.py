@@ -1,0 +1,87 @@
+"""The NVM cell arrays: conductance, last target and captured noise of every cell.
+
+Erased cells hold g = 0 and are never pulsed. Programming a region either pulses every
+cell once and captures its deviation with a read right after the write (open loop), or
+runs the write-verify loop; a mask restricts either to a subset of the region so a host
+can reflash some cells and touch no other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .physics import DeviceModel, write_verify
+
+
+@dataclass
+class ProgramStats:
+    cells: int = 0
+    write_pulses: int = 0
+    read_pulses: int = 0
+    verify_iterations: int = 0
+    verify_failures: int = 0
+
+
+class CellArrays:
+    """All crossbar arrays of one chip, stored as dense (arrays, rows, cols) planes."""
+
+    def __init__(self, arrays: int, rows: int, cols: int):
+        self.shape = (arrays, rows, cols)
+        # np.zeros maps untouched pages lazily, so a large, mostly empty chip is cheap.
+        self.g = np.zeros(self.shape, dtype=np.float32)
+        self.noise = np.zeros(self.shape, dtype=np.float32)
+        self.target = np.zeros(self.shape, dtype=np.uint8)
+        self.generation = 0  # bumps on every change, so cached weights know when to refresh
+
+    def check_region(self, array: int, row: int, col: int, height: int, width: int) -> str | None:
+        """None if the region lies on the chip, else a message saying what is outside."""
+        a, r, c = self.shape
+        if not 0 <= array < a:
+            return f"array {array} does not exist (chip has {a})"
+        if height <= 0 or width <= 0:
+            return f"empty region {height}x{width}"
+        if row < 0 or row + height > r or col < 0 or col + width > c:
+            return (f"region rows {row}..{row + height - 1}, cols {col}..{col + width - 1} "
+                    f"outside array {array} ({r}x{c})")
+        return None
+
+    def program(self, array: int, row: int, col: int, targets: np.ndarray, mask: np.ndarray | None,
+                verify: bool, model: DeviceModel, rng: np.random.Generator,
+                tol: float, max_iter: int) -> ProgramStats:
+        h, w = targets.shape
+        sl = (array, slice(row, row + h), slice(col, col + w))
+        sel = np.ones(targets.shape, dtype=bool) if mask is None else mask
+        t = targets[sel]
+        if verify:
+            res = write_verify(model, t, tol, max_iter, rng)
+            g, pulses = res.g, int(res.pulses.sum())
+            stats = ProgramStats(t.size, pulses, int(res.reads.sum()), pulses - t.size, int(res.failed.sum()))
+        else:
+            g = model.pulse(t, rng)
+            stats = ProgramStats(t.size, t.size, t.size)
+        # read-after-write: the last read of each cell is its captured deviation
+        captured = model.read(g, rng) - t.astype(np.float32)
+        self.g[sl][sel] = g
+        self.noise[sl][sel] = captured
+        self.target[sl][sel] = t
+        self.generation += 1
+        return stats
+
+    def read(self, array: int, row: int, col: int, height: int, width: int, quantity: int,
+             model: DeviceModel, rng: np.random.Generator) -> np.ndarray:
+        sl = (array, slice(row, row + height), slice(col, col + width))
+        if quantity == 0:
+            return model.read(self.g[sl], rng)
+        if quantity == 1:
+            return self.noise[sl].copy()
+        return self.target[sl].astype(np.float32)
+
+    def erase(self, first: int, count: int, row: int, col: int, height: int, width: int) -> None:
+        """Reset a region of ``count`` consecutive arrays to the erased state g = 0."""
+        sl = (slice(first, first + count), slice(row, row + height), slice(col, col + width))
+        self.g[sl] = 0
+        self.noise[sl] = 0
+        self.target[sl] = 0
+        self.generation += 1

@@ -1,0 +1,299 @@
+"""The program format the chip executes, declared once with construct.
+
+A program file is a fixed header, a *code* section (tensors, constants, weight layers
+with their tile placement, instructions) and a *cell image* section (the target state of
+every crossbar cell the program uses, packed K bits per cell). Each section carries its
+own CRC-32, so the code can be replaced without touching the cells and vice versa.
+Field-by-field documentation: docs/program-format.md.
+
+Conventions:
+* a weight layer holds W with shape (in_features, out_features) and computes x @ W;
+  inputs drive crossbar rows, outputs come off columns;
+* each weight is M/K cells ("slices"), slice j holding bits [jK, (j+1)K) of its level;
+* a tile places the block W[in_start:in_start+in_count, out_start:out_start+out_count]
+  of one sign (+1 positive array, -1 negative array) at rows [row, row+in_count) and
+  columns [col, col+out_count*S) of one array; cell (r, o*S + j) holds slice j of
+  weight (in_start + r, out_start + o);
+* tensor shapes use -1 for the batch dimension.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import numpy as np
+from construct import (Const, ConstructError, Enum, Float32l, GreedyBytes, Int8sl,
+                       Int8ul, Int16ul, Int32sl, Int32ul, Int64sl, PascalString, Prefixed,
+                       PrefixedArray, Struct)
+
+FORMAT_VERSION = 1
+MAGIC = b"NVCP"
+
+
+class ProgramFormatError(ValueError):
+    """A program image that cannot be parsed; the message names the byte offset."""
+
+
+class Opcode(IntEnum):
+    MATMUL = 1     # crossbar: out = in @ W(layer)
+    ADD = 16       # out = a + b (numpy broadcasting)
+    RELU = 17      # out = max(in, 0)
+    FLATTEN = 32   # out = in reshaped to (prod(in.shape[:axis]), -1); attr axis >= 1
+
+
+String = PascalString(Int16ul, "utf8")
+
+HeaderStruct = Struct(
+    "magic" / Const(MAGIC),
+    "version" / Int16ul,
+    "weight_bits" / Int8ul,
+    "cell_bits" / Int8ul,
+    "array_rows" / Int32ul,
+    "array_cols" / Int32ul,
+    "arrays_used" / Int32ul,
+    "code_size" / Int32ul,
+    "code_crc" / Int32ul,
+    "cells_size" / Int32ul,
+    "cells_crc" / Int32ul,
+)
+HEADER_SIZE = HeaderStruct.sizeof() + 4  # + header CRC-32
+
+TensorStruct = Struct("name" / String, "shape" / PrefixedArray(Int8ul, Int32sl))
+ConstantStruct = Struct("tensor" / Int32ul, "data" / Prefixed(Int32ul, GreedyBytes))
+TileStruct = Struct(
+    "sign" / Int8sl,
+    "array" / Int32ul,
+    "row" / Int32ul,
+    "col" / Int32ul,
+    "in_start" / Int32ul,
+    "in_count" / Int32ul,
+    "out_start" / Int32ul,
+    "out_count" / Int32ul,
+    "cells_offset" / Int32ul,
+)
+LayerStruct = Struct(
+    "name" / String,
+    "in_features" / Int32ul,
+    "out_features" / Int32ul,
+    "scale" / Float32l,
+    "tiles" / PrefixedArray(Int32ul, TileStruct),
+)
+AttrStruct = Struct(
+    "name" / PascalString(Int8ul, "utf8"),
+    "ints" / PrefixedArray(Int8ul, Int64sl),
+    "floats" / PrefixedArray(Int8ul, Float32l),
+)
+InstrStruct = Struct(
+    "op" / Enum(Int16ul, Opcode),
+    "name" / String,
+    "layer" / Int32sl,
+    "inputs" / PrefixedArray(Int8ul, Int32ul),
+    "outputs" / PrefixedArray(Int8ul, Int32ul),
+    "attrs" / PrefixedArray(Int8ul, AttrStruct),
+)
+CodeStruct = Struct(
+    "tensors" / PrefixedArray(Int32ul, TensorStruct),
+    "constants" / PrefixedArray(Int32ul, ConstantStruct),
+    "layers" / PrefixedArray(Int32ul, LayerStruct),
+    "instructions" / PrefixedArray(Int32ul, InstrStruct),
+    "inputs" / PrefixedArray(Int16ul, Int32ul),
+    "outputs" / PrefixedArray(Int16ul, Int32ul),
+)
+
+
+@dataclass
+class Tile:
+    sign: int
+    array: int
+    row: int
+    col: int
+    in_start: int
+    in_count: int
+    out_start: int
+    out_count: int
+    cells_offset: int = 0
+
+
+@dataclass
+class Layer:
+    name: str
+    in_features: int
+    out_features: int
+    scale: float
+    tiles: list[Tile] = field(default_factory=list)
+
+
+@dataclass
+class Instr:
+    op: Opcode
+    name: str
+    inputs: list[int]
+    outputs: list[int]
+    layer: int = -1
+    attrs: dict[str, list[int] | list[float]] = field(default_factory=dict)
+
+
+@dataclass
+class TensorDecl:
+    name: str
+    shape: tuple[int, ...]
+
+
+@dataclass
+class Program:
+    """A compiled program: what the compiler emits and the chip loads."""
+
+    weight_bits: int
+    cell_bits: int
+    array_rows: int
+    array_cols: int
+    tensors: list[TensorDecl]
+    constants: dict[int, np.ndarray]
+    layers: list[Layer]
+    instructions: list[Instr]
+    inputs: list[int]
+    outputs: list[int]
+    cells: bytes = b""
+
+    @property
+    def slices(self) -> int:
+        return self.weight_bits // self.cell_bits
+
+    @property
+    def arrays_used(self) -> int:
+        return 1 + max((t.array for layer in self.layers for t in layer.tiles), default=-1)
+
+    def tile_cells_bytes(self, tile: Tile) -> bytes:
+        """The packed cell image of one tile, as stored in the program."""
+        size = packed_size(tile.in_count * tile.out_count * self.slices, self.cell_bits)
+        return self.cells[tile.cells_offset:tile.cells_offset + size]
+
+    def tile_cells(self, tile: Tile) -> np.ndarray:
+        """Target states of one tile, shape (in_count, out_count * slices)."""
+        shape = (tile.in_count, tile.out_count * self.slices)
+        return unpack_cells(self.cells, tile.cells_offset, shape, self.cell_bits)
+
+    # -- serialisation -------------------------------------------------------------
+    def code_bytes(self) -> bytes:
+        return CodeStruct.build(dict(
+            tensors=[dict(name=t.name, shape=list(t.shape)) for t in self.tensors],
+            constants=[dict(tensor=k, data=np.ascontiguousarray(v, dtype="<f4").tobytes())
+                       for k, v in sorted(self.constants.items())],
+            layers=[dict(name=l.name, in_features=l.in_features, out_features=l.out_features,
+                         scale=l.scale, tiles=[vars(t) for t in l.tiles]) for l in self.layers],
+            instructions=[dict(op=int(i.op), name=i.name, layer=i.layer, inputs=i.inputs,
+                               outputs=i.outputs, attrs=[_attr(k, v) for k, v in i.attrs.items()])
+                          for i in self.instructions],
+            inputs=self.inputs, outputs=self.outputs,
+        ))
+
+    def to_bytes(self) -> bytes:
+        code = self.code_bytes()
+        header = HeaderStruct.build(dict(
+            version=FORMAT_VERSION, weight_bits=self.weight_bits, cell_bits=self.cell_bits,
+            array_rows=self.array_rows, array_cols=self.array_cols, arrays_used=self.arrays_used,
+            code_size=len(code), code_crc=zlib.crc32(code),
+            cells_size=len(self.cells), cells_crc=zlib.crc32(self.cells)))
+        return header + zlib.crc32(header).to_bytes(4, "little") + code + self.cells
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, with_cells: bool = True) -> "Program":
+        """Parse a program image; every defect is reported with its byte offset."""
+        header = parse_header(data)
+        code_end = HEADER_SIZE + header.code_size
+        code = bytes(data[HEADER_SIZE:code_end])
+        if len(code) != header.code_size:
+            raise ProgramFormatError(f"code section truncated: header says {header.code_size} bytes "
+                                     f"at offset {HEADER_SIZE}, file has {len(code)}")
+        if zlib.crc32(code) != header.code_crc:
+            raise ProgramFormatError(f"code section CRC mismatch (bytes {HEADER_SIZE}..{code_end})")
+        cells = b""
+        if with_cells:
+            cells = bytes(data[code_end:code_end + header.cells_size])
+            if len(cells) != header.cells_size:
+                raise ProgramFormatError(f"cell image truncated: header says {header.cells_size} bytes "
+                                         f"at offset {code_end}, file has {len(cells)}")
+            if zlib.crc32(cells) != header.cells_crc:
+                raise ProgramFormatError(f"cell image CRC mismatch (bytes {code_end}..{code_end + len(cells)})")
+        program = parse_code(code, header)
+        program.cells = cells
+        return program
+
+
+def _attr(name: str, value) -> dict:
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if all(isinstance(v, (int, np.integer)) for v in values):
+        return dict(name=name, ints=[int(v) for v in values], floats=[])
+    return dict(name=name, ints=[], floats=[float(v) for v in values])
+
+
+def parse_header(data: bytes):
+    if len(data) < HEADER_SIZE:
+        raise ProgramFormatError(f"program is {len(data)} bytes, shorter than its {HEADER_SIZE}-byte header")
+    if bytes(data[:4]) != MAGIC:
+        raise ProgramFormatError(f"bad magic {bytes(data[:4])!r} at offset 0, expected {MAGIC!r}")
+    body = bytes(data[:HEADER_SIZE - 4])
+    stored = int.from_bytes(data[HEADER_SIZE - 4:HEADER_SIZE], "little")
+    if zlib.crc32(body) != stored:
+        raise ProgramFormatError(f"header CRC mismatch at offset {HEADER_SIZE - 4}")
+    header = HeaderStruct.parse(body)
+    if header.version != FORMAT_VERSION:
+        raise ProgramFormatError(f"program format version {header.version} at offset 4; "
+                                 f"this chip runs version {FORMAT_VERSION}")
+    return header
+
+
+def parse_code(code: bytes, header) -> Program:
+    try:
+        c = CodeStruct.parse(code)
+    except ConstructError as e:
+        raise ProgramFormatError(f"code section malformed: {e}") from None
+    try:
+        instructions = [Instr(Opcode(int(i.op)), i.name, list(i.inputs), list(i.outputs), i.layer,
+                              {a.name: list(a.ints) if a.ints else list(a.floats) for a in i.attrs})
+                        for i in c.instructions]
+    except ValueError as e:
+        raise ProgramFormatError(f"code section: {e}") from None
+    tensors = [TensorDecl(t.name, tuple(t.shape)) for t in c.tensors]
+    try:
+        constants = {k.tensor: np.frombuffer(k.data, dtype="<f4").reshape(tensors[k.tensor].shape).copy()
+                     for k in c.constants}
+    except (IndexError, ValueError) as e:
+        raise ProgramFormatError(f"code section: constant does not match its tensor: {e}") from None
+    return Program(
+        weight_bits=header.weight_bits, cell_bits=header.cell_bits,
+        array_rows=header.array_rows, array_cols=header.array_cols,
+        tensors=tensors, constants=constants,
+        layers=[Layer(l.name, l.in_features, l.out_features, l.scale,
+                      [Tile(**{k: v for k, v in t.items() if not k.startswith("_")}) for t in l.tiles])
+                for l in c.layers],
+        instructions=instructions, inputs=list(c.inputs), outputs=list(c.outputs))
+
+
+# -- packed cell targets ------------------------------------------------------------
+def pack_cells(targets: np.ndarray, cell_bits: int) -> bytes:
+    """Pack K-bit cell states, 8/K per byte, first cell in the least significant bits."""
+    per_byte = 8 // cell_bits
+    flat = np.ascontiguousarray(targets, dtype=np.uint8).ravel()
+    pad = (-flat.size) % per_byte
+    if pad:
+        flat = np.concatenate([flat, np.zeros(pad, np.uint8)])
+    groups = flat.reshape(-1, per_byte).astype(np.uint16)
+    shifts = (np.arange(per_byte, dtype=np.uint16) * cell_bits)
+    return (groups << shifts).sum(axis=1).astype(np.uint8).tobytes()
+
+
+def packed_size(count: int, cell_bits: int) -> int:
+    per_byte = 8 // cell_bits
+    return -(-count // per_byte)
+
+
+def unpack_cells(data: bytes, offset: int, shape: tuple[int, ...], cell_bits: int) -> np.ndarray:
+    count = int(np.prod(shape))
+    per_byte = 8 // cell_bits
+    raw = np.frombuffer(data, dtype=np.uint8, count=packed_size(count, cell_bits), offset=offset)
+    shifts = (np.arange(per_byte, dtype=np.uint8) * cell_bits)
+    cells = (raw[:, None] >> shifts) & ((1 << cell_bits) - 1)
+    return cells.ravel()[:count].reshape(shape)

@@ -1,0 +1,190 @@
+"""The wire protocol between host and chip: framing, commands, error codes.
+
+Frame layout (little endian), documented in docs/protocol.md:
+
+    offset  size  field
+    0       2     SYNC 0xA5 0x5A
+    2       1     FLAGS   bit0 RESPONSE, bit1 ERROR
+    3       1     COMMAND (Command)
+    4       2     SEQ     sequence number chosen by the host, echoed in the reply
+    6       4     LENGTH  payload bytes (<= MAX_PAYLOAD)
+    10      2     HCRC    CRC-16/CCITT-FALSE of bytes 0..9
+    12      N     PAYLOAD
+    12+N    4     CRC-32 of the payload
+
+The header has its own CRC so a corrupted LENGTH is caught before the receiver waits for
+a payload that never comes; after a bad header the receiver slides one byte and hunts for
+the next SYNC. An error reply's payload is ERROR_CODE (u16) followed by a UTF-8 message.
+"""
+
+from __future__ import annotations
+
+import binascii
+import struct
+import zlib
+from dataclasses import dataclass
+from enum import IntEnum
+
+from construct import Const, Int8ul, Int16ul, Int32ul, Struct
+
+SYNC = b"\xA5\x5A"
+MAX_PAYLOAD = 1 << 20
+FLAG_RESPONSE = 0x01
+FLAG_ERROR = 0x02
+
+HeaderStruct = Struct(
+    "sync" / Const(SYNC),
+    "flags" / Int8ul,
+    "command" / Int8ul,
+    "seq" / Int16ul,
+    "length" / Int32ul,
+    "hcrc" / Int16ul,
+).compile()
+HEADER_SIZE = 12
+TRAILER_SIZE = 4
+
+
+class Command(IntEnum):
+    PING = 0x01          # payload echoed back
+    IDENTIFY = 0x02      # -> IdentifyReply
+    REG_READ = 0x10      # u32 addr -> u32 value
+    REG_WRITE = 0x11     # u32 addr, u32 value
+    BUF_WRITE = 0x20     # u32 offset, data: copy data into the staging buffer
+    BUF_READ = 0x21      # u32 offset, u32 length -> data
+    PROGRAM_LOAD = 0x30  # u32 length, u32 crc32: load the code section from the buffer
+    CELLS_WRITE = 0x40   # CellRegion, u8 mode, u8 masked: targets (+ mask) from the buffer
+    CELLS_READ = 0x41    # CellRegion, u8 quantity: float32 values into the buffer
+    CELLS_ERASE = 0x42   # CellRegion, u32 array count: erase that region in each array
+    RUN = 0x50           # u32 batch: inputs from the buffer, outputs into the buffer
+
+
+class ErrorCode(IntEnum):
+    OK = 0
+    BAD_HEADER = 1         # header CRC mismatch
+    BAD_CRC = 2            # payload CRC mismatch
+    FRAME_TOO_LARGE = 3    # LENGTH > MAX_PAYLOAD
+    UNKNOWN_COMMAND = 4
+    BAD_LENGTH = 5         # payload size wrong for the command
+    BUS_ERROR = 6          # unmapped register address
+    READ_ONLY = 7          # write to a read-only register
+    BAD_ADDRESS = 8        # cell region or buffer range outside the chip
+    BAD_PROGRAM = 9        # program image rejected (CRC, version, geometry)
+    NO_PROGRAM = 10        # RUN before PROGRAM_LOAD
+    BAD_ARGUMENT = 11      # a field value the command does not accept
+    INTERNAL = 15
+
+
+class CellMode(IntEnum):
+    OPEN_LOOP = 0  # one pulse per cell, read-after-write captures the deviation
+    VERIFY = 1     # write-verify loop per cell
+
+
+class CellQuantity(IntEnum):
+    CONDUCTANCE = 0  # what a read returns now (g, read noise included)
+    NOISE = 1        # deviation captured by the read-after-write of the last programming
+    TARGET = 2       # target state of the last programming
+
+
+CellRegion = Struct("array" / Int32ul, "row" / Int32ul, "col" / Int32ul,
+                    "height" / Int32ul, "width" / Int32ul)
+CellsWriteArgs = Struct("region" / CellRegion, "mode" / Int8ul, "masked" / Int8ul)
+CellsWriteReply = Struct("cells" / Int32ul, "write_pulses" / Int32ul, "read_pulses" / Int32ul,
+                         "verify_failures" / Int32ul)
+CellsReadArgs = Struct("region" / CellRegion, "quantity" / Int8ul)
+CellsEraseArgs = Struct("region" / CellRegion, "arrays" / Int32ul)
+IdentifyReply = Struct("chip_id" / Int32ul, "version" / Int32ul, "arrays" / Int32ul,
+                       "rows" / Int32ul, "cols" / Int32ul, "weight_bits" / Int8ul,
+                       "cell_bits" / Int8ul, "buffer_size" / Int32ul, "max_payload" / Int32ul)
+
+
+class FrameError(Exception):
+    """A frame arrived damaged; carries the error code and, when known, the sequence number."""
+
+    def __init__(self, code: ErrorCode, seq: int | None, message: str):
+        super().__init__(message)
+        self.code, self.seq = code, seq
+
+
+@dataclass
+class Frame:
+    command: int
+    seq: int
+    payload: bytes
+    flags: int = 0
+
+    @property
+    def is_error(self) -> bool:
+        return bool(self.flags & FLAG_ERROR)
+
+    def error(self) -> tuple[int, str]:
+        code, = struct.unpack_from("<H", self.payload)
+        return code, self.payload[2:].decode("utf-8", "replace")
+
+
+def _hcrc(head: bytes) -> int:
+    return binascii.crc_hqx(head, 0xFFFF)
+
+
+_HEAD = struct.Struct("<2sBBHI")
+
+
+def encode(command: int, seq: int, payload: bytes = b"", flags: int = 0) -> bytes:
+    """Build one frame."""
+    head = _HEAD.pack(SYNC, flags, command, seq & 0xFFFF, len(payload))
+    return b"".join((head, _hcrc(head).to_bytes(2, "little"), payload,
+                     zlib.crc32(payload).to_bytes(4, "little")))
+
+
+def error_payload(code: ErrorCode, message: str) -> bytes:
+    return struct.pack("<H", code) + message.encode("utf-8")
+
+
+class FrameReader:
+    """Incremental frame parser: feed bytes as they arrive, collect frames and frame errors.
+
+    ``feed`` returns a list whose items are Frame or FrameError, in arrival order.
+    Garbage between frames is skipped by hunting for SYNC.
+    """
+
+    def __init__(self, max_payload: int = MAX_PAYLOAD):
+        self.buf = bytearray()
+        self.max_payload = max_payload
+        self.discarded = 0
+
+    def feed(self, data: bytes) -> list[Frame | FrameError]:
+        self.buf += data
+        out: list[Frame | FrameError] = []
+        buf = self.buf
+        pos = 0
+        while True:
+            start = buf.find(SYNC, pos)
+            if start < 0:
+                keep = len(buf) - 1 if buf.endswith(SYNC[:1]) else len(buf)
+                self.discarded += keep - pos
+                pos = keep
+                break
+            self.discarded += start - pos
+            pos = start
+            if len(buf) - pos < HEADER_SIZE:
+                break
+            h = HeaderStruct.parse(bytes(buf[pos:pos + HEADER_SIZE]))
+            if _hcrc(bytes(buf[pos:pos + HEADER_SIZE - 2])) != h.hcrc:
+                out.append(FrameError(ErrorCode.BAD_HEADER, None, f"header CRC mismatch at stream byte {pos}"))
+                pos += 1
+                continue
+            if h.length > self.max_payload:
+                out.append(FrameError(ErrorCode.FRAME_TOO_LARGE, h.seq,
+                                      f"payload of {h.length} bytes exceeds the maximum {self.max_payload}"))
+                pos += HEADER_SIZE
+                continue
+            end = pos + HEADER_SIZE + h.length + TRAILER_SIZE
+            if len(buf) < end:
+                break
+            payload = bytes(buf[pos + HEADER_SIZE:end - TRAILER_SIZE])
+            if zlib.crc32(payload) != int.from_bytes(buf[end - TRAILER_SIZE:end], "little"):
+                out.append(FrameError(ErrorCode.BAD_CRC, h.seq, f"payload CRC mismatch in frame seq {h.seq}"))
+            else:
+                out.append(Frame(h.command, h.seq, payload, h.flags))
+            pos = end
+        del buf[:pos]
+        return out

@@ -1,0 +1,61 @@
+"""Shared fixtures: small real ONNX models exported by torch, and a chip served on a pty."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+
+def export_mlp(path: Path, in_features: int = 64, hidden: int = 300, out: int = 10, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(in_features, hidden), torch.nn.ReLU(),
+                                torch.nn.Linear(hidden, out)).eval()
+    torch.onnx.export(model, (torch.zeros(1, in_features),), str(path), dynamo=False,
+                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    return path
+
+
+@pytest.fixture(scope="session")
+def mlp_path(tmp_path_factory) -> Path:
+    return export_mlp(tmp_path_factory.mktemp("models") / "mlp.onnx")
+
+
+@pytest.fixture
+def batch() -> np.ndarray:
+    return np.random.default_rng(7).standard_normal((16, 64)).astype(np.float32)
+
+
+class Served:
+    """A ``python -m firmware_emu serve`` process and the address it printed."""
+
+    def __init__(self, *args: str):
+        self.proc = subprocess.Popen([sys.executable, "-m", "firmware_emu", "serve", *args],
+                                     stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline().strip()
+        if not line.startswith("serving on "):
+            self.proc.kill()
+            raise RuntimeError(f"emulator did not start: {line!r}")
+        self.address = line.removeprefix("serving on ")
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def serve():
+    started: list[Served] = []
+
+    def start(*args: str) -> Served:
+        s = Served(*args)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.stop()

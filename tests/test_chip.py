@@ -1,0 +1,106 @@
+"""The emulated chip seen through the low-level driver API, as a firmware developer sees it."""
+
+import numpy as np
+import pytest
+
+import driver
+from compiler import Target, compile_model
+from firmware_emu.executor import effective_weights
+from firmware_emu.protocol import CellQuantity, ErrorCode
+from firmware_emu.registers import CHIP_ID_VALUE
+from tests.conftest import export_mlp
+
+
+def test_identity_and_capabilities():
+    with driver.open("emu://?arrays=8&rows=128&cols=64") as dev:
+        assert dev.read_register("CHIP_ID") == CHIP_ID_VALUE
+        assert dev.read_register("CAP_ARRAYS") == 8
+        assert dev.read_register("CAP_GEOMETRY") == 128 | (64 << 16)
+        assert dev.identity.target == Target(8, 128, 64, 8, 2)
+
+
+def test_write_to_read_only_register_is_a_bus_error_and_changes_nothing():
+    with driver.open("emu://") as dev:
+        with pytest.raises(driver.DeviceError) as e:
+            dev.write_register("CHIP_ID", 0)
+        assert e.value.code == ErrorCode.READ_ONLY and "CHIP_ID" in str(e.value)
+        assert dev.read_register("CHIP_ID") == CHIP_ID_VALUE
+        assert dev.read_register("STATUS") & 0x10  # BUS_ERROR
+        assert dev.read_register("ERROR_ADDR") == 0x000
+
+
+def test_unmapped_address_is_a_bus_error():
+    with driver.open("emu://") as dev:
+        with pytest.raises(driver.DeviceError, match="unmapped address 0x3FC") as e:
+            dev.read_register(0x3FC)
+        assert e.value.code == ErrorCode.BUS_ERROR
+        assert e.value.status & 0x10
+
+
+def test_irq_flags_are_write_one_to_clear():
+    with driver.open("emu://") as dev:
+        dev.write_cells(0, 0, 0, np.ones((2, 2), np.uint8))
+        assert dev.read_register("IRQ_FLAGS") & 1
+        dev.write_register("IRQ_FLAGS", 1)
+        assert dev.read_register("IRQ_FLAGS") & 1 == 0
+
+
+def test_out_of_range_region_is_refused_and_cells_stay():
+    with driver.open("emu://?arrays=2&sigma=0") as dev:
+        dev.write_cells(1, 0, 0, np.full((4, 4), 3, np.uint8))
+        with pytest.raises(driver.DeviceError, match="outside array 1"):
+            dev.write_cells(1, 254, 0, np.zeros((4, 4), np.uint8))
+        assert (dev.read_cells(1, 0, 0, 4, 4) == 3).all()
+
+
+def test_same_seed_gives_bit_identical_cells_and_another_seed_does_not():
+    t = np.random.default_rng(0).integers(0, 4, (64, 64)).astype(np.uint8)
+    reads = []
+    for seed in (5, 5, 6):
+        with driver.open(f"emu://?seed={seed}") as dev:
+            dev.write_cells(0, 0, 0, t)
+            reads.append(dev.read_cells(0, 0, 0, 64, 64))
+    assert np.array_equal(reads[0], reads[1])
+    assert not np.array_equal(reads[0], reads[2])
+
+
+def test_read_after_write_noise_dump_equals_the_deviation():
+    t = np.random.default_rng(1).integers(0, 4, (32, 32)).astype(np.uint8)
+    with driver.open("emu://?sigma=0.3&seed=2") as dev:
+        dev.write_cells(3, 10, 20, t)
+        g = dev.read_cells(3, 10, 20, 32, 32)
+        noise = dev.read_cells(3, 10, 20, 32, 32, CellQuantity.NOISE)
+        np.testing.assert_allclose(noise, g - t, atol=1e-6)
+
+
+def test_per_weight_noise_std_matches_the_design_formula(tmp_path):
+    """std(w_p - w_q) = 0.78 * sigma * max|W| for M = 8, K = 2 (DESIGN.md), over 102,400 weights."""
+    path = export_mlp(tmp_path / "wide.onnx", in_features=400, hidden=256, out=4)
+    sigma = 0.3
+    with driver.load(path, device=f"emu://?sigma={sigma}&seed=3") as sess:
+        program, dev = sess.program, sess.device
+        layer = program.layers[0]
+        assert layer.in_features * layer.out_features == 102_400
+        s = program.slices
+
+        def read_tile(i):
+            t = layer.tiles[i]
+            return dev.read_cells(t.array, t.row, t.col, t.in_count, t.out_count * s)
+
+        w_p = effective_weights(program, 0, read_tile)
+        w_q = effective_weights(program, 0, lambda i: program.tile_cells(layer.tiles[i]).astype(np.float32))
+    wmax = np.abs(w_q).max()
+    programmed = w_q != 0
+    ratio = (w_p - w_q)[programmed].std() / (sigma * wmax)
+    expected = 3 * np.sqrt(sum(16 ** j for j in range(4))) / 255  # = 0.7776
+    assert abs(ratio / expected - 1) < 0.02, ratio
+    assert (w_p[~programmed] == 0).all()  # erased cells are never pulsed
+
+
+def test_soft_reset_keeps_cells_clears_counters():
+    with driver.open("emu://?sigma=0") as dev:
+        dev.write_cells(0, 0, 0, np.full((8, 8), 2, np.uint8))
+        assert dev.counters()["write_pulses"] == 64
+        dev.reset()
+        assert dev.counters()["write_pulses"] == 0
+        assert (dev.read_cells(0, 0, 0, 8, 8) == 2).all()

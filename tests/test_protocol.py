@@ -1,0 +1,30 @@
+from firmware_emu.protocol import (MAX_PAYLOAD, ErrorCode, Frame, FrameError, FrameReader, encode)
+
+
+def test_frames_split_across_feeds_and_garbage_are_recovered():
+    a, b = encode(0x01, 1, b"hello"), encode(0x02, 2, bytes(range(256)) * 10)
+    stream = b"\x00junk\xA5" + a + b"\xA5\x5Anoise" + b
+    reader = FrameReader()
+    got = []
+    for i in range(0, len(stream), 7):
+        got += reader.feed(stream[i:i + 7])
+    frames = [g for g in got if isinstance(g, Frame)]
+    assert [(f.command, f.seq) for f in frames] == [(1, 1), (2, 2)]
+    assert frames[1].payload == bytes(range(256)) * 10
+
+
+def test_payload_corruption_is_a_bad_crc_error_naming_the_sequence():
+    frame = bytearray(encode(0x10, 42, b"\x00\x00\x00\x00"))
+    frame[13] ^= 1
+    got = FrameReader().feed(bytes(frame))
+    assert len(got) == 1 and isinstance(got[0], FrameError)
+    assert got[0].code == ErrorCode.BAD_CRC and got[0].seq == 42
+
+
+def test_oversized_length_is_refused_without_waiting_for_the_payload():
+    import binascii
+    import struct
+    head = struct.pack("<2sBBHI", b"\xA5\x5A", 0, 0x20, 9, MAX_PAYLOAD + 1)
+    head += binascii.crc_hqx(head, 0xFFFF).to_bytes(2, "little")
+    got = FrameReader().feed(head)
+    assert got[0].code == ErrorCode.FRAME_TOO_LARGE and got[0].seq == 9

@@ -1,0 +1,1 @@
+"""Host tools: the ``nvcim`` command, datasets, training and the TSB workflow."""
