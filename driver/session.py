@@ -50,16 +50,24 @@ def _node_args(values) -> list[NodeArg]:
     return out
 
 
-def deploy(device: Device, program: Program, *, verify: bool = False) -> WriteStats:
-    """Upload the code and program every tile's cells.
+def deploy(device: Device, program: Program, *, verify: bool = False,
+           layers: set[str] | None = None) -> WriteStats:
+    """Upload the code and program the cells of ``layers`` (default: every layer).
 
     Each tile region is erased first; then only the cells of weights on the tile's side
     (level > 0, matching sign) are pulsed. The other cells stay erased, as DESIGN.md asks.
+    Cells of layers not named are not touched, so a host can reflash only new layers.
     """
+    if layers is not None:
+        unknown = layers - {layer.name for layer in program.layers}
+        if unknown:
+            raise InvalidArgument(f"program has no layer(s) {', '.join(sorted(unknown))}")
     device.load_code(program)
     total = WriteStats()
     s = program.slices
     for layer in program.layers:
+        if layers is not None and layer.name not in layers:
+            continue
         for tile in layer.tiles:
             targets = program.tile_cells(tile)
             used = targets.reshape(tile.in_count, tile.out_count, s).any(axis=2)
