@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import struct
+import types
 import zlib
 from dataclasses import dataclass
 
@@ -15,12 +16,12 @@ import serial
 
 import firmware_emu  # noqa: F401  (registers the emu:// URL scheme with pyserial)
 from compiler import Target
-from firmware_emu.program_format import Program, pack_cells
+from firmware_emu.program_format import Program, pack_cells, parse_code
 from firmware_emu.protocol import (CellMode, CellQuantity, CellsEraseArgs, CellsReadArgs,
                                    CellsWriteArgs, CellsWriteReply, Command, IdentifyReply)
 from firmware_emu.registers import BY_NAME, lookup
 
-from .errors import InvalidArgument, LinkError
+from .errors import InvalidArgument, LinkError, ProtocolError
 from .link import Link
 
 DEFAULT_DEVICE = "emu://"
@@ -147,6 +148,17 @@ class Device:
         code = program.code_bytes()
         self.buffer_write(code)
         self.link.transact(Command.PROGRAM_LOAD, struct.pack("<II", len(code), zlib.crc32(code)))
+
+    def fetch_program(self) -> Program:
+        """The code section the chip holds (layers, tiles, instructions; no cell image)."""
+        length, crc = struct.unpack("<II", self.link.transact(Command.PROGRAM_FETCH))
+        code = self.buffer_read(length)
+        if zlib.crc32(code) != crc:
+            raise ProtocolError(f"PROGRAM_FETCH: {length} bytes read back with a CRC mismatch")
+        ident = self.identity
+        geometry = types.SimpleNamespace(weight_bits=ident.weight_bits, cell_bits=ident.cell_bits,
+                                         array_rows=ident.rows, array_cols=ident.cols)
+        return parse_code(code, geometry)
 
     def write_cells(self, array: int, row: int, col: int, targets: np.ndarray, *,
                     verify: bool = False, mask: np.ndarray | None = None) -> WriteStats:

@@ -17,7 +17,7 @@ from firmware_emu.protocol import (FLAG_RESPONSE, MAX_PAYLOAD, Command, ErrorCod
                                    FrameReader, encode)
 from firmware_emu.registers import BY_NAME
 
-from .errors import DeviceError, LinkTimeout, ProtocolError
+from .errors import DeviceError, LinkError, LinkTimeout, ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,11 @@ class Link:
             if attempt:
                 self.retransmissions += 1
                 log.debug("retransmitting %s seq %d (%s)", command.name, self._seq, last_problem)
-            self.port.write(frame)
-            reply = self._await(self._seq)
+            try:
+                self.port.write(frame)
+                reply = self._await(self._seq)
+            except (serial.SerialException, OSError) as e:
+                raise LinkError(f"{command.name}: link to {self.port.port} lost: {e}") from None
             if isinstance(reply, str):
                 last_problem = reply
                 continue

@@ -5,8 +5,11 @@ from __future__ import annotations
 import click
 
 from .chip import Chip, ChipConfig
+from .nvm_image import ImageError
 from .registers import DeviceModelCode
 from .serve import serve_pty, serve_tcp
+
+_DEFAULTS = ChipConfig()
 
 
 @click.group()
@@ -16,27 +19,32 @@ def cli() -> None:
 
 @cli.command()
 @click.option("--pty", "use_pty", is_flag=True, help="Serve on a new pseudo-terminal (the default).")
-@click.option("--tcp", "tcp_port", type=int, default=None, help="Serve on this TCP port of 127.0.0.1 (0: any free port).")
+@click.option("--tcp", "tcp_port", type=int, default=None, help="Serve on this TCP port (0: any free port).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on with --tcp.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the chip's random processes.")
-@click.option("--sigma", type=float, default=0.3, show_default=True, help="Programming variation, relative to g_max.")
+@click.option("--image", type=click.Path(), default=None,
+              help="Non-volatile image directory: cells, noise dump and program persist across restarts.")
+@click.option("--seed", type=int, help=f"Seed of the chip's random processes [default: {_DEFAULTS.seed}].")
+@click.option("--sigma", type=float, help=f"Programming variation, relative to g_max [default: {_DEFAULTS.sigma}].")
 @click.option("--model", type=click.Choice([m.name for m in DeviceModelCode], case_sensitive=False),
-              default="GAUSSIAN", show_default=True, help="Device variation model.")
-@click.option("--read-noise", type=float, default=0.0, show_default=True, help="Read noise, relative to g_max.")
-@click.option("--arrays", type=int, default=256, show_default=True, help="Number of crossbar arrays.")
-@click.option("--rows", type=int, default=256, show_default=True, help="Rows per array.")
-@click.option("--cols", type=int, default=256, show_default=True, help="Columns per array.")
-def serve(use_pty: bool, tcp_port: int | None, host: str, seed: int, sigma: float, model: str,
-          read_noise: float, arrays: int, rows: int, cols: int) -> None:
-    """Serve a chip; prints 'serving on PATH-OR-URL' once it is reachable."""
+              help="Device variation model [default: GAUSSIAN].")
+@click.option("--read-noise", type=float, help="Read noise, relative to g_max [default: 0].")
+@click.option("--arrays", type=int, help=f"Number of crossbar arrays [default: {_DEFAULTS.arrays}].")
+@click.option("--rows", type=int, help=f"Rows per array [default: {_DEFAULTS.rows}].")
+@click.option("--cols", type=int, help=f"Columns per array [default: {_DEFAULTS.cols}].")
+def serve(use_pty: bool, tcp_port: int | None, host: str, image: str | None, **settings) -> None:
+    """Serve a chip; prints 'serving on PATH-OR-URL' once it is reachable.
+
+    With --image, settings not given are those stored in the image.
+    """
     if use_pty and tcp_port is not None:
         raise click.UsageError("choose one of --pty and --tcp")
+    given = {k: v for k, v in settings.items() if v is not None}
+    if "model" in given:
+        given["model"] = DeviceModelCode[given["model"].upper()]
     try:
-        config = ChipConfig(arrays=arrays, rows=rows, cols=cols, sigma=sigma, seed=seed,
-                            model=DeviceModelCode[model.upper()], read_noise=read_noise)
-    except ValueError as e:
+        chip = Chip.with_image(image, given) if image else Chip(ChipConfig(**given))
+    except (ValueError, ImageError) as e:
         raise click.BadParameter(str(e)) from None
-    chip = Chip(config)
 
     def announce(where: str) -> None:
         click.echo(f"serving on {where}")

@@ -7,7 +7,9 @@ without running again, so a host may retransmit any command safely.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
+import types
 import zlib
 from dataclasses import dataclass
 
@@ -15,6 +17,7 @@ import numpy as np
 
 from . import executor
 from .crossbar import CellArrays, ProgramStats
+from .nvm_image import NvmImage
 from .physics import DeviceModel
 from .program_format import Program, ProgramFormatError, packed_size, parse_code, unpack_cells
 from .protocol import (FLAG_ERROR, FLAG_RESPONSE, MAX_PAYLOAD, CellMode, CellQuantity,
@@ -57,13 +60,13 @@ class ChipConfig:
             raise ValueError(f"sigma={self.sigma} must be >= 0")
 
     @classmethod
-    def from_options(cls, options: dict[str, str]) -> "ChipConfig":
-        """Build a config from text options (URL query or command line), naming any bad one."""
-        fields = {f.name: f.type for f in cls.__dataclass_fields__.values()}
+    def parse_options(cls, options: dict[str, str]) -> dict:
+        """Typed values of text options (URL query or command line), naming any bad one."""
+        fields = [f for f in cls.__dataclass_fields__]
         kwargs: dict = {}
         for key, text in options.items():
             if key not in fields:
-                raise ValueError(f"unknown chip option '{key}' (known: {', '.join(fields)})")
+                raise ValueError(f"unknown chip option '{key}' (known: {', '.join(fields)}, image)")
             try:
                 if key == "model":
                     kwargs[key] = DeviceModelCode[text.upper()]
@@ -74,22 +77,73 @@ class ChipConfig:
             except (KeyError, ValueError):
                 choices = ", ".join(m.name for m in DeviceModelCode) if key == "model" else "a number"
                 raise ValueError(f"chip option {key}={text!r} is not valid (expected {choices})") from None
-        return cls(**kwargs)
+        return kwargs
 
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["model"] = int(self.model)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ChipConfig":
+        return cls(**{**d, "model": DeviceModelCode(d["model"])})
+
+
+GEOMETRY = ("arrays", "rows", "cols", "weight_bits", "cell_bits", "buffer_size")
 
 _COUNTERS = ("write_pulses", "read_pulses", "verify_iterations")
 
 
 class Chip:
-    def __init__(self, config: ChipConfig | None = None):
+    def __init__(self, config: ChipConfig | None = None, image: NvmImage | None = None):
         self.config = config or ChipConfig()
         c = self.config
         self.cells = CellArrays(c.arrays, c.rows, c.cols)
         self.buffer = bytearray(c.buffer_size)
+        self.image = image
+        self.program_code: bytes | None = None
         self._reader = FrameReader(MAX_PAYLOAD)
         self._last: tuple[int, int, bytes] | None = None  # (seq, payload crc, reply)
         self._weights_cache: dict[int, tuple[int, np.ndarray]] = {}
         self.power_on()
+
+    @classmethod
+    def with_image(cls, path: str, explicit: dict) -> "Chip":
+        """Power up from the non-volatile image at ``path`` (created if absent).
+
+        The image keeps the chip's geometry and settings; ``explicit`` settings (from
+        ChipConfig.parse_options) override the settings, but not an existing geometry.
+        """
+        image = NvmImage(path)
+        if not image.exists():
+            chip = cls(ChipConfig(**explicit), image)
+            chip._commit(set(), program_changed=False)
+            return chip
+        state = image.load()
+        stored = ChipConfig.from_dict(state.config)
+        clash = [f"{k}={explicit[k]} (image has {getattr(stored, k)})" for k in GEOMETRY
+                 if k in explicit and explicit[k] != getattr(stored, k)]
+        if clash:
+            raise ValueError(f"image {path} was made for another chip geometry: {', '.join(clash)}")
+        config = dataclasses.replace(stored, **explicit)
+        chip = cls(config, image)
+        for index, (g, target, noise) in state.arrays.items():
+            chip.cells.g[index], chip.cells.target[index], chip.cells.noise[index] = g, target, noise
+        chip.cells.generation += 1
+        if state.program_code is not None:
+            chip.program_code = state.program_code
+            chip.program = chip._parse_program(state.program_code)
+        if state.rng_state is not None and config.seed == stored.seed:
+            chip.rng.bit_generator.state = state.rng_state
+        return chip
+
+    def _commit(self, arrays: set[int], program_changed: bool) -> None:
+        """Persist what the last command changed to the image, atomically."""
+        cells = self.cells
+        planes = {a: ((cells.g[a], cells.target[a], cells.noise[a]) if cells.target[a].any() or cells.g[a].any()
+                      else None) for a in sorted(arrays)}
+        self.image.commit(self.config.to_dict(), planes, self.program_code if program_changed else False,
+                          self.rng.bit_generator.state)
 
     # -- state ---------------------------------------------------------------------
     def power_on(self) -> None:
@@ -103,7 +157,7 @@ class Chip:
             DEVICE_MODEL=int(c.model), READ_NOISE=round(c.read_noise * Q16))
         self.counters = {name: 0 for name in _COUNTERS}
         self.counters.update(verify_failures=0, cells_written=0, mvm_ops=0)
-        self.program: Program | None = None
+        self.program: Program | None = self._parse_program(self.program_code) if self.program_code else None
         self._weights_cache.clear()
         self.rng = np.random.default_rng(self.regs["SEED"])
 
@@ -180,10 +234,17 @@ class Chip:
         if self._last is not None and self._last[:2] == key:
             return self._last[2]
         try:
+            code_before = self.program_code
             payload = self.execute(frame.command, frame.payload)
+            if self.image is not None and (self.cells.dirty or self.program_code is not code_before):
+                self._commit(self.cells.dirty, self.program_code is not code_before)
+            self.cells.dirty = set()
             reply = encode(frame.command, frame.seq, payload, FLAG_RESPONSE)
             self.regs["STATUS"] &= ~0b1000
-        except ChipError as e:
+        except Exception as e:  # every frame gets a reply; a fault inside the chip is INTERNAL
+            if not isinstance(e, ChipError):
+                e = ChipError(ErrorCode.INTERNAL, f"internal fault: {type(e).__name__}: {e}")
+            self.cells.dirty = set()
             self.regs["STATUS"] |= 0b1000
             self.regs["ERROR_CODE"] = int(e.code)
             self.regs["IRQ_FLAGS"] |= 0b10
@@ -244,18 +305,29 @@ class Chip:
         code = bytes(self.buffer[self._buffer_range(0, length)])
         if zlib.crc32(code) != crc:
             raise ChipError(ErrorCode.BAD_PROGRAM, f"code section CRC mismatch over {length} staged bytes")
-        c = self.config
-        header = _StagedHeader(c.weight_bits, c.cell_bits, c.rows, c.cols)
-        try:
-            program = parse_code(code, header)
-        except ProgramFormatError as e:
-            raise ChipError(ErrorCode.BAD_PROGRAM, str(e)) from None
+        program = self._parse_program(code)
         problem = self._check_placement(program)
         if problem:
             raise ChipError(ErrorCode.BAD_PROGRAM, problem)
-        self.program = program
+        self.program, self.program_code = program, code
         self._weights_cache.clear()
         return b""
+
+    def _parse_program(self, code: bytes) -> Program:
+        c = self.config
+        geometry = types.SimpleNamespace(weight_bits=c.weight_bits, cell_bits=c.cell_bits,
+                                         array_rows=c.rows, array_cols=c.cols)
+        try:
+            return parse_code(code, geometry)
+        except ProgramFormatError as e:
+            raise ChipError(ErrorCode.BAD_PROGRAM, str(e)) from None
+
+    def _program_fetch(self, payload: bytes) -> bytes:
+        if self.program_code is None:
+            raise ChipError(ErrorCode.NO_PROGRAM, "PROGRAM_FETCH: no program loaded")
+        code = self.program_code
+        self.buffer[self._buffer_range(0, len(code))] = code
+        return struct.pack("<II", len(code), zlib.crc32(code))
 
     def _check_placement(self, program: Program) -> str | None:
         s = program.slices
@@ -382,20 +454,10 @@ class Chip:
         Command.PING: _ping, Command.IDENTIFY: _identify,
         Command.REG_READ: _reg_read, Command.REG_WRITE: _reg_write,
         Command.BUF_WRITE: _buf_write, Command.BUF_READ: _buf_read,
-        Command.PROGRAM_LOAD: _program_load,
+        Command.PROGRAM_LOAD: _program_load, Command.PROGRAM_FETCH: _program_fetch,
         Command.CELLS_WRITE: _cells_write, Command.CELLS_READ: _cells_read, Command.CELLS_ERASE: _cells_erase,
         Command.RUN: _run,
     }
-
-
-@dataclass
-class _StagedHeader:
-    """The header fields a staged code section is checked against: the chip's own."""
-
-    weight_bits: int
-    cell_bits: int
-    array_rows: int
-    array_cols: int
 
 
 def _bad_len(name: str, payload: bytes, struct_) -> None:

@@ -34,6 +34,7 @@ class CellArrays:
         self.noise = np.zeros(self.shape, dtype=np.float32)
         self.target = np.zeros(self.shape, dtype=np.uint8)
         self.generation = 0  # bumps on every change, so cached weights know when to refresh
+        self.dirty: set[int] = set()  # arrays changed since the owner last persisted them
 
     def check_region(self, array: int, row: int, col: int, height: int, width: int) -> str | None:
         """None if the region lies on the chip, else a message saying what is outside."""
@@ -67,6 +68,7 @@ class CellArrays:
         self.noise[sl][sel] = captured
         self.target[sl][sel] = t
         self.generation += 1
+        self.dirty.add(array)
         return stats
 
     def read(self, array: int, row: int, col: int, height: int, width: int, quantity: int,
@@ -85,3 +87,4 @@ class CellArrays:
         self.noise[sl] = 0
         self.target[sl] = 0
         self.generation += 1
+        self.dirty.update(range(first, first + count))

@@ -52,6 +52,7 @@ class Command(IntEnum):
     BUF_WRITE = 0x20     # u32 offset, data: copy data into the staging buffer
     BUF_READ = 0x21      # u32 offset, u32 length -> data
     PROGRAM_LOAD = 0x30  # u32 length, u32 crc32: load the code section from the buffer
+    PROGRAM_FETCH = 0x31  # -> u32 length, u32 crc32: the loaded code section, copied into the buffer
     CELLS_WRITE = 0x40   # CellRegion, u8 mode, u8 masked: targets (+ mask) from the buffer
     CELLS_READ = 0x41    # CellRegion, u8 quantity: float32 values into the buffer
     CELLS_ERASE = 0x42   # CellRegion, u32 array count: erase that region in each array

@@ -6,15 +6,19 @@ Buffers are handed over whole (``loop://`` queues byte by byte and moves ~0.4 MB
 
 ``emu://NAME?...`` names a chip that stays powered in this process: a later open of
 the same name reaches the same cells, as a board left on the bench would.
+``emu://?image=PATH`` powers the chip up from a non-volatile image directory (created
+if absent), so separate processes reach the same cells and program.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import urllib.parse
 
 from serial import PortNotOpenError, SerialBase, SerialException
 
 from .chip import Chip, ChipConfig
+from .nvm_image import ImageError
 
 _BENCH: dict[str, Chip] = {}
 
@@ -25,19 +29,21 @@ def chip_for_url(url: str) -> Chip:
     if parts.scheme != "emu":
         raise SerialException(f"not an emu:// URL: {url!r}")
     options = {k: v[-1] for k, v in urllib.parse.parse_qs(parts.query, keep_blank_values=True).items()}
-    try:
-        config = ChipConfig.from_options(options)
-    except ValueError as e:
-        raise SerialException(f"{url}: {e}") from None
+    image = options.pop("image", None)
     name = parts.netloc + parts.path
-    if not name:
-        return Chip(config)
-    chip = _BENCH.get(name)
-    if chip is None:
-        chip = _BENCH[name] = Chip(config)
-    elif options and chip.config != config:
-        raise SerialException(f"{url}: chip '{name}' is already on the bench with other settings "
-                              f"({chip.config}); open it without options or with the same ones")
+    try:
+        settings = ChipConfig.parse_options(options)
+        if name in _BENCH:
+            chip = _BENCH[name]
+            if dataclasses.replace(chip.config, **settings) != chip.config:
+                raise ValueError(f"chip '{name}' is already on the bench with other settings ({chip.config}); "
+                                 f"open it without options or with the same ones")
+            return chip
+        chip = Chip.with_image(image, settings) if image else Chip(ChipConfig(**settings))
+    except (ValueError, ImageError) as e:
+        raise SerialException(f"{url}: {e}") from None
+    if name:
+        _BENCH[name] = chip
     return chip
 
 
