@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from .chip import Chip, ChipConfig
@@ -48,7 +50,7 @@ def serve(use_pty: bool, tcp_port: int | None, host: str, image: str | None, **s
 
     def announce(where: str) -> None:
         click.echo(f"serving on {where}")
-        click.get_text_stream("stdout").flush()
+        sys.stdout.flush()
 
     try:
         if tcp_port is not None:
