@@ -18,7 +18,7 @@ import numpy as np
 from . import executor
 from .crossbar import CellArrays, ProgramStats
 from .nvm_image import NvmImage
-from .physics import DeviceModel
+from .physics import DeviceModel, pulse_cost
 from .program_format import Program, ProgramFormatError, packed_size, parse_code, unpack_cells
 from .protocol import (FLAG_ERROR, FLAG_RESPONSE, MAX_PAYLOAD, CellMode, CellQuantity,
                        CellsEraseArgs, CellsReadArgs, CellsWriteArgs, CellsWriteReply, Command, ErrorCode, Frame,
@@ -49,6 +49,8 @@ class ChipConfig:
     seed: int = 0
     model: DeviceModelCode = DeviceModelCode.GAUSSIAN
     read_noise: float = 0.0
+    clip: bool = False
+    stuck_rate: float = 0.0
 
     def __post_init__(self):
         if self.cell_bits not in (1, 2, 4, 8) or self.weight_bits % self.cell_bits:
@@ -70,12 +72,14 @@ class ChipConfig:
             try:
                 if key == "model":
                     kwargs[key] = DeviceModelCode[text.upper()]
-                elif key in ("sigma", "read_noise"):
+                elif key in ("sigma", "read_noise", "stuck_rate"):
                     kwargs[key] = float(text)
+                elif key == "clip":
+                    kwargs[key] = {"0": False, "1": True, "false": False, "true": True}[text.lower()]
                 else:
                     kwargs[key] = int(text, 0)
             except (KeyError, ValueError):
-                choices = ", ".join(m.name for m in DeviceModelCode) if key == "model" else "a number"
+                choices = {"model": ", ".join(m.name for m in DeviceModelCode), "clip": "0 or 1"}.get(key, "a number")
                 raise ValueError(f"chip option {key}={text!r} is not valid (expected {choices})") from None
         return kwargs
 
@@ -154,9 +158,10 @@ class Chip:
             CAP_ARRAYS=c.arrays, CAP_GEOMETRY=c.rows | (c.cols << 16),
             CAP_CELL=c.weight_bits | (c.cell_bits << 8), CAP_BUFFER=c.buffer_size,
             CAP_MAX_PAYLOAD=MAX_PAYLOAD, SIGMA=round(c.sigma * Q16), SEED=c.seed & 0xFFFFFFFF,
-            DEVICE_MODEL=int(c.model), READ_NOISE=round(c.read_noise * Q16))
+            DEVICE_MODEL=int(c.model), READ_NOISE=round(c.read_noise * Q16), CONFIG=int(c.clip),
+            STUCK_RATE=round(c.stuck_rate * Q16))
         self.counters = {name: 0 for name in _COUNTERS}
-        self.counters.update(verify_failures=0, cells_written=0, mvm_ops=0)
+        self.counters.update(verify_failures=0, cells_written=0, mvm_ops=0, busy_ns=0, energy_pj=0)
         self.program: Program | None = self._parse_program(self.program_code) if self.program_code else None
         self._weights_cache.clear()
         self.rng = np.random.default_rng(self.regs["SEED"])
@@ -165,7 +170,7 @@ class Chip:
     def device(self) -> DeviceModel:
         return DeviceModel(cell_bits=self.config.cell_bits, sigma=self.regs["SIGMA"] / Q16,
                            model=DeviceModelCode(self.regs["DEVICE_MODEL"]),
-                           read_noise=self.regs["READ_NOISE"] / Q16)
+                           read_noise=self.regs["READ_NOISE"] / Q16, clip=bool(self.regs["CONFIG"] & 1))
 
     def _status(self) -> int:
         return self.regs["STATUS"] & ~0b100 | (0b100 if self.program is not None else 0)
@@ -187,7 +192,8 @@ class Chip:
     def _counter(self, name: str) -> int:
         key = {"WRITE_PULSES": "write_pulses", "READ_PULSES": "read_pulses",
                "VERIFY_ITERS": "verify_iterations", "VERIFY_FAILS": "verify_failures",
-               "CELLS_WRITTEN": "cells_written", "MVM_OPS": "mvm_ops"}
+               "CELLS_WRITTEN": "cells_written", "MVM_OPS": "mvm_ops", "BUSY_NS": "busy_ns",
+               "ENERGY_PJ": "energy_pj"}
         base = name[4:].removesuffix("_LO").removesuffix("_HI")
         value = self.counters[key[base]]
         return (value >> 32) & 0xFFFFFFFF if name.endswith("_HI") else value & 0xFFFFFFFF
@@ -361,10 +367,11 @@ class Chip:
         if args.masked:
             mbytes = bytes(self.buffer[self._buffer_range(size, packed_size(n, 1))])
             mask = unpack_cells(mbytes, 0, (r.height, r.width), 1).astype(bool)
-        regs = self.regs
+        regs, device = self.regs, self.device
+        stuck = self.cells.stuck_map(r.array, regs["SEED"], regs["STUCK_RATE"] / Q16, device.g_max)
         stats = self.cells.program(r.array, r.row, r.col, targets, mask,
-                                   verify=args.mode == CellMode.VERIFY, model=self.device, rng=self.rng,
-                                   tol=regs["VERIFY_TOL"] / Q16, max_iter=regs["VERIFY_MAX_ITER"])
+                                   verify=args.mode == CellMode.VERIFY, model=device, rng=self.rng,
+                                   tol=regs["VERIFY_TOL"] / Q16, max_iter=regs["VERIFY_MAX_ITER"], stuck=stuck)
         self._account(stats)
         return CellsWriteReply.build(dict(cells=stats.cells, write_pulses=stats.write_pulses,
                                           read_pulses=stats.read_pulses, verify_failures=stats.verify_failures))
@@ -376,6 +383,9 @@ class Chip:
         c["verify_iterations"] += stats.verify_iterations
         c["verify_failures"] += stats.verify_failures
         c["cells_written"] += stats.cells
+        busy, energy = pulse_cost(stats.write_pulses, stats.read_pulses)
+        c["busy_ns"] += busy
+        c["energy_pj"] += energy
         self.regs["IRQ_FLAGS"] |= 0b1 | (0b100 if stats.verify_failures else 0)
 
     def _cells_read(self, payload: bytes) -> bytes:
@@ -389,7 +399,7 @@ class Chip:
         span = self._buffer_range(0, r.height * r.width * 4)
         values = self.cells.read(r.array, r.row, r.col, r.height, r.width, args.quantity, self.device, self.rng)
         if args.quantity == CellQuantity.CONDUCTANCE:
-            self.counters["read_pulses"] += r.height * r.width
+            self._account(ProgramStats(read_pulses=r.height * r.width))
         self.buffer[span] = np.ascontiguousarray(values, dtype="<f4").tobytes()
         return struct.pack("<I", span.stop)
 

@@ -35,6 +35,7 @@ class CellArrays:
         self.target = np.zeros(self.shape, dtype=np.uint8)
         self.generation = 0  # bumps on every change, so cached weights know when to refresh
         self.dirty: set[int] = set()  # arrays changed since the owner last persisted them
+        self._stuck: dict[tuple, np.ndarray] = {}
 
     def check_region(self, array: int, row: int, col: int, height: int, width: int) -> str | None:
         """None if the region lies on the chip, else a message saying what is outside."""
@@ -48,19 +49,35 @@ class CellArrays:
                     f"outside array {array} ({r}x{c})")
         return None
 
+    def stuck_map(self, array: int, seed: int, rate: float, g_max: float) -> np.ndarray | None:
+        """Per cell of one array: NaN if healthy, else the conductance it is stuck at.
+
+        Drawn from (seed, array) alone, so the same chip seed always has the same faults.
+        """
+        if rate <= 0:
+            return None
+        key = (array, seed, rate)
+        if key not in self._stuck:
+            rng = np.random.default_rng([seed, array, 0x5717C])
+            u = rng.random(self.shape[1:], dtype=np.float32)
+            self._stuck[key] = np.where(u < rate / 2, np.float32(0),
+                                        np.where(u < rate, np.float32(g_max), np.float32(np.nan)))
+        return self._stuck[key]
+
     def program(self, array: int, row: int, col: int, targets: np.ndarray, mask: np.ndarray | None,
                 verify: bool, model: DeviceModel, rng: np.random.Generator,
-                tol: float, max_iter: int) -> ProgramStats:
+                tol: float, max_iter: int, stuck: np.ndarray | None = None) -> ProgramStats:
         h, w = targets.shape
         sl = (array, slice(row, row + h), slice(col, col + w))
         sel = np.ones(targets.shape, dtype=bool) if mask is None else mask
         t = targets[sel]
+        stuck_sel = None if stuck is None else stuck[sl[1:]][sel]
         if verify:
-            res = write_verify(model, t, tol, max_iter, rng)
+            res = write_verify(model, t, tol, max_iter, rng, stuck_sel)
             g, pulses = res.g, int(res.pulses.sum())
             stats = ProgramStats(t.size, pulses, int(res.reads.sum()), pulses - t.size, int(res.failed.sum()))
         else:
-            g = model.pulse(t, rng)
+            g = model.pulse(t, rng, stuck_sel)
             stats = ProgramStats(t.size, t.size, t.size)
         # read-after-write: the last read of each cell is its captured deviation
         captured = model.read(g, rng) - t.astype(np.float32)

@@ -32,6 +32,18 @@ PRESETS: dict[DeviceModelCode, tuple[float, float | None]] = {
 VERIFY_STEP_REL = 0.2  # a corrective pulse's error std, relative to the step it takes
 VERIFY_FLOOR = 0.01    # ... plus this floor, in units of g_max
 
+# Modelled cost of one pulse, accumulated in the CNT_BUSY_NS / CNT_ENERGY_PJ counters.
+# Cells are pulsed one at a time (no row-parallel programming): the figures compare
+# programming policies, they do not claim a particular silicon's speed.
+WRITE_PULSE_NS, WRITE_PULSE_PJ = 100, 10   # a SET/RESET pulse, typical of filamentary RRAM
+READ_PULSE_NS, READ_PULSE_PJ = 10, 1       # a verify read or read-after-write
+
+
+def pulse_cost(write_pulses: int, read_pulses: int) -> tuple[int, int]:
+    """(busy ns, energy pJ) of the given numbers of write and read pulses."""
+    return (write_pulses * WRITE_PULSE_NS + read_pulses * READ_PULSE_NS,
+            write_pulses * WRITE_PULSE_PJ + read_pulses * READ_PULSE_PJ)
+
 
 @dataclass
 class DeviceModel:
@@ -41,6 +53,7 @@ class DeviceModel:
     sigma: float = 0.3
     model: DeviceModelCode = DeviceModelCode.GAUSSIAN
     read_noise: float = 0.0
+    clip: bool = False
 
     @property
     def g_max(self) -> float:
@@ -63,11 +76,22 @@ class DeviceModel:
             rel = np.where(targets == 0, np.float32(state0), rel)
         return rel
 
-    def pulse(self, targets: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """One open-loop write pulse per cell: the conductances the cells land at."""
+    def pulse(self, targets: np.ndarray, rng: np.random.Generator, stuck: np.ndarray | None = None) -> np.ndarray:
+        """One open-loop write pulse per cell: the conductances the cells land at.
+
+        ``stuck``: per cell, NaN for a healthy cell, else the conductance it is stuck at.
+        """
         t = targets.astype(np.float32)
         noise = rng.standard_normal(t.shape, dtype=np.float32)
-        return t + noise * np.float32(self.g_max) * self.state_sigma(targets)
+        return self.settle(t + noise * np.float32(self.g_max) * self.state_sigma(targets), stuck)
+
+    def settle(self, g: np.ndarray, stuck: np.ndarray | None) -> np.ndarray:
+        """Apply the device's limits to freshly pulsed conductances: clipping, stuck cells."""
+        if self.clip:
+            g = np.clip(g, np.float32(0), np.float32(self.g_max))
+        if stuck is not None:
+            g = np.where(np.isnan(stuck), g, stuck)
+        return g
 
     def read(self, g: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """What a read pulse returns: the conductance plus read noise, if any."""
@@ -85,7 +109,7 @@ class VerifyResult:
 
 
 def write_verify(model: DeviceModel, targets: np.ndarray, tol: float, max_iter: int,
-                 rng: np.random.Generator) -> VerifyResult:
+                 rng: np.random.Generator, stuck: np.ndarray | None = None) -> VerifyResult:
     """Program cells with write-verify; vectorised over the cells still out of tolerance.
 
     Each round reads every pending cell (one read pulse each) and re-pulses those
@@ -93,7 +117,8 @@ def write_verify(model: DeviceModel, targets: np.ndarray, tol: float, max_iter: 
     """
     g_max = np.float32(model.g_max)
     t = targets.astype(np.float32).ravel()
-    g = model.pulse(targets, rng).ravel()
+    g = model.pulse(targets, rng, stuck).ravel()
+    stuck = None if stuck is None else stuck.ravel()
     pulses = np.ones(t.shape, dtype=np.int32)
     reads = np.zeros(t.shape, dtype=np.int32)
     pending = np.arange(t.size)
@@ -105,7 +130,8 @@ def write_verify(model: DeviceModel, targets: np.ndarray, tol: float, max_iter: 
         if pending.size == 0 or round_ == max_iter:
             break
         step_std = (VERIFY_STEP_REL * np.abs(err) + VERIFY_FLOOR * g_max).astype(np.float32)
-        g[pending] += err + rng.standard_normal(pending.size, dtype=np.float32) * step_std
+        g[pending] = model.settle(g[pending] + err + rng.standard_normal(pending.size, dtype=np.float32) * step_std,
+                                  None if stuck is None else stuck[pending])
         pulses[pending] += 1
     failed = np.zeros(t.shape, dtype=bool)
     failed[pending] = True

@@ -102,6 +102,11 @@ REGISTERS: tuple[Register, ...] = (
     Register("SEED", 0x04C, Access.RW, 0, "Seed of the chip's random processes; writing it reseeds."),
     Register("VERIFY_TOL", 0x050, Access.RW, round(0.06 * Q16), "Write-verify tolerance, Q16.16 of g_max."),
     Register("VERIFY_MAX_ITER", 0x054, Access.RW, 16, "Write-verify iteration limit per cell."),
+    Register("CONFIG", 0x058, Access.RW, 0, "Cell model options.", (
+        Field("CLIP", 0, 1, "1: programmed conductances are clipped to [0, g_max]"),
+    )),
+    Register("STUCK_RATE", 0x05C, Access.RW, 0,
+             "Fraction of cells stuck at 0 or g_max (half each), Q16.16; the map is fixed by SEED."),
     Register("CNT_WRITE_PULSES_LO", 0x100, Access.RO, 0, "Write pulses issued since reset, low word."),
     Register("CNT_WRITE_PULSES_HI", 0x104, Access.RO, 0, "Write pulses issued since reset, high word."),
     Register("CNT_READ_PULSES_LO", 0x108, Access.RO, 0, "Read pulses issued since reset, low word."),
@@ -111,6 +116,10 @@ REGISTERS: tuple[Register, ...] = (
     Register("CNT_VERIFY_FAILS", 0x118, Access.RO, 0, "Cells left out of tolerance by write-verify."),
     Register("CNT_CELLS_WRITTEN", 0x11C, Access.RO, 0, "Cells programmed since reset."),
     Register("CNT_MVM_OPS", 0x120, Access.RO, 0, "Crossbar matrix-vector operations since reset."),
+    Register("CNT_BUSY_NS_LO", 0x124, Access.RO, 0, "Modelled busy time of programming and reads, ns, low word."),
+    Register("CNT_BUSY_NS_HI", 0x128, Access.RO, 0, "Modelled busy time of programming and reads, ns, high word."),
+    Register("CNT_ENERGY_PJ_LO", 0x12C, Access.RO, 0, "Modelled energy of programming and reads, pJ, low word."),
+    Register("CNT_ENERGY_PJ_HI", 0x130, Access.RO, 0, "Modelled energy of programming and reads, pJ, high word."),
 )
 
 BY_NAME: dict[str, Register] = {r.name: r for r in REGISTERS}
