@@ -21,11 +21,12 @@ from firmware_emu.protocol import (CellMode, CellQuantity, CellsEraseArgs, Cells
                                    CellsWriteArgs, CellsWriteReply, Command, IdentifyReply)
 from firmware_emu.registers import BY_NAME, lookup
 
-from .errors import InvalidArgument, LinkError, ProtocolError
+from .errors import InvalidArgument, LinkError, LinkTimeout, ProtocolError
 from .link import Link
 
 DEFAULT_DEVICE = "emu://"
-CHUNK = 256 << 10  # bytes per staging-buffer transfer frame
+MAX_CHUNK = 256 << 10  # bytes per staging-buffer frame on a clean link
+MIN_CHUNK = 256        # ... and the least it falls to on a noisy one
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class Device:
 
     def __init__(self, link: Link):
         self.link = link
+        self._chunk, self._clean = MAX_CHUNK, 0
         self.identity = self._identify()
 
     @classmethod
@@ -131,16 +133,41 @@ class Device:
     # -- staging buffer -------------------------------------------------------------
     def buffer_write(self, data: bytes, offset: int = 0) -> None:
         view = memoryview(data)
-        for start in range(0, len(view), CHUNK):
-            chunk = view[start:start + CHUNK]
-            self.link.transact(Command.BUF_WRITE, struct.pack("<I", offset + start) + bytes(chunk))
+        self._chunked(len(view), lambda pos, n, retries: self.link.transact(
+            Command.BUF_WRITE, struct.pack("<I", offset + pos) + bytes(view[pos:pos + n]), retries=retries))
 
     def buffer_read(self, length: int, offset: int = 0) -> bytes:
-        parts = []
-        for start in range(0, length, CHUNK):
-            n = min(CHUNK, length - start)
-            parts.append(self.link.transact(Command.BUF_READ, struct.pack("<II", offset + start, n)))
+        parts: list[bytes] = []
+        self._chunked(length, lambda pos, n, retries: parts.append(self.link.transact(
+            Command.BUF_READ, struct.pack("<II", offset + pos, n), retries=retries)))
         return b"".join(parts)
+
+    def _chunked(self, length: int, transfer) -> None:
+        """Move ``length`` bytes in frames sized to the link's health.
+
+        Both buffer commands are idempotent, so a chunk that keeps failing is simply
+        re-sent in smaller pieces: on a noisy link (bytes flipped, dropped, duplicated)
+        the frame size falls until frames get through, and grows again once they do.
+        """
+        pos = 0
+        while pos < length:
+            n = min(self._chunk, length - pos)
+            before = self.link.retransmissions
+            small = n <= MIN_CHUNK
+            try:
+                transfer(pos, n, None if small else 2)
+            except (LinkTimeout, ProtocolError):
+                if small:
+                    raise
+                self._chunk = max(MIN_CHUNK, n // 4)
+                continue
+            pos += n
+            if self.link.retransmissions > before:
+                self._chunk, self._clean = max(MIN_CHUNK, n // 2), 0
+            else:
+                self._clean += 1
+                if self._clean >= 4:
+                    self._chunk, self._clean = min(MAX_CHUNK, self._chunk * 2), 0
 
     # -- programs and cells ---------------------------------------------------------
     def load_code(self, program: Program) -> None:

@@ -37,12 +37,13 @@ class Link:
     def close(self) -> None:
         self.port.close()
 
-    def transact(self, command: Command, payload: bytes = b"") -> bytes:
-        """Send one command and return the chip's reply payload."""
+    def transact(self, command: Command, payload: bytes = b"", retries: int | None = None) -> bytes:
+        """Send one command and return the chip's reply payload (``retries`` overrides the default)."""
+        retries = self.retries if retries is None else retries
         self._seq = (self._seq + 1) & 0xFFFF
         frame = encode(command, self._seq, payload)
         last_problem = "no reply"
-        for attempt in range(self.retries + 1):
+        for attempt in range(retries + 1):
             if attempt:
                 self.retransmissions += 1
                 log.debug("retransmitting %s seq %d (%s)", command.name, self._seq, last_problem)
@@ -64,9 +65,9 @@ class Link:
                 raise ProtocolError(f"{command.name}: reply is for command 0x{reply.command:02X}")
             return reply.payload
         if last_problem == "no reply":
-            raise LinkTimeout(f"{command.name}: no reply from the chip after {self.retries + 1} tries "
+            raise LinkTimeout(f"{command.name}: no reply from the chip after {retries + 1} tries "
                               f"of {self.timeout:g} s on {self.port.port}")
-        raise ProtocolError(f"{command.name}: gave up after {self.retries + 1} tries: {last_problem}")
+        raise ProtocolError(f"{command.name}: gave up after {retries + 1} tries: {last_problem}")
 
     def _await(self, seq: int) -> Frame | str:
         """The reply to ``seq``, or a string saying why none usable arrived."""

@@ -7,17 +7,22 @@ against ``driver.load(path)``: same ``run(output_names, input_feed)``, same
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
+from tqdm import tqdm
 
 from compiler import lower_model, place
 from firmware_emu.program_format import Program
 
+from .cache import cached_program
 from .device import Device, WriteStats
 from .errors import InvalidArgument
+
+log = logging.getLogger(__name__)
 
 _ONNX_TYPES = {onnx.TensorProto.FLOAT: ("tensor(float)", np.float32)}
 
@@ -50,30 +55,51 @@ def _node_args(values) -> list[NodeArg]:
     return out
 
 
-def deploy(device: Device, program: Program, *, verify: bool = False,
-           layers: set[str] | None = None) -> WriteStats:
+def deploy(device: Device, program: Program, *, verify: bool = False, layers: set[str] | None = None,
+           verify_mask: dict[str, np.ndarray] | None = None) -> WriteStats:
     """Upload the code and program the cells of ``layers`` (default: every layer).
 
     Each tile region is erased first; then only the cells of weights on the tile's side
     (level > 0, matching sign) are pulsed. The other cells stay erased, as DESIGN.md asks.
     Cells of layers not named are not touched, so a host can reflash only new layers.
+    ``verify``: write-verify every cell; ``verify_mask``: per layer, a bool matrix
+    (in_features x out_features) of the weights to write-verify, the rest open loop.
     """
-    if layers is not None:
-        unknown = layers - {layer.name for layer in program.layers}
+    names = {layer.name: layer for layer in program.layers}
+    for what, given in (("layer", layers or set()), ("verify_mask layer", set(verify_mask or {}))):
+        unknown = set(given) - set(names)
         if unknown:
-            raise InvalidArgument(f"program has no layer(s) {', '.join(sorted(unknown))}")
+            raise InvalidArgument(f"program has no {what}(s) {', '.join(sorted(unknown))}")
+    for name, mask in (verify_mask or {}).items():
+        want = (names[name].in_features, names[name].out_features)
+        if np.shape(mask) != want:
+            raise InvalidArgument(f"verify_mask for layer '{name}' has shape {np.shape(mask)}, expected {want}")
+    chosen = [layer for layer in program.layers if layers is None or layer.name in layers]
+    s = program.slices
+    total_cells = sum(t.in_count * t.out_count * s for layer in chosen for t in layer.tiles)
     device.load_code(program)
     total = WriteStats()
-    s = program.slices
-    for layer in program.layers:
-        if layers is not None and layer.name not in layers:
-            continue
-        for tile in layer.tiles:
-            targets = program.tile_cells(tile)
-            used = targets.reshape(tile.in_count, tile.out_count, s).any(axis=2)
-            mask = np.repeat(used, s, axis=1)
-            device.erase(tile.array, tile.row, tile.col, tile.in_count, tile.out_count * s)
-            total += device.write_cells(tile.array, tile.row, tile.col, targets, verify=verify, mask=mask)
+    with tqdm(total=total_cells, unit="cell", unit_scale=True, desc="programming", disable=None, leave=False) as bar:
+        for layer in chosen:
+            weights_mask = None if verify_mask is None or layer.name not in verify_mask else \
+                np.asarray(verify_mask[layer.name], dtype=bool)
+            for tile in layer.tiles:
+                targets = program.tile_cells(tile)
+                used = targets.reshape(tile.in_count, tile.out_count, s).any(axis=2)
+                device.erase(tile.array, tile.row, tile.col, tile.in_count, tile.out_count * s)
+                if weights_mask is None:
+                    parts = [(used, verify)]
+                else:
+                    selected = weights_mask[tile.in_start:tile.in_start + tile.in_count,
+                                            tile.out_start:tile.out_start + tile.out_count]
+                    parts = [(used & ~selected, False), (used & selected, True)]
+                for weights, with_verify in parts:
+                    if weights.any():
+                        total += device.write_cells(tile.array, tile.row, tile.col, targets, verify=with_verify,
+                                                    mask=np.repeat(weights, s, axis=1))
+                bar.update(targets.size)
+    log.info("programmed %d cells with %d write pulses (%d verify failures)",
+             total.cells, total.write_pulses, total.verify_failures)
     return total
 
 
@@ -151,19 +177,32 @@ class Session:
         self.close()
 
 
-def load(onnx_path: str | os.PathLike, device: str | None = None, *, verify: bool = False,
-         timeout: float = 5.0) -> Session:
+POLICIES = ("open-loop", "write-verify", "selective")
+
+
+def load(onnx_path: str | os.PathLike | onnx.ModelProto, device: str | None = None, *,
+         policy: str = "open-loop", verify_mask: dict[str, np.ndarray] | None = None,
+         timeout: float = 5.0, cache: bool = True) -> Session:
     """Compile ``onnx_path`` for the chip at ``device``, program it, and return a session.
 
     ``device``: a pyserial URL or port name (``emu://?seed=1``, ``socket://127.0.0.1:PORT``,
     ``/dev/pts/N``); default $NVCIM_DEVICE, else a fresh in-process chip.
-    ``verify``: program every cell with write-verify instead of open loop.
+    ``policy``: "open-loop" (one pulse per cell, the default), "write-verify" (every cell),
+    or "selective" (write-verify the weights ``verify_mask`` marks: layer name -> bool
+    matrix in_features x out_features).
+    ``cache``: reuse a program compiled earlier for the same model and chip geometry.
     """
+    if policy not in POLICIES:
+        raise InvalidArgument(f"policy {policy!r} is not one of {', '.join(POLICIES)}")
+    if (policy == "selective") != (verify_mask is not None):
+        raise InvalidArgument("verify_mask goes with policy='selective', and only with it")
     lowered, model = lower_model(onnx_path)  # every model error surfaces before the link opens
     dev = Device.open(device, timeout=timeout)
     try:
-        program = place(lowered, model, dev.identity.target)
-        stats = deploy(dev, program, verify=verify)
+        target = dev.identity.target
+        build = lambda: place(lowered, model, target)  # noqa: E731
+        program = cached_program(model.SerializeToString(), target, {}, build) if cache else build()
+        stats = deploy(dev, program, verify=policy == "write-verify", verify_mask=verify_mask)
     except BaseException:
         dev.close()
         raise

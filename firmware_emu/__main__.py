@@ -7,6 +7,7 @@ import sys
 import click
 
 from .chip import Chip, ChipConfig
+from .link_faults import LinkFaults
 from .nvm_image import ImageError
 from .registers import DeviceModelCode
 from .serve import serve_pty, serve_tcp
@@ -25,6 +26,9 @@ def cli() -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on with --tcp.")
 @click.option("--image", type=click.Path(), default=None,
               help="Non-volatile image directory: cells, noise dump and program persist across restarts.")
+@click.option("--link-faults", type=float, default=0.0, show_default=True,
+              help="Rate at which the link flips, drops or duplicates bytes (fault injection).")
+@click.option("--link-seed", type=int, default=0, show_default=True, help="Seed of the link faults.")
 @click.option("--seed", type=int, help=f"Seed of the chip's random processes [default: {_DEFAULTS.seed}].")
 @click.option("--sigma", type=float, help=f"Programming variation, relative to g_max [default: {_DEFAULTS.sigma}].")
 @click.option("--model", type=click.Choice([m.name for m in DeviceModelCode], case_sensitive=False),
@@ -33,7 +37,8 @@ def cli() -> None:
 @click.option("--arrays", type=int, help=f"Number of crossbar arrays [default: {_DEFAULTS.arrays}].")
 @click.option("--rows", type=int, help=f"Rows per array [default: {_DEFAULTS.rows}].")
 @click.option("--cols", type=int, help=f"Columns per array [default: {_DEFAULTS.cols}].")
-def serve(use_pty: bool, tcp_port: int | None, host: str, image: str | None, **settings) -> None:
+def serve(use_pty: bool, tcp_port: int | None, host: str, image: str | None, link_faults: float,
+          link_seed: int, **settings) -> None:
     """Serve a chip; prints 'serving on PATH-OR-URL' once it is reachable.
 
     With --image, settings not given are those stored in the image.
@@ -45,6 +50,7 @@ def serve(use_pty: bool, tcp_port: int | None, host: str, image: str | None, **s
         given["model"] = DeviceModelCode[given["model"].upper()]
     try:
         chip = Chip.with_image(image, given) if image else Chip(ChipConfig(**given))
+        LinkFaults(link_faults)
     except (ValueError, ImageError) as e:
         raise click.BadParameter(str(e)) from None
 
@@ -54,9 +60,9 @@ def serve(use_pty: bool, tcp_port: int | None, host: str, image: str | None, **s
 
     try:
         if tcp_port is not None:
-            serve_tcp(chip, host, tcp_port, announce)
+            serve_tcp(chip, host, tcp_port, announce, link_faults, link_seed)
         else:
-            serve_pty(chip, announce)
+            serve_pty(chip, announce, link_faults, link_seed)
     except KeyboardInterrupt:
         pass
 

@@ -8,6 +8,7 @@ Buffers are handed over whole (``loop://`` queues byte by byte and moves ~0.4 MB
 the same name reaches the same cells, as a board left on the bench would.
 ``emu://?image=PATH`` powers the chip up from a non-volatile image directory (created
 if absent), so separate processes reach the same cells and program.
+``link_faults=RATE&link_seed=N`` corrupts the bytes on this link (see link_faults).
 """
 
 from __future__ import annotations
@@ -18,9 +19,16 @@ import urllib.parse
 from serial import PortNotOpenError, SerialBase, SerialException
 
 from .chip import Chip, ChipConfig
+from .link_faults import LinkFaults
 from .nvm_image import ImageError
 
 _BENCH: dict[str, Chip] = {}
+
+
+def link_options(url: str) -> dict[str, str]:
+    """The query of an emu:// URL as a dict, last value winning."""
+    query = urllib.parse.urlsplit(url).query
+    return {k: v[-1] for k, v in urllib.parse.parse_qs(query, keep_blank_values=True).items()}
 
 
 def chip_for_url(url: str) -> Chip:
@@ -28,8 +36,10 @@ def chip_for_url(url: str) -> Chip:
     parts = urllib.parse.urlsplit(url)
     if parts.scheme != "emu":
         raise SerialException(f"not an emu:// URL: {url!r}")
-    options = {k: v[-1] for k, v in urllib.parse.parse_qs(parts.query, keep_blank_values=True).items()}
+    options = link_options(url)
     image = options.pop("image", None)
+    options.pop("link_faults", None)
+    options.pop("link_seed", None)
     name = parts.netloc + parts.path
     try:
         settings = ChipConfig.parse_options(options)
@@ -58,6 +68,12 @@ class Serial(SerialBase):
         if self.is_open:
             raise SerialException("Port is already open.")
         self.chip = chip_for_url(self._port)
+        options = link_options(self._port)
+        try:
+            rate, seed = float(options.get("link_faults", 0)), int(options.get("link_seed", 0))
+            self._to_chip, self._from_chip = LinkFaults(rate, seed), LinkFaults(rate, seed + 1)
+        except ValueError as e:
+            raise SerialException(f"{self._port}: link_faults/link_seed: {e}") from None
         self._rx = bytearray()
         self.is_open = True
 
@@ -82,7 +98,7 @@ class Serial(SerialBase):
     def write(self, data) -> int:
         self._require_open()
         data = bytes(data)
-        self._rx += self.chip.feed(data)
+        self._rx += self._from_chip(self.chip.feed(self._to_chip(data)))
         return len(data)
 
     def reset_input_buffer(self) -> None:

@@ -20,6 +20,15 @@ def export_mlp(path: Path, in_features: int = 64, hidden: int = 300, out: int = 
     return path
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_compile_cache(tmp_path_factory):
+    """Tests never read or write the user's compile cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("NVCIM_CACHE", str(tmp_path_factory.mktemp("nvcim-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def mlp_path(tmp_path_factory) -> Path:
     return export_mlp(tmp_path_factory.mktemp("models") / "mlp.onnx")
