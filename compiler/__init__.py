@@ -9,12 +9,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from firmware_emu.program_format import Layer, Program, pack_cells
+from firmware_emu.program_format import Layer, Program, Tile, pack_cells
 
 from . import frontend, lower
 from .frontend import CompileError
 from .mapping import CapacityError, Placer
-from .quantize import fake_quantize, quantize, slice_levels
+from .quantize import Quantized, fake_quantize, quantize, slice_levels
 
 __all__ = ["CompileError", "CapacityError", "Target", "compile_model", "lower_model", "place",
            "quantized_model"]
@@ -33,41 +33,85 @@ class Target:
 
 def lower_model(model: str | os.PathLike | onnx.ModelProto, shared: str = "common",
                 source: str | None = None) -> tuple[lower.Lowering, onnx.ModelProto]:
-    """Check and lower a model without a chip in sight: every model error surfaces here."""
+    """Check, normalise and lower a model without a chip in sight: every model error surfaces here.
+
+    Returns the lowering and the normalised model it was lowered from.
+    """
     if shared not in ("common", "separate"):
         raise ValueError(f"shared={shared!r}: expected 'common' or 'separate'")
     proto, source = frontend.load(model, source)
     graph = proto.graph
-    unsupported = [(frontend.node_label(n, i), n.op_type) for i, n in enumerate(graph.node)
-                   if n.op_type not in lower.HANDLERS]
+    unsupported = [(frontend.node_label(n, i), n.op_type, n.domain) for i, n in enumerate(graph.node)
+                   if n.op_type not in lower.HANDLERS or n.domain not in ("", "ai.onnx")]
     if unsupported:
-        label, op = unsupported[0]
+        label, op, domain = unsupported[0]
+        op = f"{domain}::{op}" if domain not in ("", "ai.onnx") else op
         raise CompileError(f"{source}: node '{label}' uses op {op}, which the chip does not support "
                            f"(supported: {', '.join(sorted(lower.HANDLERS))})")
     consts = frontend.initializers(graph)
-    lo = lower.Lowering(source, consts, shared)
-    for value in graph.input:
-        if value.name not in consts:
-            lo.tensor(value.name, frontend.static_shape(value, source))
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    inputs = [v for v in graph.input if v.name not in consts]
+    shapes = [_input_shape(v, source) for v in inputs]
+    batch = {dims[0] for dims in shapes}
+    lo = lower.Lowering(source, consts, shared, uses, batch.pop() if len(batch) == 1 and None not in batch else None)
+    for value, dims in zip(inputs, shapes):
+        lo.tensor(value.name, (-1, *dims[1:]))
     for i, node in enumerate(graph.node):
         lo.node, lo.label = node, frontend.node_label(node, i)
         lower.HANDLERS[node.op_type](lo, node)
     return lo, proto
 
 
+def _input_shape(value: onnx.ValueInfoProto, source: str) -> list[int | None]:
+    """A graph input's dims, batch (dim 0) None when symbolic; every other dim must be fixed."""
+    t = value.type.tensor_type
+    if t.elem_type != onnx.TensorProto.FLOAT:
+        kind = onnx.TensorProto.DataType.Name(t.elem_type) if t.elem_type else "non-tensor"
+        raise CompileError(f"{source}: input '{value.name}' is {kind}; the chip takes float32 inputs")
+    dims = t.shape.dim
+    if not dims:
+        raise CompileError(f"{source}: input '{value.name}' has no batch dimension (rank 0)")
+    out: list[int | None] = [dims[0].dim_value if dims[0].HasField("dim_value") else None]
+    for i, d in enumerate(dims[1:], start=1):
+        if not d.HasField("dim_value") or d.dim_value <= 0:
+            label = d.dim_param or "unknown"
+            raise CompileError(f"{source}: input '{value.name}' has dynamic dimension {i} ('{label}'); "
+                               f"only the batch dimension (0) may vary on the chip")
+        out.append(d.dim_value)
+    return out
+
+
 def compile_model(model: str | os.PathLike | onnx.ModelProto, target: Target = Target(), *,
-                  base: Program | None = None, shared: str = "common", source: str | None = None) -> Program:
+                  base: Program | None = None, shared: str = "common", per_channel: bool = False,
+                  source: str | None = None) -> Program:
     """Compile an ONNX model for ``target``.
 
     ``base``: the program already on the chip; its layers keep their tiles and cells
     (incremental mode) and new layers go into free columns only.
     ``shared``: a weight used by several nodes is placed once ("common") or per use ("separate").
+    ``per_channel``: one quantisation scale per output channel instead of per tensor.
     ``source``: how messages name an in-memory model (e.g. the file it came from).
     """
-    return place(*lower_model(model, shared, source), target, base=base)
+    return place(*lower_model(model, shared, source), target, base=base, per_channel=per_channel)
 
 
-def place(lo: lower.Lowering, proto: onnx.ModelProto, target: Target, *, base: Program | None = None) -> Program:
+def _quantize_layers(lo: lower.Lowering, weight_bits: int, per_channel: bool) -> dict[str, Quantized]:
+    """Quantise every layer; the layers of one family (a grouped conv's groups) share one tensor scale."""
+    out = {}
+    for family in lo.families:
+        peak = max(float(np.abs(lo.weights[name]).max(initial=0.0)) for name in family)
+        for name in family:
+            w = lo.weights[name]
+            out[name] = quantize(w, weight_bits, channel_axis=1) if per_channel else \
+                quantize(w, weight_bits, wmax=peak)
+    return out
+
+
+def place(lo: lower.Lowering, proto: onnx.ModelProto, target: Target, *, base: Program | None = None,
+          per_channel: bool = False) -> Program:
     """Quantise, slice and place a lowered model's weight layers onto ``target``."""
     slices = target.weight_bits // target.cell_bits
     placer = Placer(target.rows, target.cols, slices)
@@ -80,15 +124,19 @@ def place(lo: lower.Lowering, proto: onnx.ModelProto, target: Target, *, base: P
             for tile in layer.tiles:
                 placer.reserve(tile)
 
+    quantized = _quantize_layers(lo, target.weight_bits, per_channel)
     layers: list[Layer] = []
     cells: list[bytes] = []
     offset = 0
     for name, w in lo.weights.items():
-        q = quantize(w, target.weight_bits)
+        q = quantized[name]
         states = slice_levels(q.levels, target.weight_bits, target.cell_bits)
         old = pinned.get(name)
+        if old is not None and (old.in_features, old.out_features) != w.shape:
+            raise CompileError(f"{lo.source}: layer '{name}' is pinned with shape "
+                               f"{old.in_features}x{old.out_features}, the model has {w.shape[0]}x{w.shape[1]}")
         if old is not None:
-            tiles = [type(t)(**vars(t)) for t in old.tiles]
+            tiles = [Tile(**vars(t)) for t in old.tiles]
         else:
             tiles = [placer.place(sign, block)
                      for sign in (1, -1)
@@ -105,10 +153,11 @@ def place(lo: lower.Lowering, proto: onnx.ModelProto, target: Target, *, base: P
             tile.cells_offset = offset
             cells.append(data)
             offset += len(data)
-        if old is not None and (old.in_features, old.out_features) != w.shape:
-            raise CompileError(f"{lo.source}: layer '{name}' is pinned with shape "
-                               f"{old.in_features}x{old.out_features}, the model has {w.shape[0]}x{w.shape[1]}")
-        layers.append(Layer(name, w.shape[0], w.shape[1], q.scale, tiles))
+        if old is not None and _has_unplaced_side(q.signs, tiles):
+            raise CompileError(f"{lo.source}: layer '{name}' is pinned on the chip by the base program, "
+                               f"but its weights changed sign; recompile without base to move it")
+        scale = q.scale if np.ndim(q.scale) == 0 else np.asarray(q.scale, np.float32).reshape(-1)
+        layers.append(Layer(name, w.shape[0], w.shape[1], scale, tiles))
     if placer.arrays_needed > target.arrays:
         raise CapacityError(f"{lo.source}: the model needs {placer.arrays_needed} arrays of "
                             f"{target.rows}x{target.cols} cells; the chip has {target.arrays}")
@@ -124,21 +173,34 @@ def _has_sign(signs: np.ndarray, block: tuple[int, int, int, int], sign: int) ->
     return bool((signs[i:i + ni, o:o + no] == sign).any())
 
 
-def _match(layer: Layer, tile):
+def _has_unplaced_side(signs: np.ndarray, tiles: list[Tile]) -> bool:
+    """Whether some weight's sign has no tile covering it (a pinned layer whose signs changed)."""
+    covered = np.zeros(signs.shape, dtype=bool)
+    for t in tiles:
+        block = (slice(t.in_start, t.in_start + t.in_count), slice(t.out_start, t.out_start + t.out_count))
+        covered[block] |= signs[block] == t.sign
+    return bool(((signs != 0) & ~covered).any())
+
+
+def _match(layer: Layer, tile: Tile) -> Tile:
     return next(t for t in layer.tiles if (t.sign, t.in_start, t.out_start) == (tile.sign, tile.in_start, tile.out_start))
 
 
-def quantized_model(model: str | os.PathLike | onnx.ModelProto, weight_bits: int = 8) -> onnx.ModelProto:
-    """The model with every crossbar weight replaced by its quantised value.
+def quantized_model(model: str | os.PathLike | onnx.ModelProto, weight_bits: int = 8, *,
+                    per_channel: bool = False) -> onnx.ModelProto:
+    """The normalised model with every crossbar weight replaced by its quantised value.
 
-    onnxruntime on this model is what an ideal chip (sigma = 0) must reproduce.
+    onnxruntime on this model is what an ideal chip (sigma = 0) must reproduce: it is the
+    graph the chip was compiled from (constants and BatchNorm folded) with the weights the
+    cells hold.
     """
     lo, proto = lower_model(model)
     out = onnx.ModelProto()
     out.CopyFrom(proto)
-    sources = set(lo.weight_sources.values())
     for init in out.graph.initializer:
-        if init.name in sources:
+        axis = lo.channel_axes.get(init.name)
+        if axis is not None:
             w = numpy_helper.to_array(init)
-            init.CopyFrom(numpy_helper.from_array(fake_quantize(w, weight_bits).astype(w.dtype), init.name))
+            q = fake_quantize(w, weight_bits, axis if per_channel else None)
+            init.CopyFrom(numpy_helper.from_array(q.astype(w.dtype), init.name))
     return out

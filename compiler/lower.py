@@ -1,34 +1,53 @@
 """Lowering ONNX nodes to chip instructions.
 
-Weight layers (Gemm, MatMul with a constant weight) become crossbar MATMULs; all other
-ops run on the chip's digital unit. Each handler takes the node and emits instructions
-into the Lowering, which tracks tensor ids, shapes and the weight layers met so far.
+Weight layers become crossbar work: Gemm and MatMul with a constant weight a MATMUL, Conv
+a CONV whose kernel is laid out im2col-style as one matrix per group, of shape
+(C_in/group * prod(kernel), C_out/group) with rows in (channel, kernel offset) order, so a
+grouped or depthwise convolution is ``group`` small layers rather than one mostly-zero
+block-diagonal matrix. Everything else runs on the chip's digital unit.
+
+Each handler checks the node's attributes and emits instructions into the Lowering.
+Output shapes are not worked out by hand: ``Lowering.emit`` runs the executor's own op on
+a batch of one (zeros, or the constants themselves) and reads the result, so the compiler
+and the chip cannot disagree about a shape, and an op that would move the batch dimension
+is caught where it happens.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import TensorProto, helper
 
+from firmware_emu import executor
 from firmware_emu.program_format import Instr, Opcode, TensorDecl
 
 from .frontend import CompileError
 
 
 class Lowering:
-    def __init__(self, source: str, consts: dict[str, np.ndarray], shared: str):
+    """The program being built: tensors, constants, weight layers and instructions."""
+
+    def __init__(self, source: str, consts: dict[str, np.ndarray], shared: str, uses: dict[str, int],
+                 batch_size: int | None):
         self.source = source
         self.consts = consts
         self.shared = shared
+        self.uses = uses                  # initializer -> number of node inputs naming it
+        self.batch_size = batch_size      # the model's fixed batch size, None when symbolic
         self.tensors: list[TensorDecl] = []
         self.ids: dict[str, int] = {}
         self.constants: dict[int, np.ndarray] = {}
         self.instructions: list[Instr] = []
-        self.weights: dict[str, np.ndarray] = {}        # layer name -> (in, out) float matrix
+        self.weights: dict[str, np.ndarray] = {}        # layer name -> (in, out) float64 matrix
         self.weight_sources: dict[str, str] = {}        # layer name -> initializer name
+        self.families: list[list[str]] = []             # layers quantised with one per-tensor scale
+        self.channel_axes: dict[str, int] = {}          # initializer -> its output-channel axis
+        self._layer_index: dict[str, int] = {}
+        self._probe_weights: list[np.ndarray] = []
         self.node: onnx.NodeProto | None = None
         self.label = ""
 
@@ -38,7 +57,7 @@ class Lowering:
 
     def tensor(self, name: str, shape: tuple[int, ...]) -> int:
         self.ids[name] = len(self.tensors)
-        self.tensors.append(TensorDecl(name, tuple(shape)))
+        self.tensors.append(TensorDecl(name, tuple(int(d) for d in shape)))
         return self.ids[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -49,121 +68,507 @@ class Lowering:
         if name not in self.ids:
             if name not in self.consts:
                 raise self.error(f"input '{name}' is neither produced by an earlier node nor a constant")
-            value = np.asarray(self.consts[name], dtype=np.float32)
-            tid = self.tensor(name, value.shape)
-            self.constants[tid] = value
+            self.constant(name, self.consts[name])
         return self.ids[name]
+
+    def constant(self, name: str, value: np.ndarray) -> str:
+        tid = self.tensor(name, np.shape(value))
+        self.constants[tid] = np.asarray(value, dtype=np.float32)
+        return name
 
     def const(self, name: str, what: str) -> np.ndarray:
         if name not in self.consts:
-            raise self.error(f"{what} '{name}' must be a constant (initializer) to be placed on the crossbars")
+            raise self.error(f"{what} '{name}' must be a constant (an initializer or computed from them)")
         return self.consts[name]
+
+    def optional_const(self, index: int, what: str) -> np.ndarray | None:
+        node = self.node
+        if len(node.input) <= index or not node.input[index]:
+            return None
+        return self.const(node.input[index], what)
 
     def attr(self, name: str, default=None):
         for a in self.node.attribute:
             if a.name == name:
-                return helper.get_attribute_value(a)
+                value = helper.get_attribute_value(a)
+                return value.decode() if isinstance(value, bytes) else value
         return default
 
-    def emit(self, op: Opcode, inputs: list[str], output: str, shape: tuple[int, ...], layer: int = -1,
+    def alias(self, output: str, source: str) -> None:
+        """``output`` is ``source`` under another name: no instruction."""
+        self.ids[output] = self.ids_for(source)
+
+    def probe(self, tid: int) -> np.ndarray:
+        """A batch-of-one stand-in for tensor ``tid``: the constant, or zeros."""
+        if tid in self.constants:
+            return self.constants[tid]
+        return np.zeros((1, *self.tensors[tid].shape[1:]), np.float32)
+
+    def emit(self, op: Opcode, inputs: list[str], outputs: str | list[str], layer: int = -1,
              attrs: dict | None = None) -> None:
         ins = [self.ids_for(n) for n in inputs]
-        out = self.tensor(output, shape)
-        self.instructions.append(Instr(op, self.label, ins, [out], layer, attrs or {}))
+        names = [outputs] if isinstance(outputs, str) else outputs
+        instr = Instr(op, self.label, ins, [], layer, attrs or {})
+        with np.errstate(all="ignore"):
+            try:
+                results = executor.execute(instr, [self.probe(t) for t in ins], self._probe_weights.__getitem__)
+            except (ValueError, IndexError) as e:
+                raise self.error(str(e)) from None
+        for name, r in zip(names, results):
+            if r.ndim == 0 or r.shape[0] != 1:
+                raise self.error(f"output '{name}' would mix the batch dimension (dim 0) with others "
+                                 f"(shape {tuple(r.shape)} for a batch of 1); the chip keeps dim 0 as the batch")
+            instr.outputs.append(self.tensor(name, (-1, *r.shape[1:])))
+        self.instructions.append(instr)
 
-    def matmul(self, x: str, w: np.ndarray, source: str, output: str) -> None:
-        """Emit a crossbar MATMUL of x by the constant matrix w (in_features x out_features)."""
-        key = source if self.shared == "common" else f"{source}@{self.label}"
-        known = self.weights.get(key)
-        if known is not None and (known.shape != w.shape or not np.array_equal(known, w)):
-            raise self.error(f"weight '{source}' is shared but used here in a different form; "
-                             f"compile with shared='separate'")
-        self.weights.setdefault(key, w)
-        self.weight_sources[key] = source
-        layer = list(self.weights).index(key)
-        x_shape = self.shape(x)
-        if x_shape[-1] != w.shape[0]:
-            raise self.error(f"input '{x}' has {x_shape[-1]} features, weight '{source}' expects {w.shape[0]}")
-        self.emit(Opcode.MATMUL, [x], output, (*x_shape[:-1], w.shape[1]), layer=layer)
+    def add_layers(self, source: str, matrices: list[np.ndarray], channel_axis: int) -> int:
+        """Register the crossbar layers one node uses (one per conv group); return the first index.
+
+        A weight that several nodes use is one set of layers ("common") or one per node
+        ("separate"); a weight used once is named by its initializer in both modes.
+        """
+        names = [source] if len(matrices) == 1 else [f"{source}/group{g}" for g in range(len(matrices))]
+        if self.shared == "separate" and self.uses.get(source, 0) > 1:
+            names = [f"{n}@{self.label}" for n in names]
+        for name, w in zip(names, matrices):
+            known = self.weights.get(name)
+            if known is not None and (known.shape != w.shape or not np.array_equal(known, w)):
+                raise self.error(f"weight '{source}' is shared but used here in a different form; "
+                                 f"compile with shared='separate'")
+        if names[0] not in self.weights:
+            for name, w in zip(names, matrices):
+                self._layer_index[name] = len(self.weights)
+                self.weights[name] = w
+                self.weight_sources[name] = source
+                self._probe_weights.append(w.astype(np.float32))
+            self.families.append(names)
+            self.channel_axes[source] = channel_axis
+        return self._layer_index[names[0]]
+
+    def bias(self, x: str, b: str, output: str, channel_axis_from_end: int) -> None:
+        """out = x + b, a constant bias laid along one axis of x counted from its end."""
+        value = np.asarray(self.const(b, "bias"), dtype=np.float32).reshape(-1)
+        name = self.constant(f"{output}/bias", value.reshape(-1, *[1] * channel_axis_from_end))
+        self.emit(Opcode.ADD, [x, name], output)
 
 
-def _broadcast(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
-    """numpy broadcasting of two static shapes where -1 marks the batch dimension."""
-    n = max(len(a), len(b))
-    a2, b2 = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
-    out = []
-    for x, y in zip(a2, b2):
-        if x == y or y == 1:
-            out.append(x)
-        elif x == 1:
-            out.append(y)
-        else:
-            raise ValueError(f"shapes {a} and {b} do not broadcast")
-    return tuple(out)
+def _axis(lo: Lowering, axis: int, rank: int, what: str = "axis") -> int:
+    """Normalise an axis and refuse the batch axis."""
+    if not -rank <= axis < rank:
+        raise lo.error(f"{what}={axis} is outside a rank-{rank} tensor")
+    axis %= rank
+    if axis == 0:
+        raise lo.error(f"{what}=0 would work across the batch dimension; the chip keeps dim 0 as the batch")
+    return axis
 
 
-# -- op handlers --------------------------------------------------------------------
+def _ints(values) -> list[int]:
+    return [int(v) for v in np.asarray(values).reshape(-1)]
+
+
+# -- windows: Conv and pools ----------------------------------------------------------
+def _window_pads(lo: Lowering, spatial: tuple[int, ...], kernel: list[int], strides: list[int],
+                 dilations: list[int]) -> list[int]:
+    """Explicit pads (begins then ends) from the pads attribute or auto_pad."""
+    nd = len(kernel)
+    auto = lo.attr("auto_pad", "NOTSET")
+    if auto == "NOTSET":
+        pads = list(lo.attr("pads", [0] * 2 * nd))
+        if len(pads) != 2 * nd:
+            raise lo.error(f"pads has {len(pads)} values, expected {2 * nd}")
+        return pads
+    if auto == "VALID":
+        return [0] * 2 * nd
+    if auto not in ("SAME_UPPER", "SAME_LOWER"):
+        raise lo.error(f"auto_pad={auto} is not supported (supported: NOTSET, VALID, SAME_UPPER, SAME_LOWER)")
+    begins, ends = [], []
+    for size, k, s, d in zip(spatial, kernel, strides, dilations):
+        out = -(-size // s)
+        total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
+        small = total // 2
+        begins.append(small if auto == "SAME_UPPER" else total - small)
+        ends.append(total - small if auto == "SAME_UPPER" else small)
+    return begins + ends
+
+
+def _window_attrs(lo: Lowering, x: str, kernel: list[int]) -> dict:
+    shape = lo.shape(x)
+    nd = len(kernel)
+    if len(shape) != nd + 2:
+        raise lo.error(f"input '{x}' has rank {len(shape)}, a {nd}-D kernel needs rank {nd + 2}")
+    strides = list(lo.attr("strides", [1] * nd))
+    dilations = list(lo.attr("dilations", [1] * nd))
+    if len(strides) != nd or len(dilations) != nd or min(strides + dilations, default=1) < 1:
+        raise lo.error(f"strides {strides} and dilations {dilations} must be {nd} positive values")
+    pads = _window_pads(lo, shape[2:], kernel, strides, dilations)
+    if min(pads, default=0) < 0:
+        raise lo.error(f"negative pads {pads} are not supported")
+    return dict(kernel=list(kernel), strides=strides, pads=pads, dilations=dilations)
+
+
+def _conv(lo: Lowering, node: onnx.NodeProto) -> None:
+    x, w_name = node.input[0], node.input[1]
+    w = np.asarray(lo.const(w_name, "weight"), dtype=np.float64)
+    if w.ndim < 3:
+        raise lo.error(f"weight '{w_name}' has rank {w.ndim}, expected (C_out, C_in/group, *kernel)")
+    group = lo.attr("group", 1)
+    kernel = list(w.shape[2:])
+    if list(lo.attr("kernel_shape", kernel)) != kernel:
+        raise lo.error(f"kernel_shape {lo.attr('kernel_shape')} differs from the weight's {kernel}")
+    attrs = _window_attrs(lo, x, kernel)
+    channels = lo.shape(x)[1]
+    c_out, c_in_g = w.shape[:2]
+    if channels != c_in_g * group or c_out % group:
+        raise lo.error(f"{channels} input channels and weight {w.shape} do not fit group={group}")
+    cog = c_out // group
+    matrices = [w[g * cog:(g + 1) * cog].reshape(cog, -1).T for g in range(group)]
+    first = lo.add_layers(w_name, matrices, channel_axis=0)
+    out = node.output[0]
+    has_bias = len(node.input) > 2 and node.input[2]
+    lo.emit(Opcode.CONV, [x], out + "/conv" if has_bias else out, layer=first, attrs=dict(attrs, group=[group]))
+    if has_bias:
+        lo.bias(out + "/conv", node.input[2], out, len(kernel))
+
+
+def _pool(lo: Lowering, node: onnx.NodeProto) -> None:
+    x = node.input[0]
+    average = node.op_type == "AveragePool"
+    if not average and len(node.output) > 1 and node.output[1]:
+        raise lo.error("the Indices output is not supported (only the pooled values)")
+    kernel = lo.attr("kernel_shape")
+    if not kernel:
+        raise lo.error("kernel_shape is required")
+    attrs = _window_attrs(lo, x, list(kernel))
+    nd = len(kernel)
+    extra = [0] * nd
+    if lo.attr("ceil_mode", 0):
+        # output size rounded up, but no window may start in the end padding (as onnxruntime)
+        spatial = lo.shape(x)[2:]
+        for i in range(nd):
+            span = (kernel[i] - 1) * attrs["dilations"][i] + 1
+            stride = attrs["strides"][i]
+            padded = spatial[i] + attrs["pads"][i] + attrs["pads"][nd + i]
+            out = -(-(padded - span) // stride) + 1
+            if (out - 1) * stride >= spatial[i] + attrs["pads"][i]:
+                out -= 1
+            extra[i] = max((out - 1) * stride + span - padded, 0)
+        attrs["pads"] = attrs["pads"][:nd] + [p + e for p, e in zip(attrs["pads"][nd:], extra)]
+    if average:
+        attrs.update(ceil_pads=extra, count_include_pad=[int(lo.attr("count_include_pad", 0))])
+    lo.emit(Opcode.AVGPOOL if average else Opcode.MAXPOOL, [x], node.output[0], attrs=attrs)
+
+
+def _global_pool(lo: Lowering, node: onnx.NodeProto) -> None:
+    if len(lo.shape(node.input[0])) < 3:
+        raise lo.error("input needs spatial dimensions (N, C, ...)")
+    op = Opcode.GLOBAL_AVGPOOL if node.op_type == "GlobalAveragePool" else Opcode.GLOBAL_MAXPOOL
+    lo.emit(op, [node.input[0]], node.output[0])
+
+
+# -- matrix products ------------------------------------------------------------------
 def _gemm(lo: Lowering, node: onnx.NodeProto) -> None:
     if lo.attr("transA", 0):
         raise lo.error("transA=1 is not supported (the activation must be the left operand as is)")
     a, b = node.input[0], node.input[1]
+    if len(lo.shape(a)) != 2:
+        raise lo.error(f"input '{a}' has rank {len(lo.shape(a))}, Gemm takes rank 2")
     w = np.asarray(lo.const(b, "weight"), dtype=np.float64)
     if w.ndim != 2:
         raise lo.error(f"weight '{b}' has rank {w.ndim}, expected 2")
-    if lo.attr("transB", 0):
-        w = w.T
-    w = w * lo.attr("alpha", 1.0)
+    trans = lo.attr("transB", 0)
+    w = (w.T if trans else w) * lo.attr("alpha", 1.0)
     out = node.output[0]
     has_bias = len(node.input) > 2 and node.input[2]
-    lo.matmul(a, w, b, out + "/matmul" if has_bias else out)
+    layer = lo.add_layers(b, [w], channel_axis=0 if trans else 1)
+    lo.emit(Opcode.MATMUL, [a], out + "/matmul" if has_bias else out, layer=layer)
     if has_bias:
-        bias_name = node.input[2]
-        bias = np.asarray(lo.const(bias_name, "bias"), dtype=np.float32) * np.float32(lo.attr("beta", 1.0))
-        tid = lo.tensor(f"{out}/bias", bias.shape)
-        lo.constants[tid] = bias
-        _emit_add(lo, out + "/matmul", f"{out}/bias", out)
+        c = node.input[2]
+        beta = lo.attr("beta", 1.0)
+        if c in lo.consts:
+            value = np.asarray(lo.consts[c], dtype=np.float32) * np.float32(beta)
+            c = lo.constant(f"{out}/bias", value)
+        elif beta != 1.0:
+            raise lo.error(f"beta={beta} with a bias computed on the chip is not supported (only beta=1)")
+        lo.emit(Opcode.ADD, [out + "/matmul", c], out)
 
 
 def _matmul(lo: Lowering, node: onnx.NodeProto) -> None:
     x, w_name = node.input
-    if x in lo.consts and w_name not in lo.consts:
-        raise lo.error("a constant left operand is not supported; the weight must be the right operand")
-    w = np.asarray(lo.const(w_name, "weight"), dtype=np.float64)
+    if w_name not in lo.consts:
+        what = "a constant left operand" if x in lo.consts else "two computed operands"
+        raise lo.error(f"{what} is not supported; the right operand must be a constant weight for the crossbars")
+    w = np.asarray(lo.consts[w_name], dtype=np.float64)
     if w.ndim != 2:
         raise lo.error(f"weight '{w_name}' has rank {w.ndim}, expected 2")
-    lo.matmul(x, w, w_name, node.output[0])
+    layer = lo.add_layers(w_name, [w], channel_axis=1)
+    lo.emit(Opcode.MATMUL, [x], node.output[0], layer=layer)
 
 
-def _emit_add(lo: Lowering, a: str, b: str, out: str) -> None:
-    try:
-        shape = _broadcast(lo.shape(a), lo.shape(b))
-    except ValueError as e:
-        raise lo.error(str(e)) from None
-    lo.emit(Opcode.ADD, [a, b], out, shape)
-
-
-def _add(lo: Lowering, node: onnx.NodeProto) -> None:
-    _emit_add(lo, node.input[0], node.input[1], node.output[0])
-
-
-def _relu(lo: Lowering, node: onnx.NodeProto) -> None:
+def _batchnorm(lo: Lowering, node: onnx.NodeProto) -> None:
+    """A BatchNormalization the front end could not fold: per-channel scale and shift."""
+    if lo.attr("training_mode", 0) or len([o for o in node.output if o]) > 1:
+        raise lo.error("training mode (batch statistics) is not supported; export the model in eval mode")
     x = node.input[0]
-    lo.emit(Opcode.RELU, [x], node.output[0], lo.shape(x))
+    rank = len(lo.shape(x))
+    if rank < 2:
+        raise lo.error(f"input '{x}' has rank {rank}, BatchNormalization needs (N, C, ...)")
+    gamma, beta, mean, var = (np.asarray(lo.const(n, "statistic"), dtype=np.float64) for n in node.input[1:5])
+    s = gamma / np.sqrt(var + lo.attr("epsilon", 1e-5))
+    ones = [1] * (rank - 2)
+    out = node.output[0]
+    scale = lo.constant(f"{out}/scale", s.reshape(-1, *ones))
+    shift = lo.constant(f"{out}/shift", (beta - mean * s).reshape(-1, *ones))
+    lo.emit(Opcode.MUL, [x, scale], out + "/scaled")
+    lo.emit(Opcode.ADD, [out + "/scaled", shift], out)
+
+
+# -- elementwise ----------------------------------------------------------------------
+_BINARY = {"Add": Opcode.ADD, "Sub": Opcode.SUB, "Mul": Opcode.MUL, "Div": Opcode.DIV, "PRelu": Opcode.PRELU}
+
+
+def _binary(lo: Lowering, node: onnx.NodeProto) -> None:
+    lo.emit(_BINARY[node.op_type], list(node.input[:2]), node.output[0])
+
+
+def _sum(lo: Lowering, node: onnx.NodeProto) -> None:
+    acc = node.input[0]
+    if len(node.input) == 1:
+        lo.alias(node.output[0], acc)
+        return
+    for i, term in enumerate(node.input[1:], start=1):
+        out = node.output[0] if i == len(node.input) - 1 else f"{node.output[0]}/sum{i}"
+        lo.emit(Opcode.ADD, [acc, term], out)
+        acc = out
+
+
+# op type -> (opcode, {attribute: default}) for one-input elementwise ops
+_UNARY: dict[str, tuple[Opcode, dict[str, float]]] = {
+    "Relu": (Opcode.RELU, {}),
+    "LeakyRelu": (Opcode.LEAKY_RELU, {"alpha": 0.01}),
+    "Sigmoid": (Opcode.SIGMOID, {}),
+    "Tanh": (Opcode.TANH, {}),
+    "Elu": (Opcode.ELU, {"alpha": 1.0}),
+    "Selu": (Opcode.SELU, {"alpha": 1.67326319217681884765625, "gamma": 1.05070102214813232421875}),
+    "Softplus": (Opcode.SOFTPLUS, {}),
+    "Softsign": (Opcode.SOFTSIGN, {}),
+    "Exp": (Opcode.EXP, {}),
+    "Neg": (Opcode.NEG, {}),
+    "Abs": (Opcode.ABS, {}),
+}
+
+
+def _unary(lo: Lowering, node: onnx.NodeProto) -> None:
+    op, defaults = _UNARY[node.op_type]
+    lo.emit(op, [node.input[0]], node.output[0], attrs={k: [float(lo.attr(k, v))] for k, v in defaults.items()})
+
+
+def _clip(lo: Lowering, node: onnx.NodeProto) -> None:
+    low, high = lo.optional_const(1, "min"), lo.optional_const(2, "max")
+    attrs = {"min": [float(-np.inf if low is None else low)], "max": [float(np.inf if high is None else high)]}
+    lo.emit(Opcode.CLIP, [node.input[0]], node.output[0], attrs=attrs)
+
+
+def _softmax(lo: Lowering, node: onnx.NodeProto) -> None:
+    x = node.input[0]
+    axis = _axis(lo, lo.attr("axis", -1), len(lo.shape(x)))
+    op = Opcode.SOFTMAX if node.op_type == "Softmax" else Opcode.LOG_SOFTMAX
+    lo.emit(op, [x], node.output[0], attrs={"axis": [axis]})
+
+
+def _identity(lo: Lowering, node: onnx.NodeProto) -> None:
+    if node.op_type == "Dropout":
+        if len(node.output) > 1 and node.output[1]:
+            raise lo.error("the mask output is not supported (inference only)")
+        training = lo.optional_const(2, "training_mode")
+        if training is not None and bool(training):
+            raise lo.error("training_mode=true is not supported (inference only)")
+    if node.op_type == "Cast" and lo.attr("to") != TensorProto.FLOAT:
+        raise lo.error(f"cast to {TensorProto.DataType.Name(lo.attr('to'))} is not supported "
+                       f"(the chip computes in float32; only casts to FLOAT)")
+    lo.alias(node.output[0], node.input[0])
+
+
+# -- data movement --------------------------------------------------------------------
+def _reshape_to(lo: Lowering, x: str, shape: list[int], out: str) -> None:
+    lo.emit(Opcode.RESHAPE, [x], out, attrs={"shape": [-1, *shape[1:]]})
+
+
+def _reshape(lo: Lowering, node: onnx.NodeProto) -> None:
+    """The target keeps the batch first: 0 (copy), -1 (inferred as the batch), or the model's fixed batch."""
+    x = node.input[0]
+    target = _ints(lo.const(node.input[1], "shape"))
+    src = lo.shape(x)
+    allowzero = lo.attr("allowzero", 0)
+    rest_in = math.prod(src[1:])
+    dims = [src[i] if (t == 0 and not allowzero and i < len(src)) else t for i, t in enumerate(target)]
+    if not dims:
+        raise lo.error("a reshape to a scalar would drop the batch dimension")
+    head, tail = dims[0], dims[1:]
+    known = math.prod(d for d in tail if d != -1)
+    fits = head == -1 or head == lo.batch_size
+    if tail.count(-1) == 1 and known and rest_in % known == 0:
+        tail[tail.index(-1)] = rest_in // known
+    if not fits or -1 in tail or math.prod(tail) != rest_in:
+        raise lo.error(f"reshape of {_show(src)} to {target} would mix the batch dimension with others; "
+                       f"the first entry must keep the batch (0, -1 or the batch size) and the rest "
+                       f"must hold the {rest_in} values of one sample")
+    _reshape_to(lo, x, [-1, *tail], node.output[0])
+
+
+def _show(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join("N" if d == -1 else str(d) for d in shape) + ")"
 
 
 def _flatten(lo: Lowering, node: onnx.NodeProto) -> None:
     x = node.input[0]
     shape = lo.shape(x)
     axis = lo.attr("axis", 1)
-    if axis not in (1, 1 - len(shape)):
+    if (axis + len(shape) if axis < 0 else axis) != 1:
         raise lo.error(f"axis={axis} would mix the batch dimension into the features; only axis=1 is supported")
-    lo.emit(Opcode.FLATTEN, [x], node.output[0], (-1, int(np.prod(shape[1:]))), attrs={"axis": [1]})
+    _reshape_to(lo, x, [-1, math.prod(shape[1:])], node.output[0])
+
+
+def _squeeze_axes(lo: Lowering, node: onnx.NodeProto) -> list[int] | None:
+    if len(node.input) > 1 and node.input[1]:
+        return _ints(lo.const(node.input[1], "axes"))
+    axes = lo.attr("axes")
+    return None if axes is None else list(axes)
+
+
+def _squeeze(lo: Lowering, node: onnx.NodeProto) -> None:
+    x = node.input[0]
+    shape = list(lo.shape(x))
+    axes = _squeeze_axes(lo, node)
+    if axes is None:
+        axes = [i for i, d in enumerate(shape) if d == 1 and i > 0]
+    axes = {_axis(lo, a, len(shape), "axes") for a in axes}
+    for a in axes:
+        if shape[a] != 1:
+            raise lo.error(f"cannot squeeze axis {a} of size {shape[a]}")
+    _reshape_to(lo, x, [d for i, d in enumerate(shape) if i not in axes], node.output[0])
+
+
+def _unsqueeze(lo: Lowering, node: onnx.NodeProto) -> None:
+    x = node.input[0]
+    shape = list(lo.shape(x))
+    axes = _squeeze_axes(lo, node) or []
+    rank = len(shape) + len(axes)
+    for a in sorted(_axis(lo, a, rank, "axes") for a in axes):
+        shape.insert(a, 1)
+    _reshape_to(lo, x, shape, node.output[0])
+
+
+def _transpose(lo: Lowering, node: onnx.NodeProto) -> None:
+    x = node.input[0]
+    rank = len(lo.shape(x))
+    perm = list(lo.attr("perm", range(rank - 1, -1, -1)))
+    if sorted(perm) != list(range(rank)):
+        raise lo.error(f"perm {perm} is not a permutation of {rank} axes")
+    if perm[0] != 0:
+        raise lo.error(f"perm {perm} moves the batch dimension; the chip keeps dim 0 as the batch")
+    lo.emit(Opcode.TRANSPOSE, [x], node.output[0], attrs={"perm": perm})
+
+
+def _concat(lo: Lowering, node: onnx.NodeProto) -> None:
+    rank = len(lo.shape(node.input[0]))
+    axis = _axis(lo, lo.attr("axis"), rank)
+    lo.emit(Opcode.CONCAT, list(node.input), node.output[0], attrs={"axis": [axis]})
+
+
+def _slice(lo: Lowering, node: onnx.NodeProto) -> None:
+    x = node.input[0]
+    shape = lo.shape(x)
+    starts = _ints(lo.const(node.input[1], "starts"))
+    ends = _ints(lo.const(node.input[2], "ends"))
+    axes = lo.optional_const(3, "axes")
+    steps = lo.optional_const(4, "steps")
+    axes = list(range(len(starts))) if axes is None else _ints(axes)
+    steps = [1] * len(starts) if steps is None else _ints(steps)
+    # one (start, count, step) per non-batch axis; untouched axes keep everything
+    plan = {a: (0, d, 1) for a, d in enumerate(shape) if a > 0}
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        if step == 0:
+            raise lo.error("a step of 0 is not valid")
+        if axis % len(shape) == 0:
+            if start == 0 and end >= 2 ** 31 - 1 and step == 1:
+                continue  # the whole batch
+            raise lo.error("slicing the batch dimension is not supported; the chip keeps dim 0 as the batch")
+        axis = _axis(lo, axis, len(shape))
+        first, stop, step = slice(start, end, step).indices(shape[axis])
+        plan[axis] = (first, len(range(first, stop, step)), step)
+    attrs = {"starts": [plan[a][0] for a in sorted(plan)], "counts": [plan[a][1] for a in sorted(plan)],
+             "steps": [plan[a][2] for a in sorted(plan)]}
+    lo.emit(Opcode.SLICE, [x], node.output[0], attrs=attrs)
+
+
+_PAD_MODES = {"constant": 0, "reflect": 1, "edge": 2, "wrap": 3}
+
+
+def _pad(lo: Lowering, node: onnx.NodeProto) -> None:
+    x = node.input[0]
+    rank = len(lo.shape(x))
+    mode = lo.attr("mode", "constant")
+    if mode not in _PAD_MODES:
+        raise lo.error(f"mode={mode} is not supported (supported: {', '.join(_PAD_MODES)})")
+    given = _ints(lo.const(node.input[1], "pads"))
+    value = lo.optional_const(2, "constant_value")
+    axes = lo.optional_const(3, "axes")
+    axes = list(range(rank)) if axes is None else [a % rank for a in _ints(axes)]
+    if len(given) != 2 * len(axes):
+        raise lo.error(f"pads has {len(given)} values for {len(axes)} axes")
+    pads = [0] * 2 * rank
+    for i, a in enumerate(axes):
+        pads[a], pads[rank + a] = given[i], given[len(axes) + i]
+    if pads[0] or pads[rank]:
+        raise lo.error("padding the batch dimension is not supported; the chip keeps dim 0 as the batch")
+    attrs = {"pads": pads, "mode": [_PAD_MODES[mode]], "value": [float(0.0 if value is None else value)]}
+    lo.emit(Opcode.PAD, [x], node.output[0], attrs=attrs)
+
+
+def _split(lo: Lowering, node: onnx.NodeProto) -> None:
+    x = node.input[0]
+    shape = lo.shape(x)
+    axis = _axis(lo, lo.attr("axis", 0), len(shape))
+    outputs = list(node.output)
+    sizes = lo.optional_const(1, "split")
+    if sizes is None:
+        sizes = lo.attr("split")
+    if sizes is None:
+        parts = lo.attr("num_outputs", len(outputs))
+        each = -(-shape[axis] // parts)
+        sizes = [min(each, shape[axis] - i * each) for i in range(parts)]
+    sizes = _ints(sizes)
+    if sum(sizes) != shape[axis] or len(sizes) != len(outputs) or min(sizes) < 0:
+        raise lo.error(f"split sizes {sizes} do not cut axis {axis} of size {shape[axis]} into {len(outputs)}")
+    names = [o or f"{node.output[0]}/unused{i}" for i, o in enumerate(outputs)]
+    lo.emit(Opcode.SPLIT, [x], names, attrs={"axis": [axis], "sizes": sizes})
 
 
 HANDLERS: dict[str, Callable[[Lowering, onnx.NodeProto], None]] = {
+    "Conv": _conv,
     "Gemm": _gemm,
     "MatMul": _matmul,
-    "Add": _add,
-    "Relu": _relu,
+    "BatchNormalization": _batchnorm,
+    **{op: _binary for op in _BINARY},
+    "Sum": _sum,
+    **{op: _unary for op in _UNARY},
+    "Clip": _clip,
+    "MaxPool": _pool,
+    "AveragePool": _pool,
+    "GlobalAveragePool": _global_pool,
+    "GlobalMaxPool": _global_pool,
+    "Softmax": _softmax,
+    "LogSoftmax": _softmax,
+    "Identity": _identity,
+    "Dropout": _identity,
+    "Cast": _identity,
+    "Reshape": _reshape,
     "Flatten": _flatten,
+    "Squeeze": _squeeze,
+    "Unsqueeze": _unsqueeze,
+    "Transpose": _transpose,
+    "Concat": _concat,
+    "Slice": _slice,
+    "Pad": _pad,
+    "Split": _split,
 }

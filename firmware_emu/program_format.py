@@ -28,7 +28,7 @@ from construct import (Const, ConstructError, Enum, Float32l, GreedyBytes, Int8s
                        Int8ul, Int16ul, Int32sl, Int32ul, Int64sl, PascalString, Prefixed,
                        PrefixedArray, Struct)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MAGIC = b"NVCP"
 
 
@@ -37,10 +37,49 @@ class ProgramFormatError(ValueError):
 
 
 class Opcode(IntEnum):
-    MATMUL = 1     # crossbar: out = in @ W(layer)
-    ADD = 16       # out = a + b (numpy broadcasting)
-    RELU = 17      # out = max(in, 0)
-    FLATTEN = 32   # out = in reshaped to (prod(in.shape[:axis]), -1); attr axis >= 1
+    """What an instruction does; attrs are named lists of ints or floats (docs/program-format.md).
+
+    Shapes follow ONNX layout with the batch first. Numbering groups the ops by unit.
+    """
+
+    # crossbar (layer >= 0)
+    MATMUL = 1          # out = in @ W(layer) over the last axis
+    CONV = 2            # im2col convolution over layers [layer, layer+group); attrs kernel, strides,
+                        # pads (begins then ends), dilations, group
+    # digital, elementwise on two inputs with numpy broadcasting
+    ADD = 16
+    SUB = 17
+    MUL = 18
+    DIV = 19
+    PRELU = 20          # out = in if in >= 0 else slope * in  (inputs: in, slope)
+    # digital, elementwise on one input
+    RELU = 32
+    LEAKY_RELU = 33     # attr alpha
+    CLIP = 34           # attrs min, max
+    SIGMOID = 35
+    TANH = 36
+    ELU = 37            # attr alpha
+    SELU = 38           # attrs alpha, gamma
+    SOFTPLUS = 39
+    SOFTSIGN = 40
+    EXP = 41
+    NEG = 42
+    ABS = 43
+    # digital, windows and reductions
+    MAXPOOL = 64        # attrs kernel, strides, pads (ends include the ceil_mode extra), dilations
+    AVGPOOL = 65        # as MAXPOOL plus ceil_pads (the part of the end pads that is ceil_mode extra),
+                        # count_include_pad
+    GLOBAL_AVGPOOL = 66
+    GLOBAL_MAXPOOL = 67
+    SOFTMAX = 68        # attr axis
+    LOG_SOFTMAX = 69    # attr axis
+    # digital, data movement
+    RESHAPE = 80        # attr shape (batch dimension as -1)
+    TRANSPOSE = 81      # attr perm
+    CONCAT = 82         # attr axis
+    SLICE = 83          # attrs starts, counts, steps (one of each per axis)
+    PAD = 84            # attrs pads (begins then ends), mode (0 constant, 1 reflect, 2 edge, 3 wrap), value
+    SPLIT = 85          # attrs axis, sizes; one output per size
 
 
 String = PascalString(Int16ul, "utf8")
@@ -77,7 +116,7 @@ LayerStruct = Struct(
     "name" / String,
     "in_features" / Int32ul,
     "out_features" / Int32ul,
-    "scale" / Float32l,
+    "scales" / Prefixed(Int32ul, GreedyBytes),  # float32 LE: one (per tensor) or out_features
     "tiles" / PrefixedArray(Int32ul, TileStruct),
 )
 AttrStruct = Struct(
@@ -118,10 +157,16 @@ class Tile:
 
 @dataclass
 class Layer:
+    """A weight matrix on the crossbars; ``scale`` is the weight value of one level.
+
+    ``scale`` is a float (per-tensor quantisation) or a float32 array of out_features
+    values (per output channel); either multiplies an (in, out) level matrix directly.
+    """
+
     name: str
     in_features: int
     out_features: int
-    scale: float
+    scale: float | np.ndarray
     tiles: list[Tile] = field(default_factory=list)
 
 
@@ -182,7 +227,8 @@ class Program:
             constants=[dict(tensor=k, data=np.ascontiguousarray(v, dtype="<f4").tobytes())
                        for k, v in sorted(self.constants.items())],
             layers=[dict(name=l.name, in_features=l.in_features, out_features=l.out_features,
-                         scale=l.scale, tiles=[vars(t) for t in l.tiles]) for l in self.layers],
+                         scales=np.ascontiguousarray(l.scale, dtype="<f4").tobytes(),
+                         tiles=[vars(t) for t in l.tiles]) for l in self.layers],
             instructions=[dict(op=int(i.op), name=i.name, layer=i.layer, inputs=i.inputs,
                                outputs=i.outputs, attrs=[_attr(k, v) for k, v in i.attrs.items()])
                           for i in self.instructions],
@@ -266,10 +312,20 @@ def parse_code(code: bytes, header) -> Program:
         weight_bits=header.weight_bits, cell_bits=header.cell_bits,
         array_rows=header.array_rows, array_cols=header.array_cols,
         tensors=tensors, constants=constants,
-        layers=[Layer(l.name, l.in_features, l.out_features, l.scale,
+        layers=[Layer(l.name, l.in_features, l.out_features, _scale(l.scales, l.out_features, l.name),
                       [Tile(**{k: v for k, v in t.items() if not k.startswith("_")}) for t in l.tiles])
                 for l in c.layers],
         instructions=instructions, inputs=list(c.inputs), outputs=list(c.outputs))
+
+
+def _scale(data: bytes, out_features: int, name: str) -> float | np.ndarray:
+    values = np.frombuffer(data, dtype="<f4")
+    if values.size == 1:
+        return float(values[0])
+    if values.size != out_features:
+        raise ProgramFormatError(f"code section: layer '{name}' has {values.size} scales, "
+                                 f"expected 1 or {out_features}")
+    return values.astype(np.float32)
 
 
 # -- packed cell targets ------------------------------------------------------------
