@@ -69,7 +69,7 @@
 #define NVCIM_MODEL_RRAM4                        3u
 #define NVCIM_MODEL_FEFET6                       4u
 
-/* CHIP_ID (RO): Identifies the part: ASCII 'NVC1'. */
+/* CHIP_ID (RO): Identifies the part: 0x4E564331, 'NVC1' read most significant byte first. */
 #define NVCIM_CHIP_ID_OFFSET                     0x000u
 #define NVCIM_CHIP_ID_RESET                      0x4E564331u
 
@@ -86,13 +86,13 @@
 #define NVCIM_VERSION_MAJOR_WIDTH                8u
 #define NVCIM_VERSION_MAJOR_MASK                 0x00FF0000u
 
-/* CAP_ARRAYS (RO): Number of crossbar arrays on the chip. */
+/* CAP_ARRAYS (RO): Number of crossbar arrays (reset: default build). */
 #define NVCIM_CAP_ARRAYS_OFFSET                  0x008u
-#define NVCIM_CAP_ARRAYS_RESET                   0x00000000u
+#define NVCIM_CAP_ARRAYS_RESET                   0x00000100u
 
-/* CAP_GEOMETRY (RO): Size of one crossbar array. */
+/* CAP_GEOMETRY (RO): Size of one crossbar array (reset: default build). */
 #define NVCIM_CAP_GEOMETRY_OFFSET                0x00Cu
-#define NVCIM_CAP_GEOMETRY_RESET                 0x00000000u
+#define NVCIM_CAP_GEOMETRY_RESET                 0x01000100u
 #define NVCIM_CAP_GEOMETRY_ROWS_SHIFT            0u  /* word lines (inputs) per array */
 #define NVCIM_CAP_GEOMETRY_ROWS_WIDTH            16u
 #define NVCIM_CAP_GEOMETRY_ROWS_MASK             0x0000FFFFu
@@ -100,9 +100,9 @@
 #define NVCIM_CAP_GEOMETRY_COLS_WIDTH            16u
 #define NVCIM_CAP_GEOMETRY_COLS_MASK             0xFFFF0000u
 
-/* CAP_CELL (RO): Weight and cell precision the chip is built for. */
+/* CAP_CELL (RO): Weight and cell precision the chip is built for (reset: default build). */
 #define NVCIM_CAP_CELL_OFFSET                    0x010u
-#define NVCIM_CAP_CELL_RESET                     0x00000000u
+#define NVCIM_CAP_CELL_RESET                     0x00000208u
 #define NVCIM_CAP_CELL_WEIGHT_BITS_SHIFT         0u  /* M, bits per weight */
 #define NVCIM_CAP_CELL_WEIGHT_BITS_WIDTH         8u
 #define NVCIM_CAP_CELL_WEIGHT_BITS_MASK          0x000000FFu
@@ -112,38 +112,35 @@
 
 /* CAP_BUFFER (RO): Size of the host staging buffer in bytes. */
 #define NVCIM_CAP_BUFFER_OFFSET                  0x014u
-#define NVCIM_CAP_BUFFER_RESET                   0x00000000u
+#define NVCIM_CAP_BUFFER_RESET                   0x04000000u
 
 /* CAP_MAX_PAYLOAD (RO): Largest frame payload the chip accepts, in bytes. */
 #define NVCIM_CAP_MAX_PAYLOAD_OFFSET             0x018u
-#define NVCIM_CAP_MAX_PAYLOAD_RESET              0x00000000u
+#define NVCIM_CAP_MAX_PAYLOAD_RESET              0x00100000u
 
 /* CONTROL (WO): Command strobes; reads return 0. */
 #define NVCIM_CONTROL_OFFSET                     0x020u
 #define NVCIM_CONTROL_RESET                      0x00000000u
-#define NVCIM_CONTROL_SOFT_RESET_SHIFT           0u  /* 1: clear status, error, counters and loaded program; cells are kept */
+#define NVCIM_CONTROL_SOFT_RESET_SHIFT           0u  /* 1: clear status, error and counters, return every setting to its power-on value and reseed; cells and the loaded program (non-volatile) are kept */
 #define NVCIM_CONTROL_SOFT_RESET_WIDTH           1u
 #define NVCIM_CONTROL_SOFT_RESET_MASK            0x00000001u
-#define NVCIM_CONTROL_ABORT_SHIFT                1u  /* 1: abort the running operation */
-#define NVCIM_CONTROL_ABORT_WIDTH                1u
-#define NVCIM_CONTROL_ABORT_MASK                 0x00000002u
+#define NVCIM_CONTROL_START_SHIFT                1u  /* 1: run the loaded program on RUN_BATCH inputs staged in the buffer, as the RUN command does */
+#define NVCIM_CONTROL_START_WIDTH                1u
+#define NVCIM_CONTROL_START_MASK                 0x00000002u
 
 /* STATUS (RO): Chip state. */
 #define NVCIM_STATUS_OFFSET                      0x024u
 #define NVCIM_STATUS_RESET                       0x00000001u
-#define NVCIM_STATUS_READY_SHIFT                 0u  /* 1 when idle and able to accept a command */
+#define NVCIM_STATUS_READY_SHIFT                 0u  /* 1 when able to accept a command (operations complete within their command) */
 #define NVCIM_STATUS_READY_WIDTH                 1u
 #define NVCIM_STATUS_READY_MASK                  0x00000001u
-#define NVCIM_STATUS_BUSY_SHIFT                  1u  /* 1 while an operation runs */
-#define NVCIM_STATUS_BUSY_WIDTH                  1u
-#define NVCIM_STATUS_BUSY_MASK                   0x00000002u
 #define NVCIM_STATUS_PROGRAM_LOADED_SHIFT        2u  /* 1 when a program is loaded */
 #define NVCIM_STATUS_PROGRAM_LOADED_WIDTH        1u
 #define NVCIM_STATUS_PROGRAM_LOADED_MASK         0x00000004u
 #define NVCIM_STATUS_ERROR_SHIFT                 3u  /* 1 when the last command failed (see ERROR_CODE) */
 #define NVCIM_STATUS_ERROR_WIDTH                 1u
 #define NVCIM_STATUS_ERROR_MASK                  0x00000008u
-#define NVCIM_STATUS_BUS_ERROR_SHIFT             4u  /* 1 after an access to an unmapped address or a read-only register */
+#define NVCIM_STATUS_BUS_ERROR_SHIFT             4u  /* 1 after a read or write of an unmapped address or a write to a read-only register; cleared by SOFT_RESET */
 #define NVCIM_STATUS_BUS_ERROR_WIDTH             1u
 #define NVCIM_STATUS_BUS_ERROR_MASK              0x00000010u
 
@@ -155,10 +152,10 @@
 #define NVCIM_ERROR_ADDR_OFFSET                  0x02Cu
 #define NVCIM_ERROR_ADDR_RESET                   0x00000000u
 
-/* IRQ_FLAGS (W1C): Interrupt flags; write 1 to clear. */
+/* IRQ_FLAGS (W1C): Sticky event flags; write 1 to clear. */
 #define NVCIM_IRQ_FLAGS_OFFSET                   0x030u
 #define NVCIM_IRQ_FLAGS_RESET                    0x00000000u
-#define NVCIM_IRQ_FLAGS_DONE_SHIFT               0u  /* an operation finished */
+#define NVCIM_IRQ_FLAGS_DONE_SHIFT               0u  /* an operation finished (program load, cell write/erase/read, run) */
 #define NVCIM_IRQ_FLAGS_DONE_WIDTH               1u
 #define NVCIM_IRQ_FLAGS_DONE_MASK                0x00000001u
 #define NVCIM_IRQ_FLAGS_ERROR_SHIFT              1u  /* a command failed */
@@ -168,19 +165,19 @@
 #define NVCIM_IRQ_FLAGS_VERIFY_FAIL_WIDTH        1u
 #define NVCIM_IRQ_FLAGS_VERIFY_FAIL_MASK         0x00000004u
 
-/* IRQ_ENABLE (RW): Interrupt enables, same bit layout as IRQ_FLAGS. */
-#define NVCIM_IRQ_ENABLE_OFFSET                  0x034u
-#define NVCIM_IRQ_ENABLE_RESET                   0x00000000u
+/* RUN_BATCH (RW): Batch size CONTROL.START runs. */
+#define NVCIM_RUN_BATCH_OFFSET                   0x034u
+#define NVCIM_RUN_BATCH_RESET                    0x00000001u
 
 /* DEVICE_MODEL (RW): Cell variation model (DeviceModelCode). */
 #define NVCIM_DEVICE_MODEL_OFFSET                0x040u
 #define NVCIM_DEVICE_MODEL_RESET                 0x00000000u
 
-/* SIGMA (RW): Programming variation sigma, Q16.16 of g_max. */
+/* SIGMA (RW): Programming variation sigma, Q16.16 of g_max (<= 2.0). */
 #define NVCIM_SIGMA_OFFSET                       0x044u
 #define NVCIM_SIGMA_RESET                        0x00004CCDu
 
-/* READ_NOISE (RW): Read noise sigma, Q16.16 of g_max (0 = ideal read). */
+/* READ_NOISE (RW): Read noise sigma, Q16.16 of g_max, <= 2.0 (0 = ideal read). */
 #define NVCIM_READ_NOISE_OFFSET                  0x048u
 #define NVCIM_READ_NOISE_RESET                   0x00000000u
 
@@ -188,11 +185,11 @@
 #define NVCIM_SEED_OFFSET                        0x04Cu
 #define NVCIM_SEED_RESET                         0x00000000u
 
-/* VERIFY_TOL (RW): Write-verify tolerance, Q16.16 of g_max. */
+/* VERIFY_TOL (RW): Write-verify tolerance, Q16.16 of g_max (> 0). */
 #define NVCIM_VERIFY_TOL_OFFSET                  0x050u
 #define NVCIM_VERIFY_TOL_RESET                   0x00000F5Cu
 
-/* VERIFY_MAX_ITER (RW): Write-verify iteration limit per cell. */
+/* VERIFY_MAX_ITER (RW): Write-verify iteration limit per cell (0..255). */
 #define NVCIM_VERIFY_MAX_ITER_OFFSET             0x054u
 #define NVCIM_VERIFY_MAX_ITER_RESET              0x00000010u
 
@@ -203,7 +200,7 @@
 #define NVCIM_CONFIG_CLIP_WIDTH                  1u
 #define NVCIM_CONFIG_CLIP_MASK                   0x00000001u
 
-/* STUCK_RATE (RW): Fraction of cells stuck at 0 or g_max (half each), Q16.16; the map is fixed by SEED. */
+/* STUCK_RATE (RW): Fraction of cells stuck at 0 or g_max (half each), Q16.16 (<= 1.0); the map is fixed by SEED. */
 #define NVCIM_STUCK_RATE_OFFSET                  0x05Cu
 #define NVCIM_STUCK_RATE_RESET                   0x00000000u
 
@@ -223,40 +220,52 @@
 #define NVCIM_CNT_READ_PULSES_HI_OFFSET          0x10Cu
 #define NVCIM_CNT_READ_PULSES_HI_RESET           0x00000000u
 
-/* CNT_VERIFY_ITERS_LO (RO): Write-verify iterations (corrective pulses), low word. */
+/* CNT_VERIFY_ITERS_LO (RO): Write-verify corrective pulses since reset, low word. */
 #define NVCIM_CNT_VERIFY_ITERS_LO_OFFSET         0x110u
 #define NVCIM_CNT_VERIFY_ITERS_LO_RESET          0x00000000u
 
-/* CNT_VERIFY_ITERS_HI (RO): Write-verify iterations (corrective pulses), high word. */
+/* CNT_VERIFY_ITERS_HI (RO): Write-verify corrective pulses since reset, high word. */
 #define NVCIM_CNT_VERIFY_ITERS_HI_OFFSET         0x114u
 #define NVCIM_CNT_VERIFY_ITERS_HI_RESET          0x00000000u
 
-/* CNT_VERIFY_FAILS (RO): Cells left out of tolerance by write-verify. */
-#define NVCIM_CNT_VERIFY_FAILS_OFFSET            0x118u
-#define NVCIM_CNT_VERIFY_FAILS_RESET             0x00000000u
+/* CNT_VERIFY_FAILS_LO (RO): Cells left out of tolerance by write-verify since reset, low word. */
+#define NVCIM_CNT_VERIFY_FAILS_LO_OFFSET         0x118u
+#define NVCIM_CNT_VERIFY_FAILS_LO_RESET          0x00000000u
 
-/* CNT_CELLS_WRITTEN (RO): Cells programmed since reset. */
-#define NVCIM_CNT_CELLS_WRITTEN_OFFSET           0x11Cu
-#define NVCIM_CNT_CELLS_WRITTEN_RESET            0x00000000u
+/* CNT_VERIFY_FAILS_HI (RO): Cells left out of tolerance by write-verify since reset, high word. */
+#define NVCIM_CNT_VERIFY_FAILS_HI_OFFSET         0x11Cu
+#define NVCIM_CNT_VERIFY_FAILS_HI_RESET          0x00000000u
 
-/* CNT_MVM_OPS (RO): Crossbar matrix-vector operations since reset. */
-#define NVCIM_CNT_MVM_OPS_OFFSET                 0x120u
-#define NVCIM_CNT_MVM_OPS_RESET                  0x00000000u
+/* CNT_CELLS_WRITTEN_LO (RO): Cells programmed since reset, low word. */
+#define NVCIM_CNT_CELLS_WRITTEN_LO_OFFSET        0x120u
+#define NVCIM_CNT_CELLS_WRITTEN_LO_RESET         0x00000000u
+
+/* CNT_CELLS_WRITTEN_HI (RO): Cells programmed since reset, high word. */
+#define NVCIM_CNT_CELLS_WRITTEN_HI_OFFSET        0x124u
+#define NVCIM_CNT_CELLS_WRITTEN_HI_RESET         0x00000000u
+
+/* CNT_MVM_OPS_LO (RO): Crossbar matrix-vector operations (one layer, one input vector) since reset, low word. */
+#define NVCIM_CNT_MVM_OPS_LO_OFFSET              0x128u
+#define NVCIM_CNT_MVM_OPS_LO_RESET               0x00000000u
+
+/* CNT_MVM_OPS_HI (RO): Crossbar matrix-vector operations (one layer, one input vector) since reset, high word. */
+#define NVCIM_CNT_MVM_OPS_HI_OFFSET              0x12Cu
+#define NVCIM_CNT_MVM_OPS_HI_RESET               0x00000000u
 
 /* CNT_BUSY_NS_LO (RO): Modelled busy time of programming and reads, ns, low word. */
-#define NVCIM_CNT_BUSY_NS_LO_OFFSET              0x124u
+#define NVCIM_CNT_BUSY_NS_LO_OFFSET              0x130u
 #define NVCIM_CNT_BUSY_NS_LO_RESET               0x00000000u
 
 /* CNT_BUSY_NS_HI (RO): Modelled busy time of programming and reads, ns, high word. */
-#define NVCIM_CNT_BUSY_NS_HI_OFFSET              0x128u
+#define NVCIM_CNT_BUSY_NS_HI_OFFSET              0x134u
 #define NVCIM_CNT_BUSY_NS_HI_RESET               0x00000000u
 
 /* CNT_ENERGY_PJ_LO (RO): Modelled energy of programming and reads, pJ, low word. */
-#define NVCIM_CNT_ENERGY_PJ_LO_OFFSET            0x12Cu
+#define NVCIM_CNT_ENERGY_PJ_LO_OFFSET            0x138u
 #define NVCIM_CNT_ENERGY_PJ_LO_RESET             0x00000000u
 
 /* CNT_ENERGY_PJ_HI (RO): Modelled energy of programming and reads, pJ, high word. */
-#define NVCIM_CNT_ENERGY_PJ_HI_OFFSET            0x130u
+#define NVCIM_CNT_ENERGY_PJ_HI_OFFSET            0x13Cu
 #define NVCIM_CNT_ENERGY_PJ_HI_RESET             0x00000000u
 
 #endif /* NVCIM_REGS_H */

@@ -18,7 +18,7 @@ import firmware_emu  # noqa: F401  (registers the emu:// URL scheme with pyseria
 from compiler import Target
 from firmware_emu.program_format import Program, pack_cells, parse_code
 from firmware_emu.protocol import (CellMode, CellQuantity, CellsEraseArgs, CellsReadArgs,
-                                   CellsWriteArgs, CellsWriteReply, Command, IdentifyReply)
+                                   CellsWriteArgs, CellsWriteReply, Command, IdentifyReply, ProgramLoadArgs)
 from firmware_emu.registers import BY_NAME, lookup
 
 from .errors import InvalidArgument, LinkError, LinkTimeout, ProtocolError
@@ -127,7 +127,8 @@ class Device:
         return out
 
     def reset(self) -> None:
-        """Soft reset: clears status, counters and the loaded program; cells are kept."""
+        """Soft reset: clears status and counters, settings back to power-on values;
+        cells and the loaded program are non-volatile and stay."""
         self.write_register("CONTROL", 1)
 
     # -- staging buffer -------------------------------------------------------------
@@ -174,7 +175,9 @@ class Device:
         """Upload and load the code section of ``program`` (the cells are written separately)."""
         code = program.code_bytes()
         self.buffer_write(code)
-        self.link.transact(Command.PROGRAM_LOAD, struct.pack("<II", len(code), zlib.crc32(code)))
+        self.link.transact(Command.PROGRAM_LOAD, ProgramLoadArgs.build(dict(
+            length=len(code), crc=zlib.crc32(code), weight_bits=program.weight_bits, cell_bits=program.cell_bits,
+            array_rows=program.array_rows, array_cols=program.array_cols)))
 
     def fetch_program(self) -> Program:
         """The code section the chip holds (layers, tiles, instructions; no cell image)."""

@@ -40,7 +40,7 @@ class Link:
     def transact(self, command: Command, payload: bytes = b"", retries: int | None = None) -> bytes:
         """Send one command and return the chip's reply payload (``retries`` overrides the default)."""
         retries = self.retries if retries is None else retries
-        self._seq = (self._seq + 1) & 0xFFFF
+        self._seq = self._next_seq()
         frame = encode(command, self._seq, payload)
         last_problem = "no reply"
         for attempt in range(retries + 1):
@@ -69,6 +69,10 @@ class Link:
                               f"of {self.timeout:g} s on {self.port.port}")
         raise ProtocolError(f"{command.name}: gave up after {retries + 1} tries: {last_problem}")
 
+    def _next_seq(self) -> int:
+        """1..0xFFFE: 0xFFFF marks the chip's replies to frames whose header was unreadable."""
+        return self._seq % 0xFFFE + 1
+
     def _await(self, seq: int) -> Frame | str:
         """The reply to ``seq``, or a string saying why none usable arrived."""
         deadline = time.monotonic() + self.timeout
@@ -94,7 +98,7 @@ class Link:
 
     def _status_after_error(self) -> int | None:
         """STATUS register, read after a refused command so the error can carry it."""
-        self._seq = (self._seq + 1) & 0xFFFF
+        self._seq = self._next_seq()
         self.port.write(encode(Command.REG_READ, self._seq, BY_NAME["STATUS"].offset.to_bytes(4, "little")))
         reply = self._await(self._seq)
         if isinstance(reply, Frame) and not reply.is_error and len(reply.payload) == 4:

@@ -22,8 +22,9 @@ from .physics import DeviceModel, pulse_cost
 from .program_format import Program, ProgramFormatError, packed_size, parse_code, unpack_cells
 from .protocol import (FLAG_ERROR, FLAG_RESPONSE, MAX_PAYLOAD, CellMode, CellQuantity,
                        CellsEraseArgs, CellsReadArgs, CellsWriteArgs, CellsWriteReply, Command, ErrorCode, Frame,
-                       FrameError, FrameReader, IdentifyReply, encode, error_payload)
-from .registers import BY_OFFSET, CHIP_ID_VALUE, Q16, REGISTERS, VERSION_VALUE, Access, DeviceModelCode
+                       FrameError, FrameReader, IdentifyReply, ProgramLoadArgs, encode, error_payload)
+from .registers import (BY_OFFSET, CHIP_ID_VALUE, DEFAULT_BUILD, LIMITS, Q16, REGISTERS, VERSION_VALUE, Access,
+                        DeviceModelCode)
 
 
 class ChipError(Exception):
@@ -38,12 +39,12 @@ class ChipError(Exception):
 class ChipConfig:
     """Build-time parameters of a chip (what a datasheet's ordering code fixes)."""
 
-    arrays: int = 256
-    rows: int = 256
-    cols: int = 256
-    weight_bits: int = 8
-    cell_bits: int = 2
-    buffer_size: int = 64 << 20
+    arrays: int = DEFAULT_BUILD["arrays"]
+    rows: int = DEFAULT_BUILD["rows"]
+    cols: int = DEFAULT_BUILD["cols"]
+    weight_bits: int = DEFAULT_BUILD["weight_bits"]
+    cell_bits: int = DEFAULT_BUILD["cell_bits"]
+    buffer_size: int = DEFAULT_BUILD["buffer_size"]
     # power-on values of the settings registers
     sigma: float = 0.3
     seed: int = 0
@@ -58,8 +59,11 @@ class ChipConfig:
         for name in ("arrays", "rows", "cols"):
             if not 0 < getattr(self, name) <= 0xFFFF:
                 raise ValueError(f"{name}={getattr(self, name)} must be in 1..65535")
-        if not 0 <= self.sigma < 0x7FFF:
-            raise ValueError(f"sigma={self.sigma} must be >= 0")
+        for name in ("sigma", "read_noise"):
+            if not 0 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 2] (units of g_max)")
+        if not 0 <= self.stuck_rate <= 1:
+            raise ValueError(f"stuck_rate={self.stuck_rate} must be in [0, 1]")
 
     @classmethod
     def parse_options(cls, options: dict[str, str]) -> dict:
@@ -95,7 +99,7 @@ class ChipConfig:
 
 GEOMETRY = ("arrays", "rows", "cols", "weight_bits", "cell_bits", "buffer_size")
 
-_COUNTERS = ("write_pulses", "read_pulses", "verify_iterations")
+COUNTERS = tuple(r.name[4:-3].lower() for r in REGISTERS if r.name.startswith("CNT_") and r.name.endswith("_LO"))
 
 
 class Chip:
@@ -107,7 +111,7 @@ class Chip:
         self.image = image
         self.program_code: bytes | None = None
         self._reader = FrameReader(MAX_PAYLOAD)
-        self._last: tuple[int, int, bytes] | None = None  # (seq, payload crc, reply)
+        self._last: tuple[tuple[int, int, int], bytes] | None = None  # ((seq, command, payload crc), reply)
         self._weights_cache: dict[int, tuple[int, np.ndarray]] = {}
         self.power_on()
 
@@ -160,8 +164,7 @@ class Chip:
             CAP_MAX_PAYLOAD=MAX_PAYLOAD, SIGMA=round(c.sigma * Q16), SEED=c.seed & 0xFFFFFFFF,
             DEVICE_MODEL=int(c.model), READ_NOISE=round(c.read_noise * Q16), CONFIG=int(c.clip),
             STUCK_RATE=round(c.stuck_rate * Q16))
-        self.counters = {name: 0 for name in _COUNTERS}
-        self.counters.update(verify_failures=0, cells_written=0, mvm_ops=0, busy_ns=0, energy_pj=0)
+        self.counters = {name: 0 for name in COUNTERS}
         self.program: Program | None = self._parse_program(self.program_code) if self.program_code else None
         self._weights_cache.clear()
         self.rng = np.random.default_rng(self.regs["SEED"])
@@ -190,12 +193,7 @@ class Chip:
         return self.regs[name]
 
     def _counter(self, name: str) -> int:
-        key = {"WRITE_PULSES": "write_pulses", "READ_PULSES": "read_pulses",
-               "VERIFY_ITERS": "verify_iterations", "VERIFY_FAILS": "verify_failures",
-               "CELLS_WRITTEN": "cells_written", "MVM_OPS": "mvm_ops", "BUSY_NS": "busy_ns",
-               "ENERGY_PJ": "energy_pj"}
-        base = name[4:].removesuffix("_LO").removesuffix("_HI")
-        value = self.counters[key[base]]
+        value = self.counters[name[4:-3].lower()]
         return (value >> 32) & 0xFFFFFFFF if name.endswith("_HI") else value & 0xFFFFFFFF
 
     def write_register(self, addr: int, value: int) -> None:
@@ -210,13 +208,24 @@ class Chip:
         elif name == "CONTROL":
             if value & 1:
                 self.power_on()
+            if value & 2:
+                self._run(self.regs["RUN_BATCH"])
         else:
-            if name == "DEVICE_MODEL" and value not in DeviceModelCode._value2member_map_:
-                raise ChipError(ErrorCode.BAD_ARGUMENT, f"DEVICE_MODEL value {value} is not a device model "
-                                f"({', '.join(f'{m.value}={m.name}' for m in DeviceModelCode)})")
+            self._check_setting(name, value)
             self.regs[name] = value
             if name == "SEED":
                 self.rng = np.random.default_rng(value)
+
+    def _check_setting(self, name: str, value: int) -> None:
+        problem = None
+        if name == "DEVICE_MODEL" and value not in DeviceModelCode._value2member_map_:
+            problem = f"is not a device model ({', '.join(f'{m.value}={m.name}' for m in DeviceModelCode)})"
+        elif name in LIMITS and value > LIMITS[name]:
+            problem = f"exceeds the maximum {LIMITS[name]}"
+        elif name in ("VERIFY_TOL", "RUN_BATCH") and value == 0:
+            problem = "must be > 0"
+        if problem:
+            raise ChipError(ErrorCode.BAD_ARGUMENT, f"{name} value {value} {problem}; register unchanged")
 
     def _bus_error(self, addr: int, code: ErrorCode, message: str):
         self.regs["STATUS"] |= 0x10
@@ -230,16 +239,19 @@ class Chip:
         for item in self._reader.feed(data):
             if isinstance(item, FrameError):
                 seq = 0xFFFF if item.seq is None else item.seq
-                replies.append(encode(0, seq, error_payload(item.code, str(item)), FLAG_RESPONSE | FLAG_ERROR))
+                replies.append(encode(item.command, seq, error_payload(item.code, str(item)),
+                                      FLAG_RESPONSE | FLAG_ERROR))
             else:
                 replies.append(self._handle_frame(item))
         return b"".join(replies)
 
     def _handle_frame(self, frame: Frame) -> bytes:
-        key = (frame.seq, zlib.crc32(frame.payload) ^ frame.command)
-        if self._last is not None and self._last[:2] == key:
-            return self._last[2]
+        key = (frame.seq, frame.command, zlib.crc32(frame.payload))
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
         try:
+            if frame.flags & FLAG_RESPONSE:
+                raise ChipError(ErrorCode.BAD_ARGUMENT, "frame has the RESPONSE flag set: the chip takes requests only")
             code_before = self.program_code
             payload = self.execute(frame.command, frame.payload)
             if self.image is not None and (self.cells.dirty or self.program_code is not code_before):
@@ -255,7 +267,7 @@ class Chip:
             self.regs["ERROR_CODE"] = int(e.code)
             self.regs["IRQ_FLAGS"] |= 0b10
             reply = encode(frame.command, frame.seq, error_payload(e.code, str(e)), FLAG_RESPONSE | FLAG_ERROR)
-        self._last = (*key, reply)
+        self._last = (key, reply)
         return reply
 
     def execute(self, command: int, payload: bytes) -> bytes:
@@ -274,6 +286,7 @@ class Chip:
         return payload
 
     def _identify(self, payload: bytes) -> bytes:
+        _expect_empty("IDENTIFY", payload)
         c = self.config
         return IdentifyReply.build(dict(chip_id=CHIP_ID_VALUE, version=VERSION_VALUE, arrays=c.arrays,
                                         rows=c.rows, cols=c.cols, weight_bits=c.weight_bits,
@@ -307,16 +320,24 @@ class Chip:
         return bytes(self.buffer[self._buffer_range(offset, length)])
 
     def _program_load(self, payload: bytes) -> bytes:
-        length, crc = struct.unpack("<II", payload)
-        code = bytes(self.buffer[self._buffer_range(0, length)])
-        if zlib.crc32(code) != crc:
-            raise ChipError(ErrorCode.BAD_PROGRAM, f"code section CRC mismatch over {length} staged bytes")
+        args = ProgramLoadArgs.parse(payload) if len(payload) == ProgramLoadArgs.sizeof() else \
+            _bad_len("PROGRAM_LOAD", payload, ProgramLoadArgs)
+        c = self.config
+        built = (args.weight_bits, args.cell_bits, args.array_rows, args.array_cols)
+        if built != (c.weight_bits, c.cell_bits, c.rows, c.cols):
+            raise ChipError(ErrorCode.BAD_PROGRAM, f"program compiled for M={built[0]}, K={built[1]}, arrays of "
+                            f"{built[2]}x{built[3]}; this chip has M={c.weight_bits}, K={c.cell_bits}, "
+                            f"arrays of {c.rows}x{c.cols}")
+        code = bytes(self.buffer[self._buffer_range(0, args.length)])
+        if zlib.crc32(code) != args.crc:
+            raise ChipError(ErrorCode.BAD_PROGRAM, f"code section CRC mismatch over {args.length} staged bytes")
         program = self._parse_program(code)
         problem = self._check_placement(program)
         if problem:
             raise ChipError(ErrorCode.BAD_PROGRAM, problem)
         self.program, self.program_code = program, code
         self._weights_cache.clear()
+        self._done()
         return b""
 
     def _parse_program(self, code: bytes) -> Program:
@@ -329,6 +350,7 @@ class Chip:
             raise ChipError(ErrorCode.BAD_PROGRAM, str(e)) from None
 
     def _program_fetch(self, payload: bytes) -> bytes:
+        _expect_empty("PROGRAM_FETCH", payload)
         if self.program_code is None:
             raise ChipError(ErrorCode.NO_PROGRAM, "PROGRAM_FETCH: no program loaded")
         code = self.program_code
@@ -380,13 +402,16 @@ class Chip:
         c = self.counters
         c["write_pulses"] += stats.write_pulses
         c["read_pulses"] += stats.read_pulses
-        c["verify_iterations"] += stats.verify_iterations
-        c["verify_failures"] += stats.verify_failures
+        c["verify_iters"] += stats.verify_iterations
+        c["verify_fails"] += stats.verify_failures
         c["cells_written"] += stats.cells
         busy, energy = pulse_cost(stats.write_pulses, stats.read_pulses)
         c["busy_ns"] += busy
         c["energy_pj"] += energy
-        self.regs["IRQ_FLAGS"] |= 0b1 | (0b100 if stats.verify_failures else 0)
+        self._done(0b100 if stats.verify_failures else 0)
+
+    def _done(self, extra_flags: int = 0) -> None:
+        self.regs["IRQ_FLAGS"] |= 0b1 | extra_flags
 
     def _cells_read(self, payload: bytes) -> bytes:
         args = CellsReadArgs.parse(payload) if len(payload) == CellsReadArgs.sizeof() else _bad_len("CELLS_READ", payload, CellsReadArgs)
@@ -398,8 +423,7 @@ class Chip:
             raise ChipError(ErrorCode.BAD_ARGUMENT, f"CELLS_READ: quantity {args.quantity} is not 0, 1 or 2")
         span = self._buffer_range(0, r.height * r.width * 4)
         values = self.cells.read(r.array, r.row, r.col, r.height, r.width, args.quantity, self.device, self.rng)
-        if args.quantity == CellQuantity.CONDUCTANCE:
-            self._account(ProgramStats(read_pulses=r.height * r.width))
+        self._account(ProgramStats(read_pulses=r.height * r.width if args.quantity == CellQuantity.CONDUCTANCE else 0))
         self.buffer[span] = np.ascontiguousarray(values, dtype="<f4").tobytes()
         return struct.pack("<I", span.stop)
 
@@ -413,34 +437,45 @@ class Chip:
             if where:
                 raise ChipError(ErrorCode.BAD_ADDRESS, f"CELLS_ERASE: {where}")
         self.cells.erase(r.array, args.arrays, r.row, r.col, r.height, r.width)
+        self._done()
         return b""
 
-    def _run(self, payload: bytes) -> bytes:
+    def _run_command(self, payload: bytes) -> bytes:
         batch, = struct.unpack("<I", payload)
+        return self._run(batch)
+
+    def _run(self, batch: int) -> bytes:
+        """Run the loaded program on ``batch`` staged inputs; outputs replace them in the buffer.
+
+        Returns the output count and shapes (the RUN reply). Sizes are checked before
+        anything is read or written, so a refused run leaves the buffer as it was.
+        """
         program = self.program
         if program is None:
             raise ChipError(ErrorCode.NO_PROGRAM, "RUN: no program loaded (PROGRAM_LOAD first)")
-        if batch == 0:
-            raise ChipError(ErrorCode.BAD_ARGUMENT, "RUN: batch size 0")
-        feeds, offset = [], 0
-        for tid in program.inputs:
-            shape = (batch, *program.tensors[tid].shape[1:])
-            n = int(np.prod(shape)) * 4
-            feeds.append(np.frombuffer(self.buffer, dtype="<f4", count=n // 4, offset=offset).reshape(shape))
-            offset = self._buffer_range(offset, n).stop
+        if not 0 < batch <= LIMITS["RUN_BATCH"]:
+            raise ChipError(ErrorCode.BAD_ARGUMENT, f"RUN: batch size {batch} outside 1..{LIMITS['RUN_BATCH']}")
+        shapes = [(batch, *program.tensors[tid].shape[1:]) for tid in program.inputs]
+        sizes = [4 * int(np.prod(shape)) for shape in shapes]
+        if sum(sizes) > len(self.buffer):
+            raise ChipError(ErrorCode.BAD_ADDRESS, f"RUN: {sum(sizes)} bytes of inputs for batch {batch} exceed "
+                            f"the {len(self.buffer)}-byte staging buffer")
+        offsets = np.cumsum([0, *sizes])
+        feeds = [np.frombuffer(self.buffer, dtype="<f4", count=n // 4, offset=int(o)).reshape(shape)
+                 for shape, n, o in zip(shapes, sizes, offsets)]
         try:
             outputs = executor.run(program, feeds, self._layer_weights)
         except executor.ExecutionError as e:
             raise ChipError(ErrorCode.BAD_ARGUMENT, f"RUN: {e}") from None
-        reply, offset = [struct.pack("<B", len(outputs))], 0
-        for out in outputs:
-            data = np.ascontiguousarray(out, dtype="<f4").tobytes()
-            span = self._buffer_range(offset, len(data))
-            self.buffer[span] = data
-            offset = span.stop
-            reply.append(struct.pack(f"<B{out.ndim}I", out.ndim, *out.shape))
+        data = b"".join(np.ascontiguousarray(out, dtype="<f4").tobytes() for out in outputs)
+        if len(data) > len(self.buffer):
+            raise ChipError(ErrorCode.BAD_ADDRESS, f"RUN: {len(data)} bytes of outputs for batch {batch} exceed "
+                            f"the {len(self.buffer)}-byte staging buffer")
+        self.buffer[:len(data)] = data
         self.counters["mvm_ops"] += batch * sum(1 for i in program.instructions if i.layer >= 0)
-        return b"".join(reply)
+        self._done()
+        return struct.pack("<B", len(outputs)) + b"".join(struct.pack(f"<B{o.ndim}I", o.ndim, *o.shape)
+                                                           for o in outputs)
 
     def _layer_weights(self, index: int) -> np.ndarray:
         """Effective weights of a layer from the programmed conductances, cached per cell generation."""
@@ -466,8 +501,13 @@ class Chip:
         Command.BUF_WRITE: _buf_write, Command.BUF_READ: _buf_read,
         Command.PROGRAM_LOAD: _program_load, Command.PROGRAM_FETCH: _program_fetch,
         Command.CELLS_WRITE: _cells_write, Command.CELLS_READ: _cells_read, Command.CELLS_ERASE: _cells_erase,
-        Command.RUN: _run,
+        Command.RUN: _run_command,
     }
+
+
+def _expect_empty(name: str, payload: bytes) -> None:
+    if payload:
+        raise ChipError(ErrorCode.BAD_LENGTH, f"{name}: takes no payload, got {len(payload)} bytes")
 
 
 def _bad_len(name: str, payload: bytes, struct_) -> None:

@@ -72,15 +72,16 @@ class CellArrays:
         sel = np.ones(targets.shape, dtype=bool) if mask is None else mask
         t = targets[sel]
         stuck_sel = None if stuck is None else stuck[sl[1:]][sel]
+        # read-after-write: the last read of each cell is its captured deviation
         if verify:
             res = write_verify(model, t, tol, max_iter, rng, stuck_sel)
-            g, pulses = res.g, int(res.pulses.sum())
+            g, seen, pulses = res.g, res.last_read, int(res.pulses.sum())
             stats = ProgramStats(t.size, pulses, int(res.reads.sum()), pulses - t.size, int(res.failed.sum()))
         else:
             g = model.pulse(t, rng, stuck_sel)
+            seen = model.read(g, rng)
             stats = ProgramStats(t.size, t.size, t.size)
-        # read-after-write: the last read of each cell is its captured deviation
-        captured = model.read(g, rng) - t.astype(np.float32)
+        captured = seen - t.astype(np.float32)
         self.g[sl][sel] = g
         self.noise[sl][sel] = captured
         self.target[sl][sel] = t

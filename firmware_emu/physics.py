@@ -105,6 +105,7 @@ class VerifyResult:
     g: np.ndarray           # final conductances
     pulses: np.ndarray      # write pulses per cell (first pulse included)
     reads: np.ndarray       # verify reads per cell
+    last_read: np.ndarray   # what each cell's last verify read returned (its captured value)
     failed: np.ndarray      # bool, cells still out of tolerance after max_iter
 
 
@@ -122,8 +123,11 @@ def write_verify(model: DeviceModel, targets: np.ndarray, tol: float, max_iter: 
     pulses = np.ones(t.shape, dtype=np.int32)
     reads = np.zeros(t.shape, dtype=np.int32)
     pending = np.arange(t.size)
+    last_read = np.empty_like(g)
     for round_ in range(max_iter + 1):
-        err = t[pending] - model.read(g[pending], rng)
+        seen = model.read(g[pending], rng)
+        last_read[pending] = seen
+        err = t[pending] - seen
         reads[pending] += 1
         out = np.abs(err) > tol * g_max
         pending, err = pending[out], err[out]
@@ -136,4 +140,5 @@ def write_verify(model: DeviceModel, targets: np.ndarray, tol: float, max_iter: 
     failed = np.zeros(t.shape, dtype=bool)
     failed[pending] = True
     shape = targets.shape
-    return VerifyResult(g.reshape(shape), pulses.reshape(shape), reads.reshape(shape), failed.reshape(shape))
+    return VerifyResult(g.reshape(shape), pulses.reshape(shape), reads.reshape(shape), last_read.reshape(shape),
+                        failed.reshape(shape))

@@ -51,7 +51,7 @@ class Command(IntEnum):
     REG_WRITE = 0x11     # u32 addr, u32 value
     BUF_WRITE = 0x20     # u32 offset, data: copy data into the staging buffer
     BUF_READ = 0x21      # u32 offset, u32 length -> data
-    PROGRAM_LOAD = 0x30  # u32 length, u32 crc32: load the code section from the buffer
+    PROGRAM_LOAD = 0x30  # ProgramLoadArgs: load the code section staged in the buffer
     PROGRAM_FETCH = 0x31  # -> u32 length, u32 crc32: the loaded code section, copied into the buffer
     CELLS_WRITE = 0x40   # CellRegion, u8 mode, u8 masked: targets (+ mask) from the buffer
     CELLS_READ = 0x41    # CellRegion, u8 quantity: float32 values into the buffer
@@ -93,17 +93,20 @@ CellsWriteReply = Struct("cells" / Int32ul, "write_pulses" / Int32ul, "read_puls
                          "verify_failures" / Int32ul)
 CellsReadArgs = Struct("region" / CellRegion, "quantity" / Int8ul)
 CellsEraseArgs = Struct("region" / CellRegion, "arrays" / Int32ul)
+ProgramLoadArgs = Struct("length" / Int32ul, "crc" / Int32ul, "weight_bits" / Int8ul, "cell_bits" / Int8ul,
+                         "array_rows" / Int32ul, "array_cols" / Int32ul)
 IdentifyReply = Struct("chip_id" / Int32ul, "version" / Int32ul, "arrays" / Int32ul,
                        "rows" / Int32ul, "cols" / Int32ul, "weight_bits" / Int8ul,
                        "cell_bits" / Int8ul, "buffer_size" / Int32ul, "max_payload" / Int32ul)
 
 
 class FrameError(Exception):
-    """A frame arrived damaged; carries the error code and, when known, the sequence number."""
+    """A frame arrived damaged; carries the error code and, when its header was sound,
+    the sequence number and command (else None and 0)."""
 
-    def __init__(self, code: ErrorCode, seq: int | None, message: str):
+    def __init__(self, code: ErrorCode, seq: int | None, message: str, command: int = 0):
         super().__init__(message)
-        self.code, self.seq = code, seq
+        self.code, self.seq, self.command = code, seq, command
 
 
 @dataclass
@@ -175,7 +178,7 @@ class FrameReader:
                 continue
             if h.length > self.max_payload:
                 out.append(FrameError(ErrorCode.FRAME_TOO_LARGE, h.seq,
-                                      f"payload of {h.length} bytes exceeds the maximum {self.max_payload}"))
+                                      f"payload of {h.length} bytes exceeds the maximum {self.max_payload}", h.command))
                 pos += HEADER_SIZE
                 continue
             end = pos + HEADER_SIZE + h.length + TRAILER_SIZE
@@ -183,7 +186,7 @@ class FrameReader:
                 break
             payload = bytes(buf[pos + HEADER_SIZE:end - TRAILER_SIZE])
             if zlib.crc32(payload) != int.from_bytes(buf[end - TRAILER_SIZE:end], "little"):
-                out.append(FrameError(ErrorCode.BAD_CRC, h.seq, f"payload CRC mismatch in frame seq {h.seq}"))
+                out.append(FrameError(ErrorCode.BAD_CRC, h.seq, f"payload CRC mismatch in frame seq {h.seq}", h.command))
             else:
                 out.append(Frame(h.command, h.seq, payload, h.flags))
             pos = end

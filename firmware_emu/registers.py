@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from .protocol import MAX_PAYLOAD
+
 
 class Access(str, Enum):
     RO = "RO"    # read only; a write is a bus error
@@ -59,68 +61,83 @@ class DeviceModelCode(int, Enum):
     FEFET6 = 4
 
 
+# The default build: CAP_* registers read these unless the chip is built otherwise.
+DEFAULT_BUILD = dict(arrays=256, rows=256, cols=256, weight_bits=8, cell_bits=2, buffer_size=64 << 20)
+
+
+def _counter64(name: str, offset: int, description: str) -> tuple[Register, Register]:
+    """A 64-bit counter as two registers; read LO first, then HI."""
+    return (Register(f"CNT_{name}_LO", offset, Access.RO, 0, f"{description}, low word."),
+            Register(f"CNT_{name}_HI", offset + 4, Access.RO, 0, f"{description}, high word."))
+
+
+_B = DEFAULT_BUILD
 REGISTERS: tuple[Register, ...] = (
-    Register("CHIP_ID", 0x000, Access.RO, CHIP_ID_VALUE, "Identifies the part: ASCII 'NVC1'."),
+    Register("CHIP_ID", 0x000, Access.RO, CHIP_ID_VALUE,
+             "Identifies the part: 0x4E564331, 'NVC1' read most significant byte first."),
     Register("VERSION", 0x004, Access.RO, VERSION_VALUE, "Silicon / firmware revision.", (
         Field("PATCH", 0, 8, "patch level"),
         Field("MINOR", 8, 8, "minor revision"),
         Field("MAJOR", 16, 8, "major revision"),
     )),
-    Register("CAP_ARRAYS", 0x008, Access.RO, 0, "Number of crossbar arrays on the chip."),
-    Register("CAP_GEOMETRY", 0x00C, Access.RO, 0, "Size of one crossbar array.", (
+    Register("CAP_ARRAYS", 0x008, Access.RO, _B["arrays"], "Number of crossbar arrays (reset: default build)."),
+    Register("CAP_GEOMETRY", 0x00C, Access.RO, _B["rows"] | _B["cols"] << 16,
+             "Size of one crossbar array (reset: default build).", (
         Field("ROWS", 0, 16, "word lines (inputs) per array"),
         Field("COLS", 16, 16, "bit lines (outputs) per array"),
     )),
-    Register("CAP_CELL", 0x010, Access.RO, 0, "Weight and cell precision the chip is built for.", (
+    Register("CAP_CELL", 0x010, Access.RO, _B["weight_bits"] | _B["cell_bits"] << 8,
+             "Weight and cell precision the chip is built for (reset: default build).", (
         Field("WEIGHT_BITS", 0, 8, "M, bits per weight"),
         Field("CELL_BITS", 8, 8, "K, bits per cell"),
     )),
-    Register("CAP_BUFFER", 0x014, Access.RO, 0, "Size of the host staging buffer in bytes."),
-    Register("CAP_MAX_PAYLOAD", 0x018, Access.RO, 0, "Largest frame payload the chip accepts, in bytes."),
+    Register("CAP_BUFFER", 0x014, Access.RO, _B["buffer_size"], "Size of the host staging buffer in bytes."),
+    Register("CAP_MAX_PAYLOAD", 0x018, Access.RO, MAX_PAYLOAD, "Largest frame payload the chip accepts, in bytes."),
     Register("CONTROL", 0x020, Access.WO, 0, "Command strobes; reads return 0.", (
-        Field("SOFT_RESET", 0, 1, "1: clear status, error, counters and loaded program; cells are kept"),
-        Field("ABORT", 1, 1, "1: abort the running operation"),
+        Field("SOFT_RESET", 0, 1, "1: clear status, error and counters, return every setting to its power-on "
+                                  "value and reseed; cells and the loaded program (non-volatile) are kept"),
+        Field("START", 1, 1, "1: run the loaded program on RUN_BATCH inputs staged in the buffer, "
+                             "as the RUN command does"),
     )),
     Register("STATUS", 0x024, Access.RO, 0x1, "Chip state.", (
-        Field("READY", 0, 1, "1 when idle and able to accept a command"),
-        Field("BUSY", 1, 1, "1 while an operation runs"),
+        Field("READY", 0, 1, "1 when able to accept a command (operations complete within their command)"),
         Field("PROGRAM_LOADED", 2, 1, "1 when a program is loaded"),
         Field("ERROR", 3, 1, "1 when the last command failed (see ERROR_CODE)"),
-        Field("BUS_ERROR", 4, 1, "1 after an access to an unmapped address or a read-only register"),
+        Field("BUS_ERROR", 4, 1, "1 after a read or write of an unmapped address or a write to a read-only "
+                                 "register; cleared by SOFT_RESET"),
     )),
     Register("ERROR_CODE", 0x028, Access.RO, 0, "Error code of the last failed command (protocol.ErrorCode)."),
     Register("ERROR_ADDR", 0x02C, Access.RO, 0, "Address of the last bus error."),
-    Register("IRQ_FLAGS", 0x030, Access.W1C, 0, "Interrupt flags; write 1 to clear.", (
-        Field("DONE", 0, 1, "an operation finished"),
+    Register("IRQ_FLAGS", 0x030, Access.W1C, 0, "Sticky event flags; write 1 to clear.", (
+        Field("DONE", 0, 1, "an operation finished (program load, cell write/erase/read, run)"),
         Field("ERROR", 1, 1, "a command failed"),
         Field("VERIFY_FAIL", 2, 1, "write-verify left at least one cell out of tolerance"),
     )),
-    Register("IRQ_ENABLE", 0x034, Access.RW, 0, "Interrupt enables, same bit layout as IRQ_FLAGS."),
-    Register("DEVICE_MODEL", 0x040, Access.RW, DeviceModelCode.GAUSSIAN, "Cell variation model (DeviceModelCode)."),
-    Register("SIGMA", 0x044, Access.RW, round(0.3 * Q16), "Programming variation sigma, Q16.16 of g_max."),
-    Register("READ_NOISE", 0x048, Access.RW, 0, "Read noise sigma, Q16.16 of g_max (0 = ideal read)."),
+    Register("RUN_BATCH", 0x034, Access.RW, 1, "Batch size CONTROL.START runs."),
+    Register("DEVICE_MODEL", 0x040, Access.RW, int(DeviceModelCode.GAUSSIAN), "Cell variation model (DeviceModelCode)."),
+    Register("SIGMA", 0x044, Access.RW, round(0.3 * Q16), "Programming variation sigma, Q16.16 of g_max (<= 2.0)."),
+    Register("READ_NOISE", 0x048, Access.RW, 0, "Read noise sigma, Q16.16 of g_max, <= 2.0 (0 = ideal read)."),
     Register("SEED", 0x04C, Access.RW, 0, "Seed of the chip's random processes; writing it reseeds."),
-    Register("VERIFY_TOL", 0x050, Access.RW, round(0.06 * Q16), "Write-verify tolerance, Q16.16 of g_max."),
-    Register("VERIFY_MAX_ITER", 0x054, Access.RW, 16, "Write-verify iteration limit per cell."),
+    Register("VERIFY_TOL", 0x050, Access.RW, round(0.06 * Q16), "Write-verify tolerance, Q16.16 of g_max (> 0)."),
+    Register("VERIFY_MAX_ITER", 0x054, Access.RW, 16, "Write-verify iteration limit per cell (0..255)."),
     Register("CONFIG", 0x058, Access.RW, 0, "Cell model options.", (
         Field("CLIP", 0, 1, "1: programmed conductances are clipped to [0, g_max]"),
     )),
     Register("STUCK_RATE", 0x05C, Access.RW, 0,
-             "Fraction of cells stuck at 0 or g_max (half each), Q16.16; the map is fixed by SEED."),
-    Register("CNT_WRITE_PULSES_LO", 0x100, Access.RO, 0, "Write pulses issued since reset, low word."),
-    Register("CNT_WRITE_PULSES_HI", 0x104, Access.RO, 0, "Write pulses issued since reset, high word."),
-    Register("CNT_READ_PULSES_LO", 0x108, Access.RO, 0, "Read pulses issued since reset, low word."),
-    Register("CNT_READ_PULSES_HI", 0x10C, Access.RO, 0, "Read pulses issued since reset, high word."),
-    Register("CNT_VERIFY_ITERS_LO", 0x110, Access.RO, 0, "Write-verify iterations (corrective pulses), low word."),
-    Register("CNT_VERIFY_ITERS_HI", 0x114, Access.RO, 0, "Write-verify iterations (corrective pulses), high word."),
-    Register("CNT_VERIFY_FAILS", 0x118, Access.RO, 0, "Cells left out of tolerance by write-verify."),
-    Register("CNT_CELLS_WRITTEN", 0x11C, Access.RO, 0, "Cells programmed since reset."),
-    Register("CNT_MVM_OPS", 0x120, Access.RO, 0, "Crossbar matrix-vector operations since reset."),
-    Register("CNT_BUSY_NS_LO", 0x124, Access.RO, 0, "Modelled busy time of programming and reads, ns, low word."),
-    Register("CNT_BUSY_NS_HI", 0x128, Access.RO, 0, "Modelled busy time of programming and reads, ns, high word."),
-    Register("CNT_ENERGY_PJ_LO", 0x12C, Access.RO, 0, "Modelled energy of programming and reads, pJ, low word."),
-    Register("CNT_ENERGY_PJ_HI", 0x130, Access.RO, 0, "Modelled energy of programming and reads, pJ, high word."),
+             "Fraction of cells stuck at 0 or g_max (half each), Q16.16 (<= 1.0); the map is fixed by SEED."),
+    *_counter64("WRITE_PULSES", 0x100, "Write pulses issued since reset"),
+    *_counter64("READ_PULSES", 0x108, "Read pulses issued since reset"),
+    *_counter64("VERIFY_ITERS", 0x110, "Write-verify corrective pulses since reset"),
+    *_counter64("VERIFY_FAILS", 0x118, "Cells left out of tolerance by write-verify since reset"),
+    *_counter64("CELLS_WRITTEN", 0x120, "Cells programmed since reset"),
+    *_counter64("MVM_OPS", 0x128, "Crossbar matrix-vector operations (one layer, one input vector) since reset"),
+    *_counter64("BUSY_NS", 0x130, "Modelled busy time of programming and reads, ns"),
+    *_counter64("ENERGY_PJ", 0x138, "Modelled energy of programming and reads, pJ"),
 )
+
+# Writable settings and the largest value each accepts (a write above it is BAD_ARGUMENT).
+LIMITS: dict[str, int] = {"SIGMA": 2 * Q16, "READ_NOISE": 2 * Q16, "VERIFY_MAX_ITER": 255, "STUCK_RATE": Q16,
+                          "RUN_BATCH": 1 << 20}
 
 BY_NAME: dict[str, Register] = {r.name: r for r in REGISTERS}
 BY_OFFSET: dict[int, Register] = {r.offset: r for r in REGISTERS}

@@ -6,7 +6,7 @@ import pytest
 import driver
 from compiler import Target, compile_model
 from firmware_emu.executor import effective_weights
-from firmware_emu.protocol import CellQuantity, ErrorCode
+from firmware_emu.protocol import CellQuantity, Command, ErrorCode
 from firmware_emu.registers import CHIP_ID_VALUE
 from tests.conftest import export_mlp
 
@@ -104,3 +104,46 @@ def test_soft_reset_keeps_cells_clears_counters():
         dev.reset()
         assert dev.counters()["write_pulses"] == 0
         assert (dev.read_cells(0, 0, 0, 8, 8) == 2).all()
+
+
+def test_settings_out_of_range_are_refused_and_kept():
+    with driver.open("emu://") as dev:
+        for name, value, why in (("VERIFY_MAX_ITER", 1000, "exceeds the maximum 255"),
+                                 ("VERIFY_TOL", 0, "must be > 0"),
+                                 ("DEVICE_MODEL", 9, "is not a device model"),
+                                 ("STUCK_RATE", 2 << 16, "exceeds the maximum")):
+            before = dev.read_register(name)
+            with pytest.raises(driver.DeviceError, match=f"{name} value {value} {why}") as e:
+                dev.write_register(name, value)
+            assert e.value.code == ErrorCode.BAD_ARGUMENT
+            assert dev.read_register(name) == before
+
+
+def test_register_level_run_matches_the_run_command(mlp_path, batch):
+    with driver.load(mlp_path, device="emu://?sigma=0.2&seed=3") as sess:
+        dev = sess.device
+        expected, = dev.run([batch])
+        dev.buffer_write(batch.tobytes())
+        dev.write_register("RUN_BATCH", len(batch))
+        dev.write_register("CONTROL", 0b10)  # START
+        got = np.frombuffer(dev.buffer_read(expected.nbytes), dtype="<f4").reshape(expected.shape)
+        assert np.array_equal(got, expected)
+        assert dev.read_register("IRQ_FLAGS") & 1  # DONE
+        assert dev.counters()["mvm_ops"] == 2 * 2 * len(batch)
+
+
+def test_program_for_another_geometry_is_refused(mlp_path):
+    program = compile_model(mlp_path, Target(rows=128))
+    with driver.open("emu://") as dev:
+        with pytest.raises(driver.DeviceError, match="arrays of 128x256; this chip has .* arrays of 256x256"):
+            dev.load_code(program)
+        assert not dev.read_register("STATUS") & 0b100  # no program loaded
+
+
+def test_run_larger_than_the_buffer_is_refused_before_touching_it(mlp_path):
+    with driver.load(mlp_path, device="emu://?buffer_size=65536") as sess:
+        dev = sess.device
+        dev.buffer_write(b"\x01" * 16)
+        with pytest.raises(driver.DeviceError, match="exceed the 65536-byte staging buffer"):
+            dev.link.transact(Command.RUN, (1000).to_bytes(4, "little"))
+        assert dev.buffer_read(16) == b"\x01" * 16
