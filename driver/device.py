@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import serial
+from tqdm import tqdm
 
 import firmware_emu  # noqa: F401  (registers the emu:// URL scheme with pyserial)
 from compiler import Target
@@ -27,6 +28,7 @@ from .link import Link
 DEFAULT_DEVICE = "emu://"
 MAX_CHUNK = 256 << 10  # bytes per staging-buffer frame on a clean link
 MIN_CHUNK = 256        # ... and the least it falls to on a noisy one
+PROGRESS_BYTES = 16 << 20  # transfers this large show a progress bar on a terminal
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,8 @@ class Device:
         the frame size falls until frames get through, and grows again once they do.
         """
         pos = 0
+        bar = tqdm(total=length, unit="B", unit_scale=True, desc="transfer", leave=False,
+                   disable=True if length < PROGRESS_BYTES else None)
         while pos < length:
             n = min(self._chunk, length - pos)
             before = self.link.retransmissions
@@ -163,12 +167,14 @@ class Device:
                 self._chunk = max(MIN_CHUNK, n // 4)
                 continue
             pos += n
+            bar.update(n)
             if self.link.retransmissions > before:
                 self._chunk, self._clean = max(MIN_CHUNK, n // 2), 0
             else:
                 self._clean += 1
                 if self._clean >= 4:
                     self._chunk, self._clean = min(MAX_CHUNK, self._chunk * 2), 0
+        bar.close()
 
     # -- programs and cells ---------------------------------------------------------
     def load_code(self, program: Program) -> None:

@@ -134,8 +134,16 @@ class Session:
             if name not in known_out:
                 raise InvalidArgument(f"invalid output name: '{name}' (model outputs: {', '.join(known_out)})")
         feeds = self._check_feed(input_feed)
-        outputs = dict(zip(known_out, self.device.run(feeds)))
+        step = self._max_batch(feeds)
+        parts = [self.device.run([f[i:i + step] for f in feeds]) for i in range(0, len(feeds[0]), step)]
+        outputs = dict(zip(known_out, (np.concatenate(p) if len(p) > 1 else p[0] for p in zip(*parts))))
         return [outputs[name] for name in wanted]
+
+    def _max_batch(self, feeds: list[np.ndarray]) -> int:
+        """Largest batch whose inputs and outputs fit the chip's staging buffer at once."""
+        per_input = sum(f[0].nbytes for f in feeds)
+        per_output = sum(4 * int(np.prod(self.program.tensors[t].shape[1:])) for t in self.program.outputs)
+        return max(1, self.device.identity.buffer_size // max(per_input, per_output, 1))
 
     def _check_feed(self, input_feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         names = [i.name for i in self._inputs]

@@ -99,3 +99,10 @@ def test_link_timeout_is_a_clear_error(serve):
     with pytest.raises(driver.LinkError, match="IDENTIFY|REG_READ"):
         dev.read_register("CHIP_ID")
     dev.close()
+
+
+def test_batches_larger_than_the_staging_buffer_are_split(mlp_path):
+    x = np.random.default_rng(3).standard_normal((700, 64)).astype(np.float32)  # 179 KB of inputs
+    with driver.load(mlp_path, device="emu://?sigma=0&buffer_size=65536") as small, \
+            driver.load(mlp_path, device="emu://?sigma=0") as large:
+        assert np.array_equal(small.run(None, {"x": x})[0], large.run(None, {"x": x})[0])
