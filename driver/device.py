@@ -164,12 +164,12 @@ class Device:
             except (LinkTimeout, ProtocolError):
                 if small:
                     raise
-                self._chunk = max(MIN_CHUNK, n // 4)
+                self._chunk, self._clean = max(MIN_CHUNK, n // 4), 0
                 continue
             pos += n
             bar.update(n)
             if self.link.retransmissions > before:
-                self._chunk, self._clean = max(MIN_CHUNK, n // 2), 0
+                self._chunk, self._clean = max(MIN_CHUNK, self._chunk // 2), 0
             else:
                 self._clean += 1
                 if self._clean >= 4:

@@ -22,6 +22,7 @@ from .errors import DeviceError, LinkError, LinkTimeout, ProtocolError
 log = logging.getLogger(__name__)
 
 _RETRANSMIT_CODES = {ErrorCode.BAD_CRC, ErrorCode.BAD_HEADER}
+UNREADABLE_SEQ = 0xFFFF  # the chip's replies to frames whose header it could not read
 
 
 class Link:
@@ -84,6 +85,8 @@ class Link:
                         return f"damaged reply ({item.code.name})"
                 elif item.flags & FLAG_RESPONSE and item.seq == seq:
                     return item
+                elif item.seq == UNREADABLE_SEQ and item.is_error and item.error()[0] == ErrorCode.BAD_HEADER:
+                    return "chip saw a damaged header"  # perhaps ours: resend now rather than time out
             data = self.port.read(max(1, self.port.in_waiting))
             items = self._reader.feed(data)
             if data:
