@@ -1,12 +1,62 @@
-"""The ``nvcim`` command."""
+"""The ``nvcim`` command: compile, and the TSB deployment flow step by step or in one go.
+
+    nvcim train   -> backbone.onnx      (noise-injection training, early stop, checkpoints)
+    nvcim deploy backbone.onnx          (program the chip open loop; noise captured)
+    nvcim noise fetch backbone.onnx -o noise.npz
+    nvcim tsb train backbone.onnx --noise noise.npz -o tsb.onnx
+    nvcim tsb flash backbone.onnx tsb.onnx --noise noise.npz
+    nvcim eval tsb.onnx --noise noise.npz
+    nvcim flow                          (all of it on fresh emulated chips, with the summary table)
+
+Every chip command takes ``--device`` (default: $NVCIM_DEVICE, else the chip image
+``out/tsb/chip``, which keeps its cells between commands).
+"""
 
 from __future__ import annotations
 
+import functools
+import os
+import sys
 from pathlib import Path
 
 import click
 
 from compiler import CompileError, Target, compile_model
+
+WORKDIR = Path("out/tsb")
+
+
+def default_device() -> str:
+    return os.environ.get("NVCIM_DEVICE") or f"emu://?image={WORKDIR / 'chip'}"
+
+
+def _clear_errors(fn):
+    """Turn the flow's expected errors into one clear line and exit status 1."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import driver
+
+        from .chip import FlowError
+        from .datasets import DatasetError
+        from .onnx_io import ModelFileError
+        try:
+            return fn(*args, **kwargs)
+        except (FlowError, CompileError, DatasetError, ModelFileError, driver.NvcimError, ValueError,
+                FileNotFoundError) as e:
+            raise click.ClickException(str(e)) from None
+    return wrapper
+
+
+def _progress() -> bool:
+    return sys.stderr.isatty()
+
+
+device_option = click.option("--device", default=None, metavar="URL",
+                             help="The chip: emu://?image=DIR, emu://NAME?..., /dev/pts/N, socket://HOST:PORT "
+                                  "[default: $NVCIM_DEVICE, else emu://?image=out/tsb/chip].")
+data_option = click.option("--data", default="digits", show_default=True,
+                           help="'digits' (scikit-learn, no download), a .npz with x/y, an MNIST IDX folder or a "
+                                "CIFAR-10 python folder.")
 
 
 @click.group()
@@ -15,16 +65,23 @@ def main() -> None:
     """nvcim: a virtual NVCIM DNN accelerator - compiler, emulated chip, driver, TSB tools."""
 
 
+# -- demo and compile ---------------------------------------------------------------------------
 @main.command()
-@click.option("--workdir", type=click.Path(path_type=Path), default=Path("out/demo"), show_default=True,
-              help="Where the trained model is written.")
-@click.option("--sigma", type=float, default=0.3, show_default=True, help="Device variation of the noisy chip.")
-@click.option("--seed", type=int, default=1, show_default=True, help="Seed of the noisy chip.")
-def demo(workdir: Path, sigma: float, seed: int) -> None:
-    """Train a digits MLP, compile it, flash an emulated chip, compare with onnxruntime."""
-    from .demo import run_demo
+@click.option("--workdir", type=click.Path(path_type=Path), default=WORKDIR, show_default=True)
+@click.option("--seeds", default="1,2,3,4,5", show_default=True, help="Chip seeds: one fresh emulated chip each.")
+@click.option("--draws", type=int, default=200, show_default=True, help="Monte Carlo chips.")
+@click.option("--mlp", is_flag=True, help="Instead: the digits MLP on an ideal and a noisy chip next to onnxruntime.")
+@_clear_errors
+def demo(workdir: Path, seeds: str, draws: int, mlp: bool) -> None:
+    """The whole TSB flow on LeNet-3 / digits at sigma = 0.3 (the README's main job)."""
+    if mlp:
+        from .demo import run_demo
 
-    run_demo(workdir, sigma=sigma, seed=seed, echo=click.echo)
+        run_demo(Path("out/demo"), sigma=0.3, seed=1, echo=click.echo)
+        return
+    from .flow import FlowConfig, run_flow
+
+    run_flow(FlowConfig(workdir=workdir, chip_seeds=_seeds(seeds), draws=draws), echo=click.echo)
 
 
 @main.command("compile")
@@ -43,3 +100,213 @@ def compile_cmd(onnx_path: Path, output: Path, arrays: int, rows: int, cols: int
     output.write_bytes(data)
     click.echo(f"{output}: {len(data)} bytes, {len(program.layers)} crossbar layers, "
                f"{len(program.instructions)} instructions, {program.arrays_used} arrays")
+
+
+# -- training -----------------------------------------------------------------------------------
+def _train_options(fn):
+    opts = [
+        click.option("--model", "arch", type=click.Choice(["lenet3", "vgg8", "resnet18"]), default="lenet3",
+                     show_default=True),
+        click.option("--width", type=float, default=1.0, show_default=True,
+                     help="Channel scale (VGG-8 / ResNet-18 at 0.125 fit this machine)."),
+        click.option("--bn/--no-bn", default=None, help="BatchNorm after each conv [default: off for LeNet-3, on else]."),
+        click.option("--image", type=int, default=None, help="Input size [default: 28 LeNet-3, 32 else]."),
+        click.option("--epochs", type=int, default=60, show_default=True, help="Length of full training (the plan)."),
+        click.option("--stop-fraction", type=float, default=0.5, show_default=True,
+                     help="Early stop at this fraction of the plan (the seeds' 0.15 / 0.3 / 0.5); 1 = full."),
+        click.option("--patience", type=int, default=None,
+                     help="Instead stop when the noisy validation accuracy stalls this many epochs (keeps the best)."),
+        click.option("--lr", type=float, default=3e-3, show_default=True),
+        click.option("--sigma-train", type=float, default=0.2, show_default=True, help="Noise-injection sigma."),
+        click.option("--seed", type=int, default=0, show_default=True),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _train_config(arch, width, bn, epochs, stop_fraction, patience, lr, sigma_train, seed, sigma=0.3,
+                  device_model="GAUSSIAN"):
+    from .train import TrainConfig
+
+    return TrainConfig(arch=arch, width=width, bn=bn, epochs=epochs,
+                       stop_fraction=None if (patience is not None or stop_fraction >= 1) else stop_fraction,
+                       patience=patience, lr=lr, sigma_train=sigma_train, sigma_eval=sigma,
+                       device_model=device_model, seed=seed)
+
+
+@main.command()
+@_train_options
+@data_option
+@click.option("--sigma", type=float, default=0.3, show_default=True, help="Chip sigma of the noisy validation metric.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=WORKDIR / "backbone.onnx", show_default=True)
+@_clear_errors
+def train(arch, width, bn, image, epochs, stop_fraction, patience, lr, sigma_train, seed, data, sigma, output) -> None:
+    """Train a backbone with noise injection; write checkpoints and the ONNX model."""
+    from . import datasets
+    from .models import DEFAULT_IMAGE
+    from .onnx_io import export
+    from .train import save_checkpoint, train_backbone
+
+    split = datasets.load(data, image_size=image or DEFAULT_IMAGE[arch])
+    cfg = _train_config(arch, width, bn, epochs, stop_fraction, patience, lr, sigma_train, seed, sigma)
+    result = train_backbone(split, cfg, checkpoint_dir=output.parent / "checkpoints", log=click.echo,
+                            progress=_progress())
+    save_checkpoint(result.model, output.with_suffix(".pt"), cfg, result.history[-1])
+    export(result.model, output, role="backbone")
+    click.echo(f"trained {result.epochs_run} epochs in {result.seconds:.1f} s (kept epoch {result.best_epoch}); "
+               f"checkpoints in {output.parent / 'checkpoints'}; model -> {output}")
+
+
+# -- chip steps -----------------------------------------------------------------------------------
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path), default=WORKDIR / "backbone.onnx")
+@device_option
+@click.option("--sigma", type=float, default=None, help="Chip setting (emu:// chips): device variation.")
+@click.option("--seed", type=int, default=None, help="Chip setting (emu:// chips): the chip's seed.")
+@click.option("--device-model", default=None, help="Chip setting (emu:// chips): GAUSSIAN, RRAM1, FEFET2, RRAM4, FEFET6.")
+@_clear_errors
+def deploy(model: Path, device, sigma, seed, device_model) -> None:
+    """Program a model onto the chip open loop; the chip captures every cell's noise."""
+    import driver
+
+    from .chip import chip_settings, deploy_backbone, settings_url
+
+    url = settings_url(device or default_device(), sigma=sigma, seed=seed, model=device_model)
+    with driver.open(url) as dev:
+        program, cost = deploy_backbone(dev, model)
+        s = chip_settings(dev)
+    click.echo(f"deployed {model} on {url} (sigma={s['sigma']:.3f}, seed {s['seed']}, {s['device_model']}): "
+               f"{len(program.layers)} layers; {cost}")
+
+
+@main.group()
+def noise() -> None:
+    """The chip's captured programming noise."""
+
+
+@noise.command("fetch")
+@click.argument("model", type=click.Path(path_type=Path), default=WORKDIR / "backbone.onnx")
+@device_option
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=WORKDIR / "noise.npz", show_default=True)
+@_clear_errors
+def noise_fetch(model: Path, device, output: Path) -> None:
+    """Read the model's per-weight noise off the chip into a .npz (with chip and model identity)."""
+    import driver
+
+    from .chip import fetch_noise
+
+    with driver.open(device or default_device()) as dev:
+        dump = fetch_noise(dev, model)
+    dump.save(output)
+    n = sum(v.size for v in dump.noise.values())
+    click.echo(f"{output}: noise of {n} weights in {len(dump.noise)} layers from chip seed {dump.chip['seed']} "
+               f"(sigma={dump.chip['sigma']:.3f}); model fingerprint {dump.model_fingerprint[:12]}")
+
+
+@main.group()
+def tsb() -> None:
+    """Tiny Shared Block: train on a chip's noise, reflash only its cells."""
+
+
+@tsb.command("train")
+@click.argument("backbone", type=click.Path(path_type=Path), default=WORKDIR / "backbone.onnx")
+@click.option("--noise", "noise_path", type=click.Path(path_type=Path), default=WORKDIR / "noise.npz", show_default=True)
+@data_option
+@click.option("-c", "--width", "c", type=int, default=None, help="Block width c [default: 5 LeNet-3, 128 x width else].")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--lr", type=float, default=1e-2, show_default=True)
+@click.option("--sigma-verified", type=float, default=0.03, show_default=True,
+              help="Variation of the write-verified TSB cells, injected every step.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=WORKDIR / "tsb.onnx", show_default=True)
+@_clear_errors
+def tsb_train(backbone, noise_path, data, c, epochs, lr, sigma_verified, seed, output) -> None:
+    """Train only the TSB on the chip's noise; write the TSB-augmented ONNX model."""
+    from . import datasets
+    from .onnx_io import export, read_meta
+    from .tsb import TSBConfig, load_for_training, train_tsb
+
+    model, fixed, dump = load_for_training(backbone, noise_path, c)
+    split = datasets.load(data, image_size=read_meta(backbone)[1]["image"])
+    result = train_tsb(model, fixed, split, TSBConfig(c, epochs, lr, sigma_verified=sigma_verified, seed=seed),
+                       log=click.echo, progress=_progress())
+    export(model, output, role="tsb", extra=dict(backbone_fingerprint=dump.model_fingerprint,
+                                                 noise_digest=dump.digest()))
+    click.echo(f"TSB trained in {result.seconds:.1f} s -> {output}")
+
+
+@tsb.command("flash")
+@click.argument("backbone", type=click.Path(path_type=Path), default=WORKDIR / "backbone.onnx")
+@click.argument("tsb_model", type=click.Path(path_type=Path), default=WORKDIR / "tsb.onnx")
+@click.option("--noise", "noise_path", type=click.Path(path_type=Path), default=WORKDIR / "noise.npz", show_default=True)
+@device_option
+@_clear_errors
+def tsb_flash(backbone, tsb_model, noise_path, device) -> None:
+    """Compile incrementally, write only the TSB cells with write-verify, prove the backbone unchanged."""
+    import driver
+
+    from .chip import NoiseDump, flash_tsb
+
+    dump = NoiseDump.load(noise_path)
+    with driver.open(device or default_device()) as dev:
+        _, report = flash_tsb(dev, backbone, tsb_model, dump)
+    for line in report.lines():
+        click.echo(line)
+
+
+@main.command("eval")
+@click.argument("model", type=click.Path(path_type=Path), default=WORKDIR / "tsb.onnx")
+@device_option
+@data_option
+@click.option("--noise", "noise_path", type=click.Path(path_type=Path), default=None,
+              help="For a TSB model: the backbone noise file, held fixed in the Monte Carlo runs.")
+@click.option("--draws", type=int, default=200, show_default=True, help="Monte Carlo chips (0: chip only).")
+@click.option("--sigma", type=float, default=None, help="Monte Carlo sigma of the backbone [default: the chip's].")
+@click.option("--sigma-verified", type=float, default=0.03, show_default=True)
+@click.option("--no-chip", is_flag=True, help="Only the Monte Carlo simulation; do not touch a chip.")
+@_clear_errors
+def eval_cmd(model, device, data, noise_path, draws, sigma, sigma_verified, no_chip) -> None:
+    """Accuracy on the chip itself and over N simulated chips (mean, 95 % interval)."""
+    from .flow import evaluate_model
+
+    evaluate_model(model, device or default_device(), data, noise_path, draws, sigma, sigma_verified,
+                   chip=not no_chip, echo=click.echo)
+
+
+@main.command()
+@click.option("--workdir", type=click.Path(path_type=Path), default=WORKDIR, show_default=True)
+@_train_options
+@data_option
+@click.option("--sigma", type=float, default=0.3, show_default=True, help="Device variation of the chips.")
+@click.option("--device-model", default="GAUSSIAN", show_default=True)
+@click.option("--seeds", default="1,2,3,4,5", show_default=True, help="Chip seeds: one fresh emulated chip each.")
+@device_option
+@click.option("--tsb-width", "c", type=int, default=None, help="TSB width c [default: 5 LeNet-3, 128 x width else].")
+@click.option("--tsb-epochs", type=int, default=10, show_default=True)
+@click.option("--tsb-lr", type=float, default=1e-2, show_default=True)
+@click.option("--sigma-verified", type=float, default=0.03, show_default=True)
+@click.option("--draws", type=int, default=200, show_default=True, help="Monte Carlo chips.")
+@_clear_errors
+def flow(workdir, arch, width, bn, image, epochs, stop_fraction, patience, lr, sigma_train, seed, data, sigma,
+         device_model, seeds, device, c, tsb_epochs, tsb_lr, sigma_verified, draws) -> None:
+    """The whole flow: train, deploy, fetch noise, train TSB, reflash, evaluate; prints the summary table."""
+    from .flow import FlowConfig, run_flow
+    from .tsb import TSBConfig
+
+    cfg = FlowConfig(workdir=workdir, data=data, image=image, sigma=sigma, device_model=device_model.upper(),
+                     chip_seeds=_seeds(seeds), device=device, draws=draws,
+                     train=_train_config(arch, width, bn, epochs, stop_fraction, patience, lr, sigma_train, seed,
+                                         sigma, device_model.upper()),
+                     tsb=TSBConfig(c, tsb_epochs, tsb_lr, sigma_verified=sigma_verified, seed=seed))
+    run_flow(cfg, echo=click.echo)
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected comma-separated integers, e.g. 1,2,3") from None
+    if not seeds:
+        raise click.BadParameter("at least one chip seed")
+    return seeds
