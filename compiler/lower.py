@@ -375,6 +375,23 @@ def _softmax(lo: Lowering, node: onnx.NodeProto) -> None:
     lo.emit(op, [x], node.output[0], attrs={"axis": [axis]})
 
 
+_REDUCE = {"ReduceMean": Opcode.REDUCE_MEAN, "ReduceSum": Opcode.REDUCE_SUM, "ReduceMax": Opcode.REDUCE_MAX}
+
+
+def _reduce(lo: Lowering, node: onnx.NodeProto) -> None:
+    x = node.input[0]
+    rank = len(lo.shape(x))
+    axes = _axes_input(lo, node)
+    if not axes:
+        if lo.attr("noop_with_empty_axes", 0):
+            lo.alias(node.output[0], x)
+            return
+        raise lo.error("reducing over every axis would include the batch dimension; give axes")
+    axes = sorted({_axis(lo, a, rank, "axes") for a in axes})
+    lo.emit(_REDUCE[node.op_type], [x], node.output[0],
+            attrs={"axes": axes, "keepdims": [int(lo.attr("keepdims", 1))]})
+
+
 def _identity(lo: Lowering, node: onnx.NodeProto) -> None:
     if node.op_type == "Dropout":
         if len(node.output) > 1 and node.output[1]:
@@ -428,7 +445,7 @@ def _flatten(lo: Lowering, node: onnx.NodeProto) -> None:
     _reshape_to(lo, x, [-1, math.prod(shape[1:])], node.output[0])
 
 
-def _squeeze_axes(lo: Lowering, node: onnx.NodeProto) -> list[int] | None:
+def _axes_input(lo: Lowering, node: onnx.NodeProto) -> list[int] | None:
     if len(node.input) > 1 and node.input[1]:
         return _ints(lo.const(node.input[1], "axes"))
     axes = lo.attr("axes")
@@ -438,7 +455,7 @@ def _squeeze_axes(lo: Lowering, node: onnx.NodeProto) -> list[int] | None:
 def _squeeze(lo: Lowering, node: onnx.NodeProto) -> None:
     x = node.input[0]
     shape = list(lo.shape(x))
-    axes = _squeeze_axes(lo, node)
+    axes = _axes_input(lo, node)
     if axes is None:
         axes = [i for i, d in enumerate(shape) if d == 1 and i > 0]
     axes = {_axis(lo, a, len(shape), "axes") for a in axes}
@@ -451,7 +468,7 @@ def _squeeze(lo: Lowering, node: onnx.NodeProto) -> None:
 def _unsqueeze(lo: Lowering, node: onnx.NodeProto) -> None:
     x = node.input[0]
     shape = list(lo.shape(x))
-    axes = _squeeze_axes(lo, node) or []
+    axes = _axes_input(lo, node) or []
     rank = len(shape) + len(axes)
     for a in sorted(_axis(lo, a, rank, "axes") for a in axes):
         shape.insert(a, 1)
@@ -559,6 +576,7 @@ HANDLERS: dict[str, Callable[[Lowering, onnx.NodeProto], None]] = {
     "GlobalMaxPool": _global_pool,
     "Softmax": _softmax,
     "LogSoftmax": _softmax,
+    **{op: _reduce for op in _REDUCE},
     "Identity": _identity,
     "Dropout": _identity,
     "Cast": _identity,

@@ -4,16 +4,17 @@ The chip and the compiler's reference executor share this interpreter and differ
 where a layer's effective weights come from (programmed conductances vs. ideal targets),
 so a mismatch between them points at the cells, not at the op implementations.
 
-Every op is vectorised over the whole batch; convolutions are an im2col view of the
-input (no copy until the matmul needs one) times the layer's effective weight matrix.
+Every op is vectorised over the whole batch. A convolution is the im2col product of the
+input's windows with the layer's effective weight matrix; pools reduce one kernel offset
+at a time. Elementwise ops write into their input when nothing else can see it.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from .program_format import Instr, Opcode, Program
 
@@ -44,73 +45,124 @@ def effective_weights(program: Program, layer_index: int,
 
 
 # -- crossbar ops ---------------------------------------------------------------------
+# The matrix products run in torch: its kernels are 2-3x faster than numpy's im2col on this
+# class of machine, and keeping every BLAS call in one threading runtime avoids OpenBLAS and
+# OpenMP threads fighting over the cores. The matrix is always the provider's.
+def _torch():
+    import torch  # deferred: a chip that never runs a program does not pay for the import
+
+    return torch
+
+
+# Below this many multiply-adds one thread beats waking torch's pool, and cannot stall on a
+# pool thread that another process has pushed off a core (measured: a 2M-MAC conv took
+# 0.3 ms alone and 30 ms with two threads on two busy cores).
+_POOL_MACS = 1 << 23
+
+
+@contextmanager
+def _threads_for(macs: int):
+    torch = _torch()
+    threads = torch.get_num_threads()
+    if macs >= _POOL_MACS or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _tensor(x: np.ndarray):
+    """A torch view of x (a copy only where torch cannot view it: negative strides, read-only)."""
+    if not x.flags.writeable or any(st < 0 for st in x.strides):
+        x = np.array(x)
+    return _torch().from_numpy(x)
+
+
 def _matmul(ins: Instr, args: list[np.ndarray], weights: WeightProvider) -> np.ndarray:
     x, = args
     w = weights(ins.layer)
     if x.shape[-1] != w.shape[0]:
         raise ExecutionError(f"input has {x.shape[-1]} features, layer expects {w.shape[0]}")
-    return x @ w
-
-
-def windows(x: np.ndarray, kernel: list[int], strides: list[int], dilations: list[int],
-            pads: list[int], pad_value: float = 0.0) -> np.ndarray:
-    """View x (N, C, *S) as (N, C, *O, *K): every kernel window, padded, strided, dilated.
-
-    Only the padding copies; the windows are a strided view of the padded input.
-    """
-    nd = len(kernel)
-    if any(pads):
-        x = np.pad(x, [(0, 0), (0, 0)] + list(zip(pads[:nd], pads[nd:])), constant_values=pad_value)
-    span = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
-    v = sliding_window_view(x, span, axis=tuple(range(2, 2 + nd)))
-    return v[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)
-             + tuple(slice(None, None, d) for d in dilations)]
+    with _threads_for(x.size * w.shape[1]):
+        return (_tensor(x) @ _tensor(w)).numpy()
 
 
 def _conv(ins: Instr, args: list[np.ndarray], weights: WeightProvider) -> np.ndarray:
-    """im2col: rows of the im2col matrix are (channel, kernel offset), as in the layer matrix."""
+    """out[n, o, p] = sum_r im2col(x)[n, p, r] * W[r, o], one matrix W per group, rows r in
+    (channel, kernel offset) order: exactly a convolution with W reshaped to (C_out, C_in/g, *k)."""
     x, = args
     a = ins.attrs
-    kernel, group = a["kernel"], a["group"][0]
+    kernel, group, pads = a["kernel"], a["group"][0], a["pads"]
     nd = len(kernel)
     w = np.stack([weights(ins.layer + g) for g in range(group)])         # (G, Cg*K, Cog)
-    n, c = x.shape[:2]
-    if c % group or w.shape[1] != c // group * int(np.prod(kernel)):
-        raise ExecutionError(f"input has {c} channels, {group} layer(s) of {w.shape[1]} rows expect "
+    channels = x.shape[1]
+    if channels % group or w.shape[1] != channels // group * int(np.prod(kernel)):
+        raise ExecutionError(f"input has {channels} channels, {group} layer(s) of {w.shape[1]} rows expect "
                              f"{w.shape[1] * group // int(np.prod(kernel))}")
-    if all(k == 1 for k in kernel) and all(s == 1 for s in a["strides"]) and not any(a["pads"]):
-        spatial = x.shape[2:]
-        cols = x.reshape(n, group, c // group, -1)                        # 1x1: no im2col at all
-    else:
-        v = windows(x, kernel, a["strides"], a["dilations"], a["pads"])   # (N, C, *O, *K)
-        spatial = v.shape[2:2 + nd]
-        order = (0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd))     # (N, C, *K, *O)
-        cols = v.transpose(order).reshape(n, group, w.shape[1], -1)     # the one copy
-    out = np.matmul(w.transpose(0, 2, 1), cols)                           # (N, G, Cog, L)
-    return out.reshape(n, group * w.shape[2], *spatial)
+    if nd > 3:
+        raise ExecutionError(f"{nd}-D convolution: the chip's windows are 1-D to 3-D")
+    kernel_t = _tensor(np.ascontiguousarray(w.transpose(0, 2, 1)).reshape(-1, channels // group, *kernel))
+    positions = np.prod([(n + pads[i] + pads[nd + i] - (k - 1) * d - 1) // s + 1 for i, (n, k, s, d) in
+                         enumerate(zip(x.shape[2:], kernel, a["strides"], a["dilations"]))])
+    functional = _torch().nn.functional
+    with _threads_for(int(x.shape[0] * positions * w.size)):
+        x_t = _tensor(x)
+        if any(pads):
+            # torch pads symmetrically only; F.pad takes the last axis first
+            x_t = functional.pad(x_t, [p for i in reversed(range(nd)) for p in (pads[i], pads[nd + i])])
+        conv = getattr(functional, f"conv{nd}d")
+        return conv(x_t, kernel_t, stride=a["strides"], dilation=a["dilations"], groups=group).numpy()
 
 
 # -- digital ops ----------------------------------------------------------------------
+def _window_reduce(x: np.ndarray, kernel: list[int], strides: list[int], dilations: list[int],
+                   reduce: np.ufunc) -> np.ndarray:
+    """Reduce every window of an (already padded) x (N, C, *S) with ``reduce`` (maximum, add).
+
+    One vectorised pass per kernel offset (prod(kernel) passes), never one per pixel.
+    """
+    nd = len(kernel)
+    spatial = x.shape[2:]
+    out = [(n - (k - 1) * d - 1) // s + 1 for n, k, s, d in zip(spatial, kernel, strides, dilations)]
+    acc = None
+    for offset in np.ndindex(*kernel):
+        view = x[(slice(None), slice(None)) + tuple(
+            slice(o * d, o * d + s * (n - 1) + 1, s) for o, d, s, n in zip(offset, dilations, strides, out))]
+        if acc is None:
+            acc = np.array(view, dtype=np.float32)
+        else:
+            reduce(acc, view, out=acc)
+    return acc
+
+
+def _pad_spatial(x: np.ndarray, pads: list[int], nd: int, value: float) -> np.ndarray:
+    if not any(pads):
+        return x
+    return np.pad(x, [(0, 0), (0, 0)] + list(zip(pads[:nd], pads[nd:])), constant_values=value)
+
+
 def _pool(ins: Instr, x: np.ndarray, average: bool) -> np.ndarray:
     a = ins.attrs
-    nd = len(a["kernel"])
-    axes = tuple(range(-nd, 0))
+    kernel, strides, dilations, pads = a["kernel"], a["strides"], a["dilations"], a["pads"]
+    nd = len(kernel)
     if not average:
-        return windows(x, a["kernel"], a["strides"], a["dilations"], a["pads"], -np.inf).max(axis=axes)
-    total = windows(x, a["kernel"], a["strides"], a["dilations"], a["pads"]).sum(axis=axes, dtype=np.float32)
+        return _window_reduce(_pad_spatial(x, pads, nd, -np.inf), kernel, strides, dilations, np.maximum)
+    total = _window_reduce(_pad_spatial(x, pads, nd, 0.0), kernel, strides, dilations, np.add)
     # divisor: the input cells of each window, plus its explicit pads if count_include_pad;
     # the extra end padding ceil_mode adds never counts
-    pads, extra = a["pads"], a["ceil_pads"]
-    include = bool(a["count_include_pad"][0])
+    extra = a["ceil_pads"]
     ones = np.ones((1, 1, *x.shape[2:]), np.float32)
-    explicit = [p - e for p, e in zip(pads[nd:], extra)]
-    if include:
-        ones = np.pad(ones, [(0, 0), (0, 0)] + list(zip(pads[:nd], explicit)), constant_values=1.0)
-        inner = [0] * nd + list(extra)
+    if a["count_include_pad"][0]:
+        explicit = [p - e for p, e in zip(pads[nd:], extra)]
+        ones = _pad_spatial(ones, pads[:nd] + explicit, nd, 1.0)
+        ones = _pad_spatial(ones, [0] * nd + list(extra), nd, 0.0)
     else:
-        inner = pads
-    count = windows(ones, a["kernel"], a["strides"], a["dilations"], inner).sum(axis=axes, dtype=np.float32)
-    return total / count
+        ones = _pad_spatial(ones, pads, nd, 0.0)
+    total /= _window_reduce(ones, kernel, strides, dilations, np.add)
+    return total
 
 
 def _softmax(x: np.ndarray, axis: int, log: bool) -> np.ndarray:
@@ -155,6 +207,10 @@ def _reshape(ins: Instr, x: np.ndarray) -> np.ndarray:
     return x.reshape(x.shape[0], *shape[1:])
 
 
+def _reduce_args(ins: Instr) -> dict:
+    return dict(axis=tuple(ins.attrs["axes"]), keepdims=bool(ins.attrs["keepdims"][0]))
+
+
 def _f(ins: Instr, name: str) -> np.float32:
     return np.float32(ins.attrs[name][0])
 
@@ -189,6 +245,9 @@ _UNARY: dict[Opcode, Callable[[Instr, np.ndarray], np.ndarray]] = {
     Opcode.GLOBAL_MAXPOOL: lambda ins, x: x.max(axis=tuple(range(2, x.ndim)), keepdims=True),
     Opcode.SOFTMAX: lambda ins, x: _softmax(x, ins.attrs["axis"][0], log=False),
     Opcode.LOG_SOFTMAX: lambda ins, x: _softmax(x, ins.attrs["axis"][0], log=True),
+    Opcode.REDUCE_MEAN: lambda ins, x: x.mean(**_reduce_args(ins), dtype=np.float32),
+    Opcode.REDUCE_SUM: lambda ins, x: x.sum(**_reduce_args(ins), dtype=np.float32),
+    Opcode.REDUCE_MAX: lambda ins, x: x.max(**_reduce_args(ins)),
     Opcode.RESHAPE: _reshape,
     Opcode.TRANSPOSE: lambda ins, x: x.transpose(ins.attrs["perm"]),
     Opcode.SLICE: _slice,
@@ -222,6 +281,19 @@ def execute(ins: Instr, args: list[np.ndarray], weights: WeightProvider) -> list
     raise ExecutionError(f"opcode {op!r} has no implementation")
 
 
+# ops that may write their result into their first input, and ops whose outputs are views
+# of their input (so neither may later be overwritten while the other is alive)
+_IN_PLACE: dict[Opcode, Callable[[Instr, list[np.ndarray]], np.ndarray]] = {
+    Opcode.RELU: lambda ins, a: np.maximum(a[0], np.float32(0), out=a[0]),
+    Opcode.CLIP: lambda ins, a: np.clip(a[0], _f(ins, "min"), _f(ins, "max"), out=a[0]),
+    Opcode.ADD: lambda ins, a: np.add(a[0], a[1], out=a[0]),
+    Opcode.SUB: lambda ins, a: np.subtract(a[0], a[1], out=a[0]),
+    Opcode.MUL: lambda ins, a: np.multiply(a[0], a[1], out=a[0]),
+    Opcode.DIV: lambda ins, a: np.divide(a[0], a[1], out=a[0]),
+}
+_VIEWS = {Opcode.RESHAPE, Opcode.TRANSPOSE, Opcode.SLICE, Opcode.SPLIT}
+
+
 def run(program: Program, feeds: list[np.ndarray], weights: WeightProvider) -> list[np.ndarray]:
     """Execute ``program`` on ``feeds`` (one array per program input, batch first)."""
     if len(feeds) != len(program.inputs):
@@ -234,14 +306,27 @@ def run(program: Program, feeds: list[np.ndarray], weights: WeightProvider) -> l
             raise ExecutionError(f"input '{decl.name}' has shape {tuple(x.shape)}, "
                                  f"expected (batch, {', '.join(map(str, want))})")
         env[tid] = np.asarray(x, dtype=np.float32)
-    for ins in program.instructions:
+    steps = program.instructions
+    last_use = {t: i for i, ins in enumerate(steps) for t in ins.inputs}
+    last_use.update({t: len(steps) for t in program.outputs})
+    owned: set[int] = set()  # intermediates whose array no other live tensor shares
+    for i, ins in enumerate(steps):
         try:
             args = [env[t] for t in ins.inputs]
-            outs = execute(ins, args, weights)
+            first = ins.inputs[0] if ins.inputs else -1
+            if ins.op in _IN_PLACE and first in owned and last_use[first] == i and ins.inputs.count(first) == 1 \
+                    and np.broadcast_shapes(*(a.shape for a in args)) == args[0].shape:
+                outs = [_IN_PLACE[ins.op](ins, args)]
+            else:
+                outs = execute(ins, args, weights)
         except (ValueError, IndexError, KeyError, TypeError) as e:
             raise ExecutionError(f"{ins.op.name} '{ins.name}': {e}") from None
         if len(outs) != len(ins.outputs):
             raise ExecutionError(f"{ins.op.name} '{ins.name}': {len(outs)} results for {len(ins.outputs)} outputs")
         for tid, out in zip(ins.outputs, outs):
             env[tid] = out.astype(np.float32, copy=False)
+        if ins.op in _VIEWS:
+            owned.difference_update(ins.inputs)
+        else:
+            owned.update(ins.outputs)
     return [env[t] for t in program.outputs]

@@ -73,11 +73,14 @@ class Opcode(IntEnum):
     GLOBAL_MAXPOOL = 67
     SOFTMAX = 68        # attr axis
     LOG_SOFTMAX = 69    # attr axis
+    REDUCE_MEAN = 70    # attrs axes, keepdims
+    REDUCE_SUM = 71     # attrs axes, keepdims
+    REDUCE_MAX = 72     # attrs axes, keepdims
     # digital, data movement
     RESHAPE = 80        # attr shape (batch dimension as -1)
     TRANSPOSE = 81      # attr perm
     CONCAT = 82         # attr axis
-    SLICE = 83          # attrs starts, counts, steps (one of each per axis)
+    SLICE = 83          # attrs starts, counts, steps (one of each per axis after the batch)
     PAD = 84            # attrs pads (begins then ends), mode (0 constant, 1 reflect, 2 edge, 3 wrap), value
     SPLIT = 85          # attrs axis, sizes; one output per size
 
