@@ -281,9 +281,7 @@ class NoiseDump:
 
 def fetch_noise(device: driver.Device, onnx_path: str | os.PathLike) -> NoiseDump:
     """Read the captured noise of the model's layers off the chip, per weight, with both identities."""
-    expected = compile_for(device, onnx_path)
-    chip_program = program_on_chip(device)
-    require_layers(chip_program, expected, f"model {onnx_path}")
+    expected = program_for(device, onnx_path)
     layout = weight_layout(onnx_path)
     s = expected.slices
     noise, layers, cells = {}, {}, {}

@@ -83,7 +83,34 @@ def monte_carlo(model: Net, x: np.ndarray, y: np.ndarray, backbone: NoiseModel |
     """
     model.eval()
     gen = torch.Generator().manual_seed(seed)
-    params = dict(model.named_parameters())
+    fixed, drawn = split_weights(model, backbone, fixed, tsb, weight_bits)
+    xt, yt = torch.as_tensor(x), torch.as_tensor(y)
+    act = _activation_size(model)
+    img_chunk = max(1, min(len(xt), 256))
+    chip_chunk = max(1, min(draws, budget // (act * img_chunk)))
+
+    def run(p: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
+        return functional_call(model, {**fixed, **p}, (xb,))
+
+    batched = vmap(run, in_dims=(0, None))
+    correct = np.zeros(draws, dtype=np.int64)
+    with torch.no_grad():
+        for c0 in range(0, draws, chip_chunk):
+            k = min(chip_chunk, draws - c0)
+            p = draw_weights(model, drawn, k, gen, weight_bits)
+            for i in range(0, len(xt), img_chunk):
+                xb = xt[i:i + img_chunk]
+                if p:
+                    pred = batched(p, xb).argmax(-1)
+                else:
+                    pred = run({}, xb).argmax(-1).expand(k, -1)
+                correct[c0:c0 + k] += (pred == yt[i:i + img_chunk]).sum(1).numpy()
+    return MonteCarlo(correct / len(xt))
+
+
+def split_weights(model: Net, backbone: NoiseModel | None, fixed: dict[str, torch.Tensor] | None,
+                  tsb: NoiseModel | None, weight_bits: int = 8) -> tuple[dict[str, torch.Tensor], dict[str, NoiseModel]]:
+    """(weights held fixed, weights redrawn per chip with their noise model) for a Monte Carlo run."""
     base = quantized_params(model, weight_bits)
     fixed = dict(fixed or {})
     drawn: dict[str, NoiseModel] = {}
@@ -99,28 +126,15 @@ def monte_carlo(model: Net, x: np.ndarray, y: np.ndarray, backbone: NoiseModel |
             fixed.setdefault("tsb.weight", base["tsb.weight"])
         else:
             drawn["tsb.weight"] = tsb
-    xt, yt = torch.as_tensor(x), torch.as_tensor(y)
-    act = _activation_size(model)
-    img_chunk = max(1, min(len(xt), 256))
-    chip_chunk = max(1, min(draws, budget // (act * img_chunk)))
+    return fixed, drawn
 
-    def run(p: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
-        return functional_call(model, {**fixed, **p}, (xb,))
 
-    batched = vmap(run, in_dims=(0, None))
-    correct = np.zeros(draws, dtype=np.int64)
-    with torch.no_grad():
-        for c0 in range(0, draws, chip_chunk):
-            k = min(chip_chunk, draws - c0)
-            p = {n: base[n] + weight_noise(params[n].detach(), nm, gen, draws=k) for n, nm in drawn.items()}
-            for i in range(0, len(xt), img_chunk):
-                xb = xt[i:i + img_chunk]
-                if p:
-                    pred = batched(p, xb).argmax(-1)
-                else:
-                    pred = run({}, xb).argmax(-1).expand(k, -1)
-                correct[c0:c0 + k] += (pred == yt[i:i + img_chunk]).sum(1).numpy()
-    return MonteCarlo(correct / len(xt))
+def draw_weights(model: Net, drawn: dict[str, NoiseModel], draws: int, gen: torch.Generator,
+                 weight_bits: int = 8) -> dict[str, torch.Tensor]:
+    """``draws`` simulated chips' weights w_q + noise, stacked on a leading axis, in a fixed order."""
+    params = dict(model.named_parameters())
+    base = quantized_params(model, weight_bits)
+    return {n: base[n] + weight_noise(params[n].detach(), nm, gen, draws=draws) for n, nm in drawn.items()}
 
 
 def _activation_size(model: Net) -> int:

@@ -1,0 +1,54 @@
+"""The ``nvcim`` TSB commands, step by step on a chip image (each command powers the chip up anew), and in one go."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from tools.cli import main
+
+
+def _ok(runner, args):
+    result = runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_step_by_step_on_a_chip_image(tmp_path):
+    runner = CliRunner()
+    chip, other = f"emu://?image={tmp_path / 'chip'}", f"emu://?image={tmp_path / 'other'}"
+    bb, tsb, noise = tmp_path / "backbone.onnx", tmp_path / "tsb.onnx", tmp_path / "noise.npz"
+    out = _ok(runner, ["train", "--epochs", 2, "--stop-fraction", 1, "-o", bb])
+    assert "epoch   2/2" in out and bb.is_file() and (tmp_path / "checkpoints" / "backbone_e002.pt").is_file()
+    out = _ok(runner, ["deploy", bb, "--device", chip, "--sigma", 0.3, "--seed", 3])
+    assert "seed 3" in out and "write" in out
+    out = _ok(runner, ["noise", "fetch", bb, "--device", chip, "-o", noise])
+    assert "noise of 5395 weights in 3 layers from chip seed 3" in out
+    out = _ok(runner, ["tsb", "train", bb, "--noise", noise, "--epochs", 1, "-o", tsb])
+    assert "TSB c=5: 25 weights (0.46% of 5420)" in out and "TSB epoch  1/1" in out
+    out = _ok(runner, ["tsb", "flash", bb, tsb, "--noise", noise, "--device", chip])
+    assert "25 weights written with write-verify = 0.46%" in out and "bit-identical after the reflash" in out
+    out = _ok(runner, ["eval", tsb, "--noise", noise, "--device", chip, "--draws", 4])
+    assert "on the chip" in out and "over 4 simulated chips" in out
+
+    # a noise file from another chip, and a TSB Monte Carlo run without the backbone's noise
+    _ok(runner, ["deploy", bb, "--device", other, "--sigma", 0.3, "--seed", 4])
+    _ok(runner, ["noise", "fetch", bb, "--device", other, "-o", tmp_path / "other.npz"])
+    bad = runner.invoke(main, ["tsb", "flash", str(bb), str(tsb), "--noise", str(tmp_path / "other.npz"),
+                               "--device", chip])
+    assert bad.exit_code == 1 and "comes from another chip: seed=3 (noise file: 4)" in bad.output
+    bad = runner.invoke(main, ["eval", str(tsb), "--no-chip", "--draws", 3])
+    assert bad.exit_code == 1 and "pass the noise file it was trained on" in bad.output
+    bad = runner.invoke(main, ["deploy", str(tmp_path / "missing.onnx"), "--device", chip])
+    assert bad.exit_code == 1 and "missing.onnx" in bad.output
+
+
+def test_flow_prints_the_summary_table(tmp_path):
+    out = _ok(CliRunner(), ["flow", "--workdir", tmp_path, "--epochs", 2, "--stop-fraction", 1, "--seeds", "1,2",
+                            "--tsb-epochs", 1, "--draws", 4])
+    assert "gap ratio" in out and "with TSB" in out and out.count("identical") >= 2
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [c["seed"] for c in summary["chips"]] == [1, 2]
+    assert all(c["backbone_identical"] and c["verified_fraction"] < 0.005 for c in summary["chips"])
+    assert (tmp_path / "chip-seed2").is_dir() and (tmp_path / "tsb-seed2.onnx").is_file()
