@@ -180,21 +180,37 @@ def fold_constants(proto: onnx.ModelProto, source: str) -> onnx.ModelProto:
     Shape(x) of an activation is [batch, d1, ...]: the batch entry is a marker value that
     may be moved (Gather, Concat, ...) but not computed with. A Reshape whose shape ends up
     with the marker first gets 0 there instead (copy the input's batch dimension).
+    Folding a Reshape's shape lets shape inference see the dims after it, which a later
+    Shape may need, so passes repeat until one changes nothing.
     """
+    symbolic: set[str] = set()  # constants holding the batch marker, carried between passes
+    while True:
+        proto, changed, problems = _fold_pass(proto, source, symbolic)
+        if not changed:
+            break
+        proto = _infer(proto, source)
+    if problems:
+        raise CompileError(problems[0])
+    return proto
+
+
+def _fold_pass(proto: onnx.ModelProto, source: str, symbolic: set[str]) -> tuple[onnx.ModelProto, bool, list[str]]:
     graph = proto.graph
     opsets = {o.domain or "": o.version for o in proto.opset_import}
     consts = initializers(graph)
     initial = set(consts)
     shapes = shapes_of(proto)
-    symbolic: set[str] = set()
-    kept: list[onnx.NodeProto] = []
+    kept: list[tuple[int, onnx.NodeProto]] = []
+    problems: list[str] = []
     for index, node in enumerate(graph.node):
         inputs = [i for i in node.input if i]
         if node.op_type == "Shape" and inputs[0] not in consts:
             dims = shapes.get(inputs[0])
             if dims is None or any(d is None for d in dims[1:]):
-                raise CompileError(f"{source}: node '{node_label(node, index)}' (Shape) reads the shape of "
-                                   f"'{inputs[0]}', whose dimensions are not all known statically")
+                problems.append(f"{source}: node '{node_label(node, index)}' (Shape) reads the shape of "
+                                f"'{inputs[0]}', whose dimensions are not all known statically")
+                kept.append((index, node))
+                continue
             full = np.array([_BATCH if dims[0] is None else dims[0], *dims[1:]], np.int64)
             value = full[_shape_slice(node, len(dims))]
             consts[node.output[0]] = value
@@ -202,24 +218,28 @@ def fold_constants(proto: onnx.ModelProto, source: str) -> onnx.ModelProto:
                 symbolic.add(node.output[0])
             continue
         if node.op_type in _NEVER_FOLD or not all(i in consts for i in inputs) or node.domain not in ("", "ai.onnx"):
-            kept.append(node)
+            kept.append((index, node))
             continue
         marked = any(i in symbolic for i in inputs)
         if marked and node.op_type not in _SHAPE_MOVING:
-            kept.append(node)
+            kept.append((index, node))
             continue
         try:
             results = _evaluate(node, [consts[i] for i in node.input if i], opsets)
         except Exception as e:  # the reference implementation raises whatever numpy raises
             raise CompileError(f"{source}: node '{node_label(node, index)}' ({node.op_type}) has constant inputs "
                                f"but cannot be evaluated: {_first_line(e)}") from None
+        if marked and any(np.asarray(r).dtype != np.int64 for r in results):
+            kept.append((index, node))  # the batch marker only means something as an int64 shape entry
+            continue
         for name, value in zip(node.output, results):
             consts[name] = np.asarray(value)
             if marked and _BATCH in consts[name]:
                 symbolic.add(name)
+    changed = len(kept) != len(graph.node)
 
     new_inits: dict[str, np.ndarray] = {}
-    for node in kept:
+    for index, node in kept:
         for pos, name in enumerate(node.input):
             if name in symbolic:
                 value = consts[name]
@@ -230,12 +250,12 @@ def fold_constants(proto: onnx.ModelProto, source: str) -> onnx.ModelProto:
                     node.input[pos] = f"{name}/batch_as_0"
                     new_inits[node.input[pos]] = fixed
                     _set_attr(node, "allowzero", 0)
-                else:
-                    label = node_label(node, list(graph.node).index(node))
-                    raise CompileError(f"{source}: node '{label}' ({node.op_type}) uses '{name}', which is "
-                                       f"computed from the batch size; the chip compiles for any batch and can "
-                                       f"only keep it as the first dimension of a Reshape")
-            elif name in consts and name not in initial:
+                    changed = True
+                    continue
+                problems.append(f"{source}: node '{node_label(node, index)}' ({node.op_type}) uses '{name}', "
+                                f"which is computed from the batch size; the chip compiles for any batch and "
+                                f"can only keep it as the first dimension of a Reshape")
+            if name in consts and name not in initial:
                 new_inits[name] = consts[name]
     for out in graph.output:
         if out.name in consts:
@@ -243,15 +263,15 @@ def fold_constants(proto: onnx.ModelProto, source: str) -> onnx.ModelProto:
 
     folded = _copy(proto)
     del folded.graph.node[:]
-    folded.graph.node.extend(kept)
-    used = {i for n in kept for i in n.input} | {o.name for o in graph.output}
+    folded.graph.node.extend(node for _, node in kept)
+    used = {i for _, n in kept for i in n.input} | {o.name for o in graph.output}
     keep_inits = [t for t in graph.initializer if t.name in used]
     del folded.graph.initializer[:]
     folded.graph.initializer.extend(keep_inits)
     folded.graph.initializer.extend(numpy_helper.from_array(np.asarray(v), k)
                                     for k, v in new_inits.items() if k in used)
     del folded.graph.value_info[:]
-    return _prune(folded)
+    return _prune(folded), changed, problems
 
 
 def _shape_slice(node: onnx.NodeProto, rank: int) -> slice:

@@ -190,7 +190,7 @@ def _pad(ins: Instr, x: np.ndarray) -> np.ndarray:
 
 def _slice(ins: Instr, x: np.ndarray) -> np.ndarray:
     a = ins.attrs
-    index = []
+    index = [slice(None)]  # the batch, then one (start, count, step) per axis after it
     for start, count, step in zip(a["starts"], a["counts"], a["steps"]):
         stop = start + count * step
         index.append(slice(start, stop if stop >= 0 else None, step))

@@ -1,0 +1,145 @@
+"""The Tiny Shared Block pattern (issue 6) and incremental placement (issue 4).
+
+The TSB exports as: Pad channels to G*c -> Reshape (N, G, c, H, W) -> Transpose to
+(N, G, H, W, c) -> MatMul by ONE shared (c, c) initializer -> Transpose back -> Reshape
+(N, G*c, H, W) -> Slice channels back, at every insertion point, all using the same weight.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import driver
+from compiler import CompileError, Target, compile_model, quantized_model, reference
+from firmware_emu.program_format import Opcode
+from test_models import TOLERANCE, export
+
+
+class TSB(nn.Module):
+    """One c x c block applied to every channel group (channels zero-padded to a multiple of c)."""
+
+    def __init__(self, c: int, batch_as_zero: bool):
+        super().__init__()
+        self.c, self.batch_as_zero = c, batch_as_zero
+        self.weight = nn.Parameter(torch.eye(c) + 0.1 * torch.randn(c, c))
+
+    def forward(self, x):
+        n, channels, h, w = x.shape
+        groups = (channels + self.c - 1) // self.c  # not -(-a // b): TorchScript traces // as a truncating Div
+        x = F.pad(x, (0, 0, 0, 0, 0, groups * self.c - channels))
+        lead = n if self.batch_as_zero else -1  # x.shape[0] exports as Shape->Gather, folded to 0
+        y = torch.matmul(x.reshape(lead, groups, self.c, h, w).permute(0, 1, 3, 4, 2), self.weight)
+        return y.permute(0, 1, 4, 2, 3).reshape(lead, groups * self.c, h, w)[:, :channels]
+
+
+class Backbone(nn.Module):
+    """conv 6 -> [TSB] -> relu -> pool -> conv 10 -> [TSB] -> relu -> pool -> FC, on 1x12x12."""
+
+    def __init__(self, tsb: TSB | None = None):
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv1 = nn.Conv2d(1, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 10, 3, padding=1)
+        self.fc = nn.Linear(10 * 3 * 3, 10)
+        self.tsb = tsb
+
+    def forward(self, x):
+        t = self.tsb or (lambda v: v)
+        x = F.max_pool2d(F.relu(t(self.conv1(x))), 2)
+        x = F.max_pool2d(F.relu(t(self.conv2(x))), 2)
+        return self.fc(torch.flatten(x, 1))
+
+
+SHAPE = (1, 12, 12)
+
+
+@pytest.fixture(scope="module", params=[("torchscript", True), ("torchscript", False), ("dynamo", False)],
+                ids=lambda p: f"{p[0]}-{'batch_as_0' if p[1] else 'batch_as_-1'}")
+def tsb_model(request, tmp_path_factory):
+    exporter, batch_as_zero = request.param
+    torch.manual_seed(4)
+    model = Backbone(TSB(4, batch_as_zero)).eval()
+    return export(model, tmp_path_factory.mktemp("tsb") / f"tsb_{exporter}.onnx", SHAPE, exporter == "dynamo")
+
+
+def _tsb_layers(program):
+    return [i for i, layer in enumerate(program.layers) if layer.in_features == layer.out_features == 4]
+
+
+def test_shared_tsb_weight_is_placed_once_and_runs_on_the_chip(tsb_model):
+    program = compile_model(tsb_model)
+    tsb, = _tsb_layers(program)
+    uses = [ins for ins in program.instructions if ins.op == Opcode.MATMUL and ins.layer == tsb]
+    assert len(uses) == 2  # both insertion points read the one common crossbar layer
+    x = np.random.default_rng(0).standard_normal((3, *SHAPE)).astype(np.float32)
+    with driver.load(tsb_model, device="emu://?sigma=0&arrays=8") as sess:
+        y, = sess.run(None, {"x": x})
+    ref, = ort.InferenceSession(quantized_model(tsb_model).SerializeToString()).run(None, {"x": x})
+    np.testing.assert_allclose(y, ref, rtol=0, atol=TOLERANCE * np.abs(ref).max())
+
+
+def test_separate_mode_places_one_copy_per_use(tsb_model):
+    program = compile_model(tsb_model, shared="separate")
+    copies = _tsb_layers(program)
+    assert len(copies) == 2 and len({program.layers[i].name for i in copies}) == 2
+    assert all("@" in program.layers[i].name for i in copies)
+    backbone = {layer.name for layer in compile_model(tsb_model).layers} - {program.layers[i].name.split("@")[0]
+                                                                            for i in copies}
+    assert backbone <= {layer.name for layer in program.layers}  # unshared weights keep their names
+    x = np.random.default_rng(1).standard_normal((2, *SHAPE)).astype(np.float32)
+    y, = reference.run(program, [x])
+    ref, = ort.InferenceSession(quantized_model(tsb_model).SerializeToString()).run(None, {"x": x})
+    np.testing.assert_allclose(y, ref, rtol=0, atol=TOLERANCE * np.abs(ref).max())
+
+
+@pytest.fixture(scope="module")
+def backbone_and_augmented(tmp_path_factory):
+    d = tmp_path_factory.mktemp("incremental")
+    backbone = export(Backbone().eval(), d / "backbone.onnx", SHAPE, dynamo=False)
+    torch.manual_seed(5)
+    augmented = export(Backbone(TSB(4, True)).eval(), d / "augmented.onnx", SHAPE, dynamo=False)
+    return backbone, augmented
+
+
+def test_incremental_compile_keeps_every_backbone_tile_and_cell(backbone_and_augmented):
+    backbone, augmented = backbone_and_augmented
+    target = Target(arrays=8, rows=64, cols=64)  # small arrays: layers span several tiles
+    base = compile_model(backbone, target)
+    assert sum(len(layer.tiles) for layer in base.layers) > len(base.layers)
+    new = compile_model(augmented, target, base=base)
+    by_name = {layer.name: layer for layer in new.layers}
+    for layer in base.layers:
+        kept = by_name[layer.name]
+        assert kept.tiles and [(t.sign, t.array, t.row, t.col, t.in_start, t.in_count, t.out_start, t.out_count)
+                               for t in kept.tiles] == \
+               [(t.sign, t.array, t.row, t.col, t.in_start, t.in_count, t.out_start, t.out_count)
+                for t in layer.tiles]
+        assert [new.tile_cells_bytes(t) for t in kept.tiles] == [base.tile_cells_bytes(t) for t in layer.tiles]
+    # the new layer lies in cells no backbone tile uses
+    s = new.slices
+    used = {(t.array, r, c) for layer in base.layers for t in layer.tiles
+            for r in range(t.row, t.row + t.in_count) for c in range(t.col, t.col + t.out_count * s)}
+    tsb = [layer for layer in new.layers if layer.name not in {b.name for b in base.layers}]
+    assert len(tsb) == 1
+    for t in tsb[0].tiles:
+        assert not any((t.array, r, c) in used for r in range(t.row, t.row + t.in_count)
+                       for c in range(t.col, t.col + t.out_count * s))
+    # and a fresh compile of the augmented model would have moved backbone tiles
+    fresh = compile_model(augmented, target)
+    assert [t.col for layer in fresh.layers for t in layer.tiles] != [t.col for layer in new.layers for t in layer.tiles]
+
+
+def test_incremental_compile_refuses_changed_backbone_weights(tmp_path, backbone_and_augmented):
+    backbone, _ = backbone_and_augmented
+    base = compile_model(backbone)
+    retrained = Backbone().eval()
+    with torch.no_grad():
+        retrained.conv2.weight.mul_(-1)
+    path = export(retrained, tmp_path / "retrained.onnx", SHAPE, dynamo=False)
+    with pytest.raises(CompileError, match="layer 'conv2.weight' is pinned on the chip by the base program"):
+        compile_model(path, base=base)
