@@ -180,3 +180,34 @@ def test_model_per_channel_quantisation(exported):
         # half a step, plus the float32 rounding of the weight the chip holds
         bound = step / 2 + np.abs(w).max(axis=0) * 2.0 ** -23
         assert (np.abs(reference.ideal_weights(program, i) - w) <= bound).all()
+
+
+class ConvBN(nn.Module):
+    """conv -> BN -> relu -> pool -> view(x.size(0), -1) -> FC."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.bn = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6 * 3 * 3, 4, bias=False)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn(self.conv(x))), 2)
+        return self.fc(x.view(x.size(0), -1))
+
+
+def test_unoptimised_dynamo_export_is_folded_by_the_front_end(tmp_path):
+    """dynamo with optimize=False leaves BatchNormalization and Shape -> Squeeze -> Reshape ->
+    Concat arithmetic in the graph; the front end folds both, keeping the weight names."""
+    import onnx
+
+    path = export(randomised(ConvBN), tmp_path / "raw.onnx", (3, 8, 8), dynamo=True, optimize=False)
+    raw_ops = {n.op_type for n in onnx.load(path).graph.node}
+    assert {"BatchNormalization", "Shape"} <= raw_ops
+    program = compile_model(path)
+    assert [layer.name for layer in program.layers] == ["conv.weight", "fc.weight"]
+    assert {i.op.name for i in program.instructions} == {"CONV", "ADD", "RELU", "MAXPOOL", "RESHAPE", "MATMUL"}
+    x = np.random.default_rng(3).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    y, = reference.run(program, [x])
+    ref, = ort.InferenceSession(quantized_model(path).SerializeToString()).run(None, {"x": x})
+    np.testing.assert_allclose(y, ref, rtol=0, atol=TOLERANCE * np.abs(ref).max())
