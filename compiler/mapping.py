@@ -2,12 +2,19 @@
 
 A layer's matrix W (in_features x out_features) is cut, per sign, into blocks of at most
 ``rows`` inputs and ``cols // S`` outputs (S = M/K cells per weight). Tiles are placed
-first-fit in column strips: array 0 is filled left to right, then array 1, and so on.
-Placement is deterministic, and in incremental mode every tile already on the chip keeps
-its place; new tiles only go into columns no existing tile uses.
+first-fit on a skyline: every array remembers, for each S-cell-wide column group, the
+first row below the tiles placed there; a tile goes to the first array, and there to the
+leftmost columns, where it fits below everything already placed. Small layers therefore
+stack down an array instead of each taking full-height column strips.
+
+Placement is deterministic. In incremental mode every tile already on the chip keeps its
+place and raises the skyline over its columns, so new tiles never touch its cells.
 """
 
 from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from firmware_emu.program_format import Tile
 
@@ -17,39 +24,55 @@ class CapacityError(ValueError):
 
 
 class Placer:
-    """First-fit column-strip placement; grows past the chip so the shortfall can be stated."""
+    """First-fit skyline placement; grows past the chip so the shortfall can be stated."""
 
     def __init__(self, rows: int, cols: int, slices: int):
         if cols < slices:
             raise CapacityError(f"arrays of {cols} columns cannot hold one {slices}-cell weight")
         self.rows, self.cols, self.slices = rows, cols, slices
-        self.next_col: list[int] = []  # first free column of each array
+        self.units = cols // slices                    # weight-wide column groups per array
+        self.skyline = np.zeros((0, self.units), int)  # first free row of each group, per array
+        self.lowest = np.zeros(0, int)                 # the smallest skyline value of each array
+
+    def _grow(self, arrays: int) -> None:
+        extra = arrays - len(self.lowest)
+        if extra > 0:
+            self.skyline = np.vstack([self.skyline, np.zeros((extra, self.units), int)])
+            self.lowest = np.concatenate([self.lowest, np.zeros(extra, int)])
+
+    def _occupy(self, array: int, first: int, last: int, bottom: int) -> None:
+        line = self.skyline[array]
+        line[first:last] = np.maximum(line[first:last], bottom)
+        self.lowest[array] = line.min()
 
     def reserve(self, tile: Tile) -> None:
-        """Mark an existing tile's columns as taken (incremental mode)."""
-        while len(self.next_col) <= tile.array:
-            self.next_col.append(0)
-        end = tile.col + tile.out_count * self.slices
-        self.next_col[tile.array] = max(self.next_col[tile.array], end)
+        """Mark an existing tile's cells as taken (incremental mode)."""
+        self._grow(tile.array + 1)
+        first = tile.col // self.slices
+        last = -(-(tile.col + tile.out_count * self.slices) // self.slices)
+        self._occupy(tile.array, first, last, tile.row + tile.in_count)
 
     def blocks(self, in_features: int, out_features: int) -> list[tuple[int, int, int, int]]:
         """(in_start, in_count, out_start, out_count) blocks a matrix is cut into."""
-        per_tile = self.cols // self.slices
-        return [(i, min(self.rows, in_features - i), o, min(per_tile, out_features - o))
+        return [(i, min(self.rows, in_features - i), o, min(self.units, out_features - o))
                 for i in range(0, in_features, self.rows)
-                for o in range(0, out_features, per_tile)]
+                for o in range(0, out_features, self.units)]
 
     def place(self, sign: int, block: tuple[int, int, int, int]) -> Tile:
         in_start, in_count, out_start, out_count = block
-        width = out_count * self.slices
-        array = next((a for a, c in enumerate(self.next_col) if c + width <= self.cols), None)
-        if array is None:
-            array = len(self.next_col)
-            self.next_col.append(0)
-        col = self.next_col[array]
-        self.next_col[array] = col + width
-        return Tile(sign, array, 0, col, in_start, in_count, out_start, out_count)
+        for array in np.flatnonzero(self.lowest + in_count <= self.rows):
+            tops = sliding_window_view(self.skyline[array], out_count).max(axis=1)
+            fits = np.flatnonzero(tops + in_count <= self.rows)
+            if fits.size:
+                first = int(fits[0])
+                row = int(tops[first])
+                break
+        else:
+            array, first, row = len(self.lowest), 0, 0
+            self._grow(array + 1)
+        self._occupy(int(array), first, first + out_count, row + in_count)
+        return Tile(sign, int(array), row, first * self.slices, in_start, in_count, out_start, out_count)
 
     @property
     def arrays_needed(self) -> int:
-        return len(self.next_col)
+        return len(self.lowest)

@@ -129,9 +129,6 @@ def test_incremental_compile_keeps_every_backbone_tile_and_cell(backbone_and_aug
     for t in tsb[0].tiles:
         assert not any((t.array, r, c) in used for r in range(t.row, t.row + t.in_count)
                        for c in range(t.col, t.col + t.out_count * s))
-    # and a fresh compile of the augmented model would have moved backbone tiles
-    fresh = compile_model(augmented, target)
-    assert [t.col for layer in fresh.layers for t in layer.tiles] != [t.col for layer in new.layers for t in layer.tiles]
 
 
 def test_incremental_compile_refuses_changed_backbone_weights(tmp_path, backbone_and_augmented):
