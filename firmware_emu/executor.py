@@ -11,6 +11,7 @@ at a time. Elementwise ops write into their input when nothing else can see it.
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from typing import Callable
 
@@ -58,20 +59,22 @@ def _torch():
 # pool thread that another process has pushed off a core (measured: a 2M-MAC conv took
 # 0.3 ms alone and 30 ms with two threads on two busy cores).
 _POOL_MACS = 1 << 23
+_THREADS = threading.Lock()  # torch's thread count is process-wide: one toggle at a time
 
 
 @contextmanager
 def _threads_for(macs: int):
     torch = _torch()
-    threads = torch.get_num_threads()
-    if macs >= _POOL_MACS or threads == 1:
+    if macs >= _POOL_MACS:
         yield
         return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    with _THREADS:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _tensor(x: np.ndarray):
