@@ -88,7 +88,7 @@ def train_backbone(data: Split, cfg: TrainConfig, checkpoint_dir: str | Path | N
         model.train()
         loss_sum, hits, seen = 0.0, 0, 0
         for idx in _batches(len(xt), cfg.batch, gen):
-            params = {n: noisy_weight(p, nm_train, gen) for n, p in model.named_parameters() if n in names}
+            params = injected_weights(model, names, nm_train, gen)
             out = functional_call(model, params, (xt[idx],))
             loss = torch.nn.functional.cross_entropy(out, yt[idx])
             opt.zero_grad()
@@ -125,6 +125,30 @@ def train_backbone(data: Split, cfg: TrainConfig, checkpoint_dir: str | Path | N
     result.epochs_run = epoch
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def injected_weights(model: Net, names: list[str], nm: NoiseModel, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Every crossbar weight with fresh chip noise, as the chip will hold it.
+
+    A conv followed by BatchNorm is programmed folded (W * gamma / sqrt(var + eps) per output
+    channel), so its noise is drawn on the folded weights, whose per-tensor max sets the
+    noise scale, and divided back: the training sees the noise the chip will add.
+    """
+    params = dict(model.named_parameters())
+    mods = dict(model.named_modules())
+    folds = {f"{conv}.weight": mods[bn] for conv, bn in model.conv_bn_pairs() if isinstance(mods[bn], torch.nn.BatchNorm2d)}
+    out = {}
+    for n in names:
+        w = params[n]
+        bn = folds.get(n)
+        if bn is None:
+            out[n] = noisy_weight(w, nm, gen)
+            continue
+        a = (bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)).reshape(-1, *[1] * (w.dim() - 1))
+        a = torch.where(a.abs() > 1e-12, a, torch.full_like(a, 1e-12))
+        folded = noisy_weight(w.detach() * a, nm, gen)
+        out[n] = w + (folded / a - w).detach()
+    return out
 
 
 def _copy_state(model: Net) -> dict:
