@@ -320,8 +320,7 @@ class Chip:
         return bytes(self.buffer[self._buffer_range(offset, length)])
 
     def _program_load(self, payload: bytes) -> bytes:
-        args = ProgramLoadArgs.parse(payload) if len(payload) == ProgramLoadArgs.sizeof() else \
-            _bad_len("PROGRAM_LOAD", payload, ProgramLoadArgs)
+        args = _parse_args("PROGRAM_LOAD", ProgramLoadArgs, payload)
         c = self.config
         built = (args.weight_bits, args.cell_bits, args.array_rows, args.array_cols)
         if built != (c.weight_bits, c.cell_bits, c.rows, c.cols):
@@ -374,11 +373,8 @@ class Chip:
         return None
 
     def _cells_write(self, payload: bytes) -> bytes:
-        args = CellsWriteArgs.parse(payload) if len(payload) == CellsWriteArgs.sizeof() else _bad_len("CELLS_WRITE", payload, CellsWriteArgs)
+        args = self._region_args("CELLS_WRITE", CellsWriteArgs, payload)
         r = args.region
-        where = self.cells.check_region(r.array, r.row, r.col, r.height, r.width)
-        if where:
-            raise ChipError(ErrorCode.BAD_ADDRESS, f"CELLS_WRITE: {where}")
         if args.mode not in CellMode._value2member_map_:
             raise ChipError(ErrorCode.BAD_ARGUMENT, f"CELLS_WRITE: mode {args.mode} is not 0 (open loop) or 1 (verify)")
         n = r.height * r.width
@@ -398,6 +394,16 @@ class Chip:
         return CellsWriteReply.build(dict(cells=stats.cells, write_pulses=stats.write_pulses,
                                           read_pulses=stats.read_pulses, verify_failures=stats.verify_failures))
 
+    def _region_args(self, name: str, layout, payload: bytes, last_array: int = 0):
+        """Parse a command's fixed-size arguments and check its cell region lies on the chip."""
+        args = _parse_args(name, layout, payload)
+        r = args.region
+        for array in (r.array, r.array + last_array):
+            where = self.cells.check_region(array, r.row, r.col, r.height, r.width)
+            if where:
+                raise ChipError(ErrorCode.BAD_ADDRESS, f"{name}: {where}")
+        return args
+
     def _account(self, stats: ProgramStats) -> None:
         c = self.counters
         c["write_pulses"] += stats.write_pulses
@@ -414,11 +420,8 @@ class Chip:
         self.regs["IRQ_FLAGS"] |= 0b1 | extra_flags
 
     def _cells_read(self, payload: bytes) -> bytes:
-        args = CellsReadArgs.parse(payload) if len(payload) == CellsReadArgs.sizeof() else _bad_len("CELLS_READ", payload, CellsReadArgs)
+        args = self._region_args("CELLS_READ", CellsReadArgs, payload)
         r = args.region
-        where = self.cells.check_region(r.array, r.row, r.col, r.height, r.width)
-        if where:
-            raise ChipError(ErrorCode.BAD_ADDRESS, f"CELLS_READ: {where}")
         if args.quantity not in CellQuantity._value2member_map_:
             raise ChipError(ErrorCode.BAD_ARGUMENT, f"CELLS_READ: quantity {args.quantity} is not 0, 1 or 2")
         span = self._buffer_range(0, r.height * r.width * 4)
@@ -428,14 +431,11 @@ class Chip:
         return struct.pack("<I", span.stop)
 
     def _cells_erase(self, payload: bytes) -> bytes:
-        args = CellsEraseArgs.parse(payload) if len(payload) == CellsEraseArgs.sizeof() else _bad_len("CELLS_ERASE", payload, CellsEraseArgs)
-        r = args.region
-        if args.arrays == 0:
+        count = _parse_args("CELLS_ERASE", CellsEraseArgs, payload).arrays
+        if count == 0:
             raise ChipError(ErrorCode.BAD_ARGUMENT, "CELLS_ERASE: array count 0")
-        for array in (r.array, r.array + args.arrays - 1):
-            where = self.cells.check_region(array, r.row, r.col, r.height, r.width)
-            if where:
-                raise ChipError(ErrorCode.BAD_ADDRESS, f"CELLS_ERASE: {where}")
+        args = self._region_args("CELLS_ERASE", CellsEraseArgs, payload, last_array=count - 1)
+        r = args.region
         self.cells.erase(r.array, args.arrays, r.row, r.col, r.height, r.width)
         self._done()
         return b""
@@ -510,5 +510,8 @@ def _expect_empty(name: str, payload: bytes) -> None:
         raise ChipError(ErrorCode.BAD_LENGTH, f"{name}: takes no payload, got {len(payload)} bytes")
 
 
-def _bad_len(name: str, payload: bytes, struct_) -> None:
-    raise ChipError(ErrorCode.BAD_LENGTH, f"{name}: payload is {len(payload)} bytes, expected {struct_.sizeof()}")
+def _parse_args(name: str, layout, payload: bytes):
+    """Parse a command's fixed-size argument struct, or refuse a payload of the wrong size."""
+    if len(payload) != layout.sizeof():
+        raise ChipError(ErrorCode.BAD_LENGTH, f"{name}: payload is {len(payload)} bytes, expected {layout.sizeof()}")
+    return layout.parse(payload)

@@ -147,3 +147,15 @@ def test_run_larger_than_the_buffer_is_refused_before_touching_it(mlp_path):
         with pytest.raises(driver.DeviceError, match="exceed the 65536-byte staging buffer"):
             dev.link.transact(Command.RUN, (1000).to_bytes(4, "little"))
         assert dev.buffer_read(16) == b"\x01" * 16
+
+
+def test_malformed_cell_commands_are_refused_with_the_reason():
+    with driver.open("emu://?arrays=4") as dev:
+        with pytest.raises(driver.DeviceError, match="CELLS_ERASE: array 4 does not exist") as e:
+            dev.erase(2, arrays=3)
+        assert e.value.code == ErrorCode.BAD_ADDRESS
+        with pytest.raises(driver.DeviceError, match="CELLS_ERASE: array count 0"):
+            dev.erase(0, arrays=0)
+        with pytest.raises(driver.DeviceError, match="CELLS_READ: payload is 3 bytes, expected 21") as e:
+            dev.link.transact(Command.CELLS_READ, b"abc")
+        assert e.value.code == ErrorCode.BAD_LENGTH
