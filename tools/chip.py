@@ -33,7 +33,7 @@ from firmware_emu.program_format import Program, pack_cells
 from firmware_emu.protocol import CellQuantity, ErrorCode
 from firmware_emu.registers import Q16, DeviceModelCode
 
-NOISE_FORMAT = 1
+NOISE_FORMAT = 2
 SETTING_REGISTERS = ("CHIP_ID", "VERSION", "SEED", "SIGMA", "DEVICE_MODEL", "READ_NOISE", "CONFIG", "STUCK_RATE")
 
 
@@ -53,19 +53,15 @@ def chip_settings(device: driver.Device) -> dict:
                 weight_bits=ident.weight_bits, cell_bits=ident.cell_bits)
 
 
-def program_fingerprint(program: Program, layers: set[str] | None = None) -> str:
-    """SHA-256 of the named layers' placement, scale and cell targets: which weights sit where."""
+def model_fingerprint(program: Program, layers: set[str] | None = None) -> str:
+    """SHA-256 of the named layers' names and the weights their cells encode (w_q), wherever they sit."""
     h = hashlib.sha256()
-    for layer in sorted(program.layers, key=lambda l: l.name):
+    for index, layer in sorted(enumerate(program.layers), key=lambda il: il[1].name):
         if layers is not None and layer.name not in layers:
             continue
-        h.update(layer.name.encode() + b"\0")
-        h.update(np.array([layer.in_features, layer.out_features], np.int64).tobytes())
-        h.update(np.float32(layer.scale).tobytes())
-        for t in layer.tiles:
-            h.update(np.array([t.sign, t.array, t.row, t.col, t.in_start, t.in_count, t.out_start, t.out_count],
-                              np.int64).tobytes())
-            h.update(program.tile_cells(t).tobytes())
+        w = effective_weights(program, index, lambda i: program.tile_cells(layer.tiles[i]).astype(np.float32))
+        h.update(layer.name.encode() + b"\0" + np.array(w.shape, np.int64).tobytes())
+        h.update(np.ascontiguousarray(w, np.float32).tobytes())
     return h.hexdigest()
 
 
@@ -104,19 +100,6 @@ def program_on_chip(device: driver.Device) -> Program:
             offset += len(data)
     program.cells = b"".join(cells)
     return program
-
-
-def require_layers(chip: Program, expected: Program, what: str) -> None:
-    """Raise unless every layer of ``expected`` sits on the chip with the same placement and targets."""
-    chip_layers = {l.name: l for l in chip.layers}
-    missing = [l.name for l in expected.layers if l.name not in chip_layers]
-    if missing:
-        raise FlowError(f"{what} is not on the chip: layer(s) {', '.join(missing[:3])} missing "
-                        f"(the chip holds {', '.join(chip_layers) or 'no layers'}); deploy it first (nvcim deploy)")
-    names = {l.name for l in expected.layers}
-    if program_fingerprint(chip, names) != program_fingerprint(expected, names):
-        raise FlowError(f"{what} is not on the chip: the chip's cells hold other weights or another placement "
-                        f"for layer(s) {', '.join(sorted(names))}; deploy it first (nvcim deploy)")
 
 
 def compile_for(device: driver.Device, onnx_path: str | os.PathLike, base: Program | None = None) -> Program:
@@ -218,7 +201,8 @@ class NoiseDump:
     noise: dict[str, np.ndarray]                 # initializer name -> w_p - w_q, initializer layout
     layers: dict[str, str] = field(default_factory=dict)  # chip layer -> initializer
     cells: dict[str, list[np.ndarray]] = field(default_factory=dict)  # chip layer -> per-tile cell noise
-    source: str = ""
+    source: str = ""                      # the file it was loaded from
+    model: str = ""                       # the ONNX file it was captured for
 
     def digest(self) -> str:
         h = hashlib.sha256()
@@ -232,7 +216,7 @@ class NoiseDump:
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = dict(format=NOISE_FORMAT, chip=self.chip, model_fingerprint=self.model_fingerprint,
                     onnx_sha256=self.onnx_sha256, layers=self.layers, digest=self.digest(),
-                    tiles={k: len(v) for k, v in self.cells.items()}, source=self.source)
+                    tiles={k: len(v) for k, v in self.cells.items()}, model=self.model)
         arrays = {f"noise/{k}": v for k, v in self.noise.items()}
         for layer, tiles in self.cells.items():
             arrays.update({f"cells/{layer}/{i}": c for i, c in enumerate(tiles)})
@@ -255,7 +239,7 @@ class NoiseDump:
         if meta.get("format") != NOISE_FORMAT:
             raise FlowError(f"{path}: noise file format {meta.get('format')}, expected {NOISE_FORMAT}")
         dump = cls(meta["chip"], meta["model_fingerprint"], meta["onnx_sha256"], noise, meta["layers"], cells,
-                   meta.get("source", ""))
+                   str(path), meta.get("model", ""))
         if dump.digest() != meta["digest"]:
             raise FlowError(f"{path}: noise file is corrupt (its cell noise does not match its digest)")
         return dump
@@ -264,8 +248,8 @@ class NoiseDump:
         """Raise unless this dump was taken from ``program``'s backbone layers."""
         names = set(self.layers)
         if not names <= {l.name for l in program.layers} or \
-                program_fingerprint(program, names) != self.model_fingerprint:
-            raise FlowError(f"noise file {self.source or ''} was captured from another model "
+                model_fingerprint(program, names) != self.model_fingerprint:
+            raise FlowError(f"noise file {self.source or '(in memory)'} was captured from another model "
                             f"(fingerprint {self.model_fingerprint[:12]}), not from {what}; "
                             f"fetch the noise of this model: nvcim noise fetch")
 
@@ -276,7 +260,7 @@ class NoiseDump:
         diff = [f"{k}={settings.get(k)} (noise file: {self.chip.get(k)})" for k in keys
                 if settings.get(k) != self.chip.get(k)]
         if diff:
-            raise FlowError(f"noise file {self.source or ''} comes from another chip: {', '.join(diff)}")
+            raise FlowError(f"noise file {self.source or '(in memory)'} comes from another chip: {', '.join(diff)}")
 
 
 def fetch_noise(device: driver.Device, onnx_path: str | os.PathLike) -> NoiseDump:
@@ -295,8 +279,8 @@ def fetch_noise(device: driver.Device, onnx_path: str | os.PathLike) -> NoiseDum
         w[flat[sel]] = matrix[sel]
         layers[layer.name] = src
         cells[layer.name] = tiles
-    return NoiseDump(chip_settings(device), program_fingerprint(expected), _sha256(onnx_path), noise, layers, cells,
-                     str(onnx_path))
+    return NoiseDump(chip_settings(device), model_fingerprint(expected), _sha256(onnx_path), noise, layers, cells,
+                     model=str(onnx_path))
 
 
 def noisy_weights(onnx_path: str | os.PathLike, dump: NoiseDump, weight_bits: int = 8) -> dict[str, np.ndarray]:
@@ -375,9 +359,8 @@ def flash_tsb(device: driver.Device, backbone_onnx: str | os.PathLike, tsb_onnx:
     Proves, by reading the cells back, that every cell outside the TSB tiles is bit-identical.
     """
     settings = chip_settings(device)
-    backbone = compile_for(device, backbone_onnx)
+    backbone = program_for(device, backbone_onnx)  # where the chip holds it; refuses if it does not
     chip_program = program_on_chip(device)
-    require_layers(chip_program, backbone, f"the backbone {backbone_onnx}")
     if dump is not None:
         dump.check_chip(settings)
         dump.check_model(backbone, f"the backbone {backbone_onnx}")
