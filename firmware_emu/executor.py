@@ -11,8 +11,10 @@ at a time. Elementwise ops write into their input when nothing else can see it.
 
 from __future__ import annotations
 
+import os
 import threading
-from contextlib import contextmanager
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
@@ -46,35 +48,44 @@ def effective_weights(program: Program, layer_index: int,
 
 
 # -- crossbar ops ---------------------------------------------------------------------
-# The matrix products run in torch: its kernels are 2-3x faster than numpy's im2col on this
-# class of machine, and keeping every BLAS call in one threading runtime avoids OpenBLAS and
-# OpenMP threads fighting over the cores. The matrix is always the provider's.
+# The matrix products run in torch: its kernels are 2-3x faster than numpy's im2col here.
+# They run on a few worker threads, each with a single-threaded torch, over slices of the
+# batch: no OpenMP team has to wait at a barrier for a thread another process pushed off
+# a core (measured on two busy cores: a batch-1 VGG conv took 32 ms on torch's 2-thread
+# pool and 3 ms on one thread), and a free worker takes the next slice while one is stalled.
+# The matrix is always the provider's.
+_SPLIT_MACS = 1 << 23  # below this many multiply-adds, one slice: splitting costs more than it saves
+_workers_lock = threading.Lock()
+_worker_pool: tuple[int, ThreadPoolExecutor, int] | None = None  # (pid, pool, workers)
+
+
 def _torch():
     import torch  # deferred: a chip that never runs a program does not pay for the import
 
     return torch
 
 
-# Below this many multiply-adds one thread beats waking torch's pool, and cannot stall on a
-# pool thread that another process has pushed off a core (measured: a 2M-MAC conv took
-# 0.3 ms alone and 30 ms with two threads on two busy cores).
-_POOL_MACS = 1 << 23
-_THREADS = threading.Lock()  # torch's thread count is process-wide: one toggle at a time
+def _workers() -> tuple[ThreadPoolExecutor, int]:
+    """The worker pool, as many threads as torch would use; made again after a fork."""
+    global _worker_pool
+    with _workers_lock:
+        if _worker_pool is None or _worker_pool[0] != os.getpid():
+            torch = _torch()
+            workers = max(1, torch.get_num_threads())
+            _worker_pool = (os.getpid(), ThreadPoolExecutor(workers, "nvcim-mvm", torch.set_num_threads, (1,)),
+                            workers)
+        return _worker_pool[1], _worker_pool[2]
 
 
-@contextmanager
-def _threads_for(macs: int):
-    torch = _torch()
-    if macs >= _POOL_MACS:
-        yield
-        return
-    with _THREADS:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
+def _over_batch(fn: Callable, x, macs: int) -> np.ndarray:
+    """fn(x) computed on the workers, x cut along the batch into up to two slices per worker."""
+    pool, workers = _workers()
+    n = x.shape[0]
+    parts = 1 if macs < _SPLIT_MACS else min(n, 2 * workers)
+    cuts = np.linspace(0, n, parts + 1).astype(int)
+    outs = [f.result().numpy() for f in [pool.submit(fn, x[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]]
+    # joined by numpy: any torch op on this thread would wake torch's own multi-threaded pool
+    return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
 
 def _tensor(x: np.ndarray):
@@ -84,13 +95,34 @@ def _tensor(x: np.ndarray):
     return _torch().from_numpy(x)
 
 
+_kernels: dict[tuple[int, ...], tuple[tuple[weakref.ref, ...], object]] = {}
+
+
+def _kernel(matrices: list[np.ndarray], kernel: list[int]):
+    """The group matrices (Cg*K, Cog) as one torch kernel (C_out, Cg, *kernel).
+
+    Cached while the provider's arrays live (the chip keeps them per cell generation), so
+    the transposing copy is paid once, not on every run.
+    """
+    key = tuple(map(id, matrices))
+    hit = _kernels.get(key)
+    if hit is not None and all(ref() is m for ref, m in zip(hit[0], matrices)):
+        return hit[1]
+    rows = matrices[0].shape[0] // int(np.prod(kernel))
+    stacked = np.stack(matrices).transpose(0, 2, 1)                       # (G, Cog, Cg*K)
+    value = _torch().from_numpy(np.ascontiguousarray(stacked).reshape(-1, rows, *kernel))
+    _kernels[key] = (tuple(weakref.ref(m) for m in matrices), value)
+    weakref.finalize(matrices[0], _kernels.pop, key, None)
+    return value
+
+
 def _matmul(ins: Instr, args: list[np.ndarray], weights: WeightProvider) -> np.ndarray:
     x, = args
     w = weights(ins.layer)
     if x.shape[-1] != w.shape[0]:
         raise ExecutionError(f"input has {x.shape[-1]} features, layer expects {w.shape[0]}")
-    with _threads_for(x.size * w.shape[1]):
-        return (_tensor(x) @ _tensor(w)).numpy()
+    w_t = _tensor(w)
+    return _over_batch(lambda part: part @ w_t, _tensor(x), x.size * w.shape[1])
 
 
 def _conv(ins: Instr, args: list[np.ndarray], weights: WeightProvider) -> np.ndarray:
@@ -98,26 +130,33 @@ def _conv(ins: Instr, args: list[np.ndarray], weights: WeightProvider) -> np.nda
     (channel, kernel offset) order: exactly a convolution with W reshaped to (C_out, C_in/g, *k)."""
     x, = args
     a = ins.attrs
-    kernel, group, pads = a["kernel"], a["group"][0], a["pads"]
+    kernel, group, pads, strides, dilations = a["kernel"], a["group"][0], a["pads"], a["strides"], a["dilations"]
     nd = len(kernel)
-    w = np.stack([weights(ins.layer + g) for g in range(group)])         # (G, Cg*K, Cog)
+    matrices = [weights(ins.layer + g) for g in range(group)]              # each (Cg*K, Cog)
+    rows, cols = matrices[0].shape
     channels = x.shape[1]
-    if channels % group or w.shape[1] != channels // group * int(np.prod(kernel)):
-        raise ExecutionError(f"input has {channels} channels, {group} layer(s) of {w.shape[1]} rows expect "
-                             f"{w.shape[1] * group // int(np.prod(kernel))}")
+    if channels % group or rows != channels // group * int(np.prod(kernel)) \
+            or any(m.shape != (rows, cols) for m in matrices):
+        raise ExecutionError(f"input has {channels} channels; {group} layer(s) of {rows} rows expect "
+                             f"{rows * group // int(np.prod(kernel))}")
     if nd > 3:
         raise ExecutionError(f"{nd}-D convolution: the chip's windows are 1-D to 3-D")
-    kernel_t = _tensor(np.ascontiguousarray(w.transpose(0, 2, 1)).reshape(-1, channels // group, *kernel))
-    positions = np.prod([(n + pads[i] + pads[nd + i] - (k - 1) * d - 1) // s + 1 for i, (n, k, s, d) in
-                         enumerate(zip(x.shape[2:], kernel, a["strides"], a["dilations"]))])
+    kernel_t = _kernel(matrices, kernel)
+    positions = np.prod([(n + pads[i] + pads[nd + i] - (k - 1) * d - 1) // s + 1
+                         for i, (n, k, s, d) in enumerate(zip(x.shape[2:], kernel, strides, dilations))])
     functional = _torch().nn.functional
-    with _threads_for(int(x.shape[0] * positions * w.size)):
-        x_t = _tensor(x)
-        if any(pads):
-            # torch pads symmetrically only; F.pad takes the last axis first
-            x_t = functional.pad(x_t, [p for i in reversed(range(nd)) for p in (pads[i], pads[nd + i])])
-        conv = getattr(functional, f"conv{nd}d")
-        return conv(x_t, kernel_t, stride=a["strides"], dilation=a["dilations"], groups=group).numpy()
+    conv = getattr(functional, f"conv{nd}d")
+    symmetric = pads[:nd] == pads[nd:]
+    # torch pads symmetrically only; F.pad takes the last axis first
+    widths = [p for i in reversed(range(nd)) for p in (pads[i], pads[nd + i])]
+
+    def run(part):
+        if not symmetric:
+            part = functional.pad(part, widths)
+        return conv(part, kernel_t, stride=strides, dilation=dilations, groups=group,
+                    padding=pads[:nd] if symmetric else 0)
+
+    return _over_batch(run, _tensor(x), int(x.shape[0] * positions * rows * cols * group))
 
 
 # -- digital ops ----------------------------------------------------------------------
