@@ -78,10 +78,20 @@ def _workers() -> tuple[ThreadPoolExecutor, int]:
 
 
 def _over_batch(fn: Callable, x, macs: int) -> np.ndarray:
-    """fn(x) computed on the workers, x cut along the batch into up to two slices per worker."""
+    """fn(x) computed on the workers, x cut along the batch into up to two slices per worker;
+    a small product runs here, with torch held to one thread, to spare the hand-over."""
     pool, workers = _workers()
     n = x.shape[0]
     parts = 1 if macs < _SPLIT_MACS else min(n, 2 * workers)
+    if parts == 1:
+        torch = _torch()
+        with _workers_lock:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                return fn(x).numpy()
+            finally:
+                torch.set_num_threads(threads)
     cuts = np.linspace(0, n, parts + 1).astype(int)
     outs = [f.result().numpy() for f in [pool.submit(fn, x[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]]
     # joined by numpy: any torch op on this thread would wake torch's own multi-threaded pool
