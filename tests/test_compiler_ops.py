@@ -304,3 +304,25 @@ def test_opset_newer_than_onnx_is_refused():
     model.opset_import[0].version = onnx.defs.onnx_opset_version() + 1
     with pytest.raises(CompileError, match="newer than the installed onnx supports"):
         compile_model(model, source="model.onnx")
+
+
+def test_newest_opset_forms():
+    """Opset onnx_opset_version(): Pad with an axes input, Split by num_outputs, Reduce with an
+    axes input, AveragePool with dilations. onnxruntime may not know this opset yet, so onnx's
+    own ReferenceEvaluator on the quantised model is the reference."""
+    from onnx.reference import ReferenceEvaluator
+
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("AveragePool", ["c"], ["p"], kernel_shape=[2, 2], strides=[2, 2], dilations=[1, 1],
+                              ceil_mode=1),
+             helper.make_node("Pad", ["p", "pads", "", "axes"], ["q"], mode="edge"),
+             helper.make_node("Split", ["q"], ["a", "b"], axis=1, num_outputs=2),
+             helper.make_node("ReduceMean", ["a", "raxes"], ["y"], keepdims=0)]
+    inits = {"W": w(4, 3, 3, 3), "B": w(4), "pads": np.array([1, 0, 2, 1], np.int64),
+             "axes": np.array([2, 3], np.int64), "raxes": np.array([2], np.int64)}
+    model = build(nodes, {"x": (3, 5, 5)}, ["y", "b"], inits, opset=onnx.defs.onnx_opset_version())
+    x = RNG.standard_normal((2, 3, 5, 5)).astype(np.float32)
+    got = reference.run(compile_model(model), [x])
+    want = ReferenceEvaluator(quantized_model(model)).run(None, {"x": x})
+    for g, r in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, r, rtol=0, atol=1e-5 * np.abs(r).max())
