@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import driver
+from compiler import reference
 from firmware_emu import executor
 from firmware_emu.protocol import CellQuantity
 from tools import datasets
@@ -94,14 +95,9 @@ def test_tsb_flow_reflashes_only_the_tsb_cells(data, backbone, tmp_path):
         chip = chip_logits(dev, new_program, data.x_test)
         full = fetch_noise(dev, tsb_path)
         assert set(full.layers) == {"conv1.weight", "conv2.weight", "fc.weight", "tsb.weight"}
-        tiles = {l.name: l.tiles for l in new_program.layers}
-
-        def weights(i):
-            layer = new_program.layers[i]
-            return executor.effective_weights(new_program, i, lambda t: new_program.tile_cells(tiles[layer.name][t])
-                                              .astype(np.float32) + full.cells[layer.name][t])
-
-        ref, = executor.run(new_program, [data.x_test], weights)
+        dumped = {layer.name: executor.effective_weights(new_program, i, lambda t: full.cells[layer.name][t])
+                  for i, layer in enumerate(new_program.layers)}
+        ref, = reference.run(new_program, [data.x_test], noise=dumped)
         np.testing.assert_allclose(chip, ref, rtol=0, atol=1e-5 * np.abs(chip).max())
         # ... and what torch computes with the chip's weights (backbone and verified TSB)
         w_tsb = quantize(model.tsb.weight)[0] + torch.from_numpy(full.noise["tsb.weight"])
