@@ -94,8 +94,12 @@ def _over_batch(fn: Callable, x, macs: int) -> np.ndarray:
                 torch.set_num_threads(threads)
     cuts = np.linspace(0, n, parts + 1).astype(int)
     outs = [f.result().numpy() for f in [pool.submit(fn, x[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]]
-    # joined by numpy: any torch op on this thread would wake torch's own multi-threaded pool
-    return outs[0] if len(outs) == 1 else np.concatenate(outs)
+    # joined by numpy (a torch op on this thread would wake torch's own multi-threaded pool),
+    # into an array with the slices' memory layout (channels-last stays channels-last)
+    out = np.empty_like(outs[0], shape=(n, *outs[0].shape[1:]))
+    for a, b, part in zip(cuts[:-1], cuts[1:], outs):
+        out[a:b] = part
+    return out
 
 
 def _tensor(x: np.ndarray):
@@ -106,6 +110,13 @@ def _tensor(x: np.ndarray):
 
 
 _kernels: dict[tuple[int, ...], tuple[tuple[weakref.ref, ...], object]] = {}
+
+
+def _channels_last(nd: int):
+    """torch's channels-last memory format for nd spatial dims (None for 1-D): its convolutions
+    are up to 7x faster in it for few input channels, and never much slower."""
+    torch = _torch()
+    return {2: torch.channels_last, 3: torch.channels_last_3d}.get(nd)
 
 
 def _kernel(matrices: list[np.ndarray], kernel: list[int]):
@@ -121,6 +132,9 @@ def _kernel(matrices: list[np.ndarray], kernel: list[int]):
     rows = matrices[0].shape[0] // int(np.prod(kernel))
     stacked = np.stack(matrices).transpose(0, 2, 1)                       # (G, Cog, Cg*K)
     value = _torch().from_numpy(np.ascontiguousarray(stacked).reshape(-1, rows, *kernel))
+    layout = _channels_last(len(kernel))
+    if layout is not None:
+        value = value.contiguous(memory_format=layout)
     _kernels[key] = (tuple(weakref.ref(m) for m in matrices), value)
     weakref.finalize(matrices[0], _kernels.pop, key, None)
     return value
@@ -160,7 +174,11 @@ def _conv(ins: Instr, args: list[np.ndarray], weights: WeightProvider) -> np.nda
     # torch pads symmetrically only; F.pad takes the last axis first
     widths = [p for i in reversed(range(nd)) for p in (pads[i], pads[nd + i])]
 
+    layout = _channels_last(nd)
+
     def run(part):
+        if layout is not None:
+            part = part.contiguous(memory_format=layout)
         if not symmetric:
             part = functional.pad(part, widths)
         return conv(part, kernel_t, stride=strides, dilation=dilations, groups=group,
