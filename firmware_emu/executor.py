@@ -5,8 +5,10 @@ where a layer's effective weights come from (programmed conductances vs. ideal t
 so a mismatch between them points at the cells, not at the op implementations.
 
 Every op is vectorised over the whole batch. A convolution is the im2col product of the
-input's windows with the layer's effective weight matrix; pools reduce one kernel offset
-at a time. Elementwise ops write into their input when nothing else can see it.
+input's windows with the layer's effective weight matrix, computed by torch's convolution
+kernels on that matrix reshaped to a kernel (the same sums, without materialising the
+windows); pools reduce one kernel offset at a time; elementwise ops write into their input
+when nothing else can see it.
 """
 
 from __future__ import annotations
