@@ -204,6 +204,20 @@
 #define NVCIM_STUCK_RATE_OFFSET                  0x05Cu
 #define NVCIM_STUCK_RATE_RESET                   0x00000000u
 
+/* ARRAY_SELECT (RW): Array that ARRAY_CONVERTERS addresses; 0xFFFFFFFF: writes go to every array, reads show array 0. */
+#define NVCIM_ARRAY_SELECT_OFFSET                0x060u
+#define NVCIM_ARRAY_SELECT_RESET                 0xFFFFFFFFu
+
+/* ARRAY_CONVERTERS (RW): Converter resolution of the selected array(s). */
+#define NVCIM_ARRAY_CONVERTERS_OFFSET            0x064u
+#define NVCIM_ARRAY_CONVERTERS_RESET             0x00000000u
+#define NVCIM_ARRAY_CONVERTERS_DAC_BITS_SHIFT    0u  /* input DAC bits, sign included (0: ideal, else 1..16) */
+#define NVCIM_ARRAY_CONVERTERS_DAC_BITS_WIDTH    8u
+#define NVCIM_ARRAY_CONVERTERS_DAC_BITS_MASK     0x000000FFu
+#define NVCIM_ARRAY_CONVERTERS_ADC_BITS_SHIFT    8u  /* column ADC bits, sign included (0: ideal, else 1..24) */
+#define NVCIM_ARRAY_CONVERTERS_ADC_BITS_WIDTH    8u
+#define NVCIM_ARRAY_CONVERTERS_ADC_BITS_MASK     0x0000FF00u
+
 /* CNT_WRITE_PULSES_LO (RO): Write pulses issued since reset, low word. */
 #define NVCIM_CNT_WRITE_PULSES_LO_OFFSET         0x100u
 #define NVCIM_CNT_WRITE_PULSES_LO_RESET          0x00000000u

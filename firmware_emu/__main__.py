@@ -34,6 +34,8 @@ def cli() -> None:
 @click.option("--model", type=click.Choice([m.name for m in DeviceModelCode], case_sensitive=False),
               help="Device variation model [default: GAUSSIAN].")
 @click.option("--read-noise", type=float, help="Read noise, relative to g_max [default: 0].")
+@click.option("--dac-bits", type=int, help="Every array's input DAC bits, 0 = ideal [default: 0].")
+@click.option("--adc-bits", type=int, help="Every array's column ADC bits, 0 = ideal [default: 0].")
 @click.option("--arrays", type=int, help=f"Number of crossbar arrays [default: {_DEFAULTS.arrays}].")
 @click.option("--rows", type=int, help=f"Rows per array [default: {_DEFAULTS.rows}].")
 @click.option("--cols", type=int, help=f"Columns per array [default: {_DEFAULTS.cols}].")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import executor
+from .converters import LayerProduct, tiled_product
 from .crossbar import CellArrays, ProgramStats
 from .nvm_image import NvmImage
 from .physics import DeviceModel, pulse_cost
@@ -23,7 +24,7 @@ from .program_format import Program, ProgramFormatError, packed_size, parse_code
 from .protocol import (FLAG_ERROR, FLAG_RESPONSE, MAX_PAYLOAD, CellMode, CellQuantity,
                        CellsEraseArgs, CellsReadArgs, CellsWriteArgs, CellsWriteReply, Command, ErrorCode, Frame,
                        FrameError, FrameReader, IdentifyReply, ProgramLoadArgs, encode, error_payload)
-from .registers import (BY_OFFSET, CHIP_ID_VALUE, DEFAULT_BUILD, LIMITS, Q16, REGISTERS, VERSION_VALUE, Access,
+from .registers import (ALL_ARRAYS, BY_OFFSET, CHIP_ID_VALUE, DEFAULT_BUILD, LIMITS, Q16, REGISTERS, VERSION_VALUE, Access,
                         DeviceModelCode)
 
 
@@ -33,6 +34,9 @@ class ChipError(Exception):
     def __init__(self, code: ErrorCode, message: str):
         super().__init__(message)
         self.code = code
+
+
+MAX_DAC_BITS, MAX_ADC_BITS = 16, 24
 
 
 @dataclass
@@ -52,6 +56,8 @@ class ChipConfig:
     read_noise: float = 0.0
     clip: bool = False
     stuck_rate: float = 0.0
+    dac_bits: int = 0   # every array's input DAC (0: ideal)
+    adc_bits: int = 0   # every array's column ADC (0: ideal)
 
     def __post_init__(self):
         if self.cell_bits not in (1, 2, 4, 8) or self.weight_bits % self.cell_bits:
@@ -64,6 +70,9 @@ class ChipConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 2] (units of g_max)")
         if not 0 <= self.stuck_rate <= 1:
             raise ValueError(f"stuck_rate={self.stuck_rate} must be in [0, 1]")
+        if not (0 <= self.dac_bits <= MAX_DAC_BITS and 0 <= self.adc_bits <= MAX_ADC_BITS):
+            raise ValueError(f"dac_bits={self.dac_bits} / adc_bits={self.adc_bits} must be in "
+                             f"0..{MAX_DAC_BITS} / 0..{MAX_ADC_BITS} (0: ideal)")
 
     @classmethod
     def parse_options(cls, options: dict[str, str]) -> dict:
@@ -163,7 +172,9 @@ class Chip:
             CAP_CELL=c.weight_bits | (c.cell_bits << 8), CAP_BUFFER=c.buffer_size,
             CAP_MAX_PAYLOAD=MAX_PAYLOAD, SIGMA=round(c.sigma * Q16), SEED=c.seed & 0xFFFFFFFF,
             DEVICE_MODEL=int(c.model), READ_NOISE=round(c.read_noise * Q16), CONFIG=int(c.clip),
-            STUCK_RATE=round(c.stuck_rate * Q16))
+            STUCK_RATE=round(c.stuck_rate * Q16), ARRAY_CONVERTERS=c.dac_bits | c.adc_bits << 8)
+        self.dac_bits = np.full(c.arrays, c.dac_bits, dtype=np.uint8)
+        self.adc_bits = np.full(c.arrays, c.adc_bits, dtype=np.uint8)
         self.counters = {name: 0 for name in COUNTERS}
         self.program: Program | None = self._parse_program(self.program_code) if self.program_code else None
         self._weights_cache.clear()
@@ -188,6 +199,10 @@ class Chip:
             return self._status()
         if name.startswith("CNT_"):
             return self._counter(name)
+        if name == "ARRAY_CONVERTERS":
+            a = self.regs["ARRAY_SELECT"]
+            a = 0 if a == ALL_ARRAYS else a
+            return int(self.dac_bits[a]) | int(self.adc_bits[a]) << 8
         if reg.access == Access.WO:
             return 0
         return self.regs[name]
@@ -210,6 +225,14 @@ class Chip:
                 self.power_on()
             if value & 2:
                 self._run(self.regs["RUN_BATCH"])
+        elif name == "ARRAY_CONVERTERS":
+            dac, adc = value & 0xFF, (value >> 8) & 0xFF
+            if value >> 16 or dac > MAX_DAC_BITS or adc > MAX_ADC_BITS:
+                raise ChipError(ErrorCode.BAD_ARGUMENT, f"ARRAY_CONVERTERS value 0x{value:X}: DAC_BITS must be "
+                                f"0..{MAX_DAC_BITS}, ADC_BITS 0..{MAX_ADC_BITS}, upper bits 0; register unchanged")
+            a = self.regs["ARRAY_SELECT"]
+            target = slice(None) if a == ALL_ARRAYS else a
+            self.dac_bits[target], self.adc_bits[target] = dac, adc
         else:
             self._check_setting(name, value)
             self.regs[name] = value
@@ -224,6 +247,8 @@ class Chip:
             problem = f"exceeds the maximum {LIMITS[name]}"
         elif name in ("VERIFY_TOL", "RUN_BATCH") and value == 0:
             problem = "must be > 0"
+        elif name == "ARRAY_SELECT" and value != ALL_ARRAYS and value >= self.config.arrays:
+            problem = f"is not an array (chip has {self.config.arrays}; 0xFFFFFFFF selects all)"
         if problem:
             raise ChipError(ErrorCode.BAD_ARGUMENT, f"{name} value {value} {problem}; register unchanged")
 
@@ -464,7 +489,7 @@ class Chip:
         feeds = [np.frombuffer(self.buffer, dtype="<f4", count=n // 4, offset=int(o)).reshape(shape)
                  for shape, n, o in zip(shapes, sizes, offsets)]
         try:
-            outputs = executor.run(program, feeds, self._layer_weights)
+            outputs = executor.run(program, feeds, self._layer_weights, self._converter_product())
         except executor.ExecutionError as e:
             raise ChipError(ErrorCode.BAD_ARGUMENT, f"RUN: {e}") from None
         data = b"".join(np.ascontiguousarray(out, dtype="<f4").tobytes() for out in outputs)
@@ -476,6 +501,19 @@ class Chip:
         self._done()
         return struct.pack("<B", len(outputs)) + b"".join(struct.pack(f"<B{o.ndim}I", o.ndim, *o.shape)
                                                            for o in outputs)
+
+    def _converter_product(self) -> LayerProduct | None:
+        """Tile-by-tile products when any array the program uses has finite converters."""
+        used = [t.array for layer in self.program.layers for t in layer.tiles]
+        if not used or not (self.dac_bits[used].any() or self.adc_bits[used].any()):
+            return None
+        s, layers = self.program.slices, self.program.layers
+
+        def conductance(layer: int, i: int) -> np.ndarray:
+            t = layers[layer].tiles[i]
+            return self.cells.g[t.array, t.row:t.row + t.in_count, t.col:t.col + t.out_count * s]
+
+        return tiled_product(self.program, conductance, self.dac_bits, self.adc_bits)
 
     def _layer_weights(self, index: int) -> np.ndarray:
         """Effective weights of a layer from the programmed conductances, cached per cell generation."""

@@ -20,7 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
+from .converters import LayerProduct
 from .program_format import Instr, Opcode, Program
 
 WeightProvider = Callable[[int], np.ndarray]  # layer index -> (in_features, out_features) float32
@@ -142,16 +144,20 @@ def _kernel(matrices: list[np.ndarray], kernel: list[int]):
     return value
 
 
-def _matmul(ins: Instr, args: list[np.ndarray], weights: WeightProvider) -> np.ndarray:
+def _matmul(ins: Instr, args: list[np.ndarray], weights: WeightProvider,
+            product: LayerProduct | None = None) -> np.ndarray:
     x, = args
     w = weights(ins.layer)
     if x.shape[-1] != w.shape[0]:
         raise ExecutionError(f"input has {x.shape[-1]} features, layer expects {w.shape[0]}")
+    if product is not None:
+        return product(ins.layer, x.reshape(-1, w.shape[0])).reshape(*x.shape[:-1], w.shape[1])
     w_t = _tensor(w)
     return _over_batch(lambda part: part @ w_t, _tensor(x), x.size * w.shape[1])
 
 
-def _conv(ins: Instr, args: list[np.ndarray], weights: WeightProvider) -> np.ndarray:
+def _conv(ins: Instr, args: list[np.ndarray], weights: WeightProvider,
+          product: LayerProduct | None = None) -> np.ndarray:
     """out[n, o, p] = sum_r im2col(x)[n, p, r] * W[r, o], one matrix W per group, rows r in
     (channel, kernel offset) order: exactly a convolution with W reshaped to (C_out, C_in/g, *k)."""
     x, = args
@@ -167,6 +173,8 @@ def _conv(ins: Instr, args: list[np.ndarray], weights: WeightProvider) -> np.nda
                              f"{rows * group // int(np.prod(kernel))}")
     if nd > 3:
         raise ExecutionError(f"{nd}-D convolution: the chip's windows are 1-D to 3-D")
+    if product is not None:
+        return _conv_tiled(ins, x, rows, product)
     kernel_t = _kernel(matrices, kernel)
     positions = np.prod([(n + pads[i] + pads[nd + i] - (k - 1) * d - 1) // s + 1
                          for i, (n, k, s, d) in enumerate(zip(x.shape[2:], kernel, strides, dilations))])
@@ -187,6 +195,22 @@ def _conv(ins: Instr, args: list[np.ndarray], weights: WeightProvider) -> np.nda
                     padding=pads[:nd] if symmetric else 0)
 
     return _over_batch(run, _tensor(x), int(x.shape[0] * positions * rows * cols * group))
+
+
+def _conv_tiled(ins: Instr, x: np.ndarray, rows: int, product: LayerProduct) -> np.ndarray:
+    """Convolution as the crossbars see it: explicit im2col rows through each group's layer."""
+    a = ins.attrs
+    kernel, group, pads = a["kernel"], a["group"][0], a["pads"]
+    nd = len(kernel)
+    padded = _pad_spatial(x, pads, nd, 0.0)
+    span = [(k - 1) * d + 1 for k, d in zip(kernel, a["dilations"])]
+    v = sliding_window_view(padded, span, axis=tuple(range(2, 2 + nd)))
+    v = v[(slice(None), slice(None)) + tuple(slice(None, None, st) for st in a["strides"])
+          + tuple(slice(None, None, d) for d in a["dilations"])]               # (N, C, *O, *K)
+    n, spatial = x.shape[0], v.shape[2:2 + nd]
+    cols = v.transpose(0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd)).reshape(-1, group * rows)
+    out = np.concatenate([product(ins.layer + g, cols[:, g * rows:(g + 1) * rows]) for g in range(group)], axis=1)
+    return np.moveaxis(out.reshape(n, *spatial, -1), -1, 1)
 
 
 # -- digital ops ----------------------------------------------------------------------
@@ -335,13 +359,18 @@ _BINARY: dict[Opcode, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
 }
 
 
-def execute(ins: Instr, args: list[np.ndarray], weights: WeightProvider) -> list[np.ndarray]:
-    """Run one instruction on its input arrays; the compiler also uses it to learn output shapes."""
+def execute(ins: Instr, args: list[np.ndarray], weights: WeightProvider,
+            product: LayerProduct | None = None) -> list[np.ndarray]:
+    """Run one instruction on its input arrays; the compiler also uses it to learn output shapes.
+
+    ``product``: form crossbar products tile by tile through it (finite converters)
+    instead of multiplying by the effective matrix.
+    """
     op = ins.op
     if op == Opcode.MATMUL:
-        return [_matmul(ins, args, weights)]
+        return [_matmul(ins, args, weights, product)]
     if op == Opcode.CONV:
-        return [_conv(ins, args, weights)]
+        return [_conv(ins, args, weights, product)]
     if op in _UNARY:
         return [_UNARY[op](ins, args[0])]
     if op in _BINARY:
@@ -366,7 +395,8 @@ _IN_PLACE: dict[Opcode, Callable[[Instr, list[np.ndarray]], np.ndarray]] = {
 _VIEWS = {Opcode.RESHAPE, Opcode.TRANSPOSE, Opcode.SLICE, Opcode.SPLIT}
 
 
-def run(program: Program, feeds: list[np.ndarray], weights: WeightProvider) -> list[np.ndarray]:
+def run(program: Program, feeds: list[np.ndarray], weights: WeightProvider,
+        product: LayerProduct | None = None) -> list[np.ndarray]:
     """Execute ``program`` on ``feeds`` (one array per program input, batch first)."""
     if len(feeds) != len(program.inputs):
         raise ExecutionError(f"program takes {len(program.inputs)} inputs, got {len(feeds)}")
@@ -390,7 +420,7 @@ def run(program: Program, feeds: list[np.ndarray], weights: WeightProvider) -> l
                     and np.broadcast_shapes(*(a.shape for a in args)) == args[0].shape:
                 outs = [_IN_PLACE[ins.op](ins, args)]
             else:
-                outs = execute(ins, args, weights)
+                outs = execute(ins, args, weights, product)
         except (ValueError, IndexError, KeyError, TypeError) as e:
             raise ExecutionError(f"{ins.op.name} '{ins.name}': {e}") from None
         if len(outs) != len(ins.outputs):

@@ -72,6 +72,7 @@ def _counter64(name: str, offset: int, description: str) -> tuple[Register, Regi
 
 
 _B = DEFAULT_BUILD
+ALL_ARRAYS = 0xFFFFFFFF
 REGISTERS: tuple[Register, ...] = (
     Register("CHIP_ID", 0x000, Access.RO, CHIP_ID_VALUE,
              "Identifies the part: 0x4E564331, 'NVC1' read most significant byte first."),
@@ -125,6 +126,12 @@ REGISTERS: tuple[Register, ...] = (
     )),
     Register("STUCK_RATE", 0x05C, Access.RW, 0,
              "Fraction of cells stuck at 0 or g_max (half each), Q16.16 (<= 1.0); the map is fixed by SEED."),
+    Register("ARRAY_SELECT", 0x060, Access.RW, ALL_ARRAYS,
+             "Array that ARRAY_CONVERTERS addresses; 0xFFFFFFFF: writes go to every array, reads show array 0."),
+    Register("ARRAY_CONVERTERS", 0x064, Access.RW, 0, "Converter resolution of the selected array(s).", (
+        Field("DAC_BITS", 0, 8, "input DAC bits, sign included (0: ideal, else 1..16)"),
+        Field("ADC_BITS", 8, 8, "column ADC bits, sign included (0: ideal, else 1..24)"),
+    )),
     *_counter64("WRITE_PULSES", 0x100, "Write pulses issued since reset"),
     *_counter64("READ_PULSES", 0x108, "Read pulses issued since reset"),
     *_counter64("VERIFY_ITERS", 0x110, "Write-verify corrective pulses since reset"),
