@@ -102,6 +102,22 @@ def compile_cmd(onnx_path: Path, output: Path, arrays: int, rows: int, cols: int
                f"{len(program.instructions)} instructions, {program.arrays_used} arrays")
 
 
+@main.command()
+@click.argument("program_path", type=click.Path(path_type=Path))
+def disasm(program_path: Path) -> None:
+    """Print a compiled program as a readable listing (layers, tiles, instructions)."""
+    from compiler.disasm import disassemble
+    from firmware_emu.program_format import Program, ProgramFormatError
+
+    try:
+        program = Program.from_bytes(program_path.read_bytes())
+    except OSError as e:
+        raise click.ClickException(f"{program_path}: {e.strerror}") from None
+    except ProgramFormatError as e:
+        raise click.ClickException(f"{program_path}: {e}") from None
+    click.echo(disassemble(program))
+
+
 # -- training -----------------------------------------------------------------------------------
 def _train_options(fn):
     opts = [
