@@ -221,6 +221,8 @@ class Chip:
         if reg.access == Access.W1C:
             self.regs[name] &= ~value
         elif name == "CONTROL":
+            if value & 2 and self.program is None:  # refuse before the reset, so nothing changes
+                raise ChipError(ErrorCode.NO_PROGRAM, "CONTROL.START: no program loaded (PROGRAM_LOAD first)")
             if value & 1:
                 self.power_on()
             if value & 2:

@@ -159,3 +159,11 @@ def test_malformed_cell_commands_are_refused_with_the_reason():
         with pytest.raises(driver.DeviceError, match="CELLS_READ: payload is 3 bytes, expected 21") as e:
             dev.link.transact(Command.CELLS_READ, b"abc")
         assert e.value.code == ErrorCode.BAD_LENGTH
+
+
+def test_refused_start_does_not_reset_the_chip():
+    with driver.open("emu://") as dev:
+        dev.write_register("VERIFY_TOL", 1000)
+        with pytest.raises(driver.DeviceError, match="CONTROL.START: no program loaded"):
+            dev.write_register("CONTROL", 0b11)  # SOFT_RESET | START
+        assert dev.read_register("VERIFY_TOL") == 1000
