@@ -23,11 +23,12 @@ def ideal_weights(program: Program, layer_index: int) -> np.ndarray:
 
 
 def run(program: Program, feeds: list[np.ndarray] | dict[str, np.ndarray],
-        noise: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
+        noise: dict[str, np.ndarray] | None = None, *, engine: bool = True) -> list[np.ndarray]:
     """Execute ``program`` on ``feeds`` (a list in program input order, or by input name).
 
     ``noise``: layer name -> (in_features, out_features) array added to that layer's ideal
-    weights, in weight units.
+    weights, in weight units. ``engine``: as for ``executor.run`` (False: interpret every
+    instruction, the slow path the graph engine is checked against).
     """
     if isinstance(feeds, dict):
         names = [program.tensors[t].name for t in program.inputs]
@@ -57,4 +58,4 @@ def run(program: Program, feeds: list[np.ndarray] | dict[str, np.ndarray],
             cache[index] = w
         return cache[index]
 
-    return executor.run(program, list(feeds), weights)
+    return executor.run(program, list(feeds), weights, engine=engine)

@@ -1,0 +1,69 @@
+"""The graph engine: a loaded program run as one onnxruntime graph of the programmed weights.
+
+It must compute what the interpreter computes from the same conductances (never the
+targets), follow the cells when they are reprogrammed, and free its sessions with the
+program and weights they were built from.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+
+import driver
+from compiler import compile_model, reference
+from firmware_emu import executor, graph_engine
+from test_models import LeNet3, export, randomised
+
+
+@pytest.fixture(scope="module")
+def lenet(tmp_path_factory):
+    return export(randomised(LeNet3), tmp_path_factory.mktemp("lenet") / "lenet3.onnx", (1, 28, 28), dynamo=False)
+
+
+def _interpreted(chip, x: np.ndarray) -> np.ndarray:
+    """What the chip computes, op by op, from its current conductances."""
+    return executor.run(chip.program, [x], chip._layer_weights, engine=False)[0]
+
+
+def test_engine_computes_the_programmed_conductances_not_the_targets(lenet):
+    x = np.random.default_rng(0).standard_normal((8, 1, 28, 28)).astype(np.float32)
+    with driver.load(lenet, device="emu://?sigma=0.3&seed=4&arrays=4") as sess:
+        chip = sess.device.link.port.chip
+        got, = sess.run(None, {"x": x})
+        assert graph_engine.graph_for(chip.program, chip._layer_weights) is not None
+        want = _interpreted(chip, x)
+        ideal, = reference.run(sess.program, [x])
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    assert np.abs(got - ideal).max() > 1e-2 * np.abs(ideal).max()  # sigma 0.3 moved the outputs
+
+
+def test_graph_is_reused_between_runs_and_rebuilt_after_reprogramming(lenet):
+    x = np.random.default_rng(1).standard_normal((4, 1, 28, 28)).astype(np.float32)
+    with driver.load(lenet, device="emu://?sigma=0.3&seed=5&arrays=4") as sess:
+        chip = sess.device.link.port.chip
+        before, = sess.run(None, {"x": x})
+        graph = graph_engine.graph_for(chip.program, chip._layer_weights)
+        again, = sess.run(None, {"x": x})
+        assert graph_engine.graph_for(chip.program, chip._layer_weights) is graph
+        np.testing.assert_array_equal(before, again)
+
+        tile = sess.program.layers[0].tiles[0]  # reflash conv1's positive tile: new noise draws
+        targets = sess.program.tile_cells(tile)
+        sess.device.write_cells(tile.array, tile.row, tile.col, targets)
+        after, = sess.run(None, {"x": x})
+        assert graph_engine.graph_for(chip.program, chip._layer_weights) is not graph
+        assert not np.array_equal(after, before)
+        np.testing.assert_allclose(after, _interpreted(chip, x), rtol=0, atol=1e-5 * np.abs(after).max())
+
+
+def test_sessions_are_freed_with_their_program(mlp_path):
+    program = compile_model(mlp_path)
+    weights = [reference.ideal_weights(program, i) for i in range(len(program.layers))]
+    graph_engine.graph_for(program, weights.__getitem__)
+    held = len(graph_engine._graphs)
+    del program, weights
+    gc.collect()
+    assert len(graph_engine._graphs) == held - 1
