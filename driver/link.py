@@ -38,11 +38,14 @@ class Link:
     def close(self) -> None:
         self.port.close()
 
-    def transact(self, command: Command, payload: bytes = b"", retries: int | None = None) -> bytes:
-        """Send one command and return the chip's reply payload (``retries`` overrides the default)."""
+    def transact(self, command: Command, payload: bytes = b"", *more: bytes, retries: int | None = None) -> bytes:
+        """Send one command and return the chip's reply payload (``retries`` overrides the default).
+
+        ``more``: further buffers the payload continues with (framed without joining them first).
+        """
         retries = self.retries if retries is None else retries
         self._seq = self._next_seq()
-        frame = encode(command, self._seq, payload)
+        frame = encode(command, self._seq, payload, 0, *more)
         last_problem = "no reply"
         for attempt in range(retries + 1):
             if attempt:

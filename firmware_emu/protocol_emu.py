@@ -91,7 +91,7 @@ class Serial(SerialBase):
     def read(self, size: int = 1) -> bytes:
         """Return up to ``size`` reply bytes; nothing can arrive later, so never wait."""
         self._require_open()
-        data = bytes(self._rx[:size])
+        data = bytes(memoryview(self._rx)[:size])
         del self._rx[:size]
         return data
 
