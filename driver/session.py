@@ -114,6 +114,7 @@ class Session:
         self._inputs = _node_args(v for v in model.graph.input
                                   if v.name not in {i.name for i in model.graph.initializer})
         self._outputs = _node_args(model.graph.output)
+        self._output_bytes = sum(4 * int(np.prod(program.tensors[t].shape[1:])) for t in program.outputs)
 
     # onnxruntime-compatible surface ---------------------------------------------------
     def get_inputs(self) -> list[NodeArg]:
@@ -142,8 +143,7 @@ class Session:
     def _max_batch(self, feeds: list[np.ndarray]) -> int:
         """Largest batch whose inputs and outputs fit the chip's staging buffer at once."""
         per_input = sum(f[0].nbytes for f in feeds)
-        per_output = sum(4 * int(np.prod(self.program.tensors[t].shape[1:])) for t in self.program.outputs)
-        return max(1, self.device.identity.buffer_size // max(per_input, per_output, 1))
+        return max(1, self.device.identity.buffer_size // max(per_input, self._output_bytes, 1))
 
     def _check_feed(self, input_feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         names = [i.name for i in self._inputs]
