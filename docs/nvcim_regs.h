@@ -15,6 +15,7 @@
 #define NVCIM_MAX_PAYLOAD                        1048576u  /* bytes */
 #define NVCIM_FLAG_RESPONSE                      0x01u
 #define NVCIM_FLAG_ERROR                         0x02u
+#define NVCIM_FLAG_ASYNC                         0x04u  /* request: run a long command in the background */
 
 /* Payload sizes in bytes (packed, little endian) */
 #define NVCIM_CELL_REGION_SIZE                   20u
@@ -37,6 +38,7 @@
 #define NVCIM_CMD_CELLS_READ                     0x41u
 #define NVCIM_CMD_CELLS_ERASE                    0x42u
 #define NVCIM_CMD_RUN                            0x50u
+#define NVCIM_CMD_OP_RESULT                      0x60u
 
 /* Error codes (first u16 of an error reply; ERROR_CODE register) */
 #define NVCIM_ERR_OK                             0u
@@ -51,6 +53,8 @@
 #define NVCIM_ERR_BAD_PROGRAM                    9u
 #define NVCIM_ERR_NO_PROGRAM                     10u
 #define NVCIM_ERR_BAD_ARGUMENT                   11u
+#define NVCIM_ERR_BUSY                           12u
+#define NVCIM_ERR_ABORTED                        13u
 #define NVCIM_ERR_INTERNAL                       15u
 
 /* CELLS_WRITE mode */
@@ -124,16 +128,22 @@
 #define NVCIM_CONTROL_SOFT_RESET_SHIFT           0u  /* 1: clear status, error and counters, return every setting to its power-on value and reseed; cells and the loaded program (non-volatile) are kept */
 #define NVCIM_CONTROL_SOFT_RESET_WIDTH           1u
 #define NVCIM_CONTROL_SOFT_RESET_MASK            0x00000001u
-#define NVCIM_CONTROL_START_SHIFT                1u  /* 1: run the loaded program on RUN_BATCH inputs staged in the buffer, as the RUN command does */
+#define NVCIM_CONTROL_START_SHIFT                1u  /* 1: start running the loaded program on RUN_BATCH inputs staged in the buffer, as RUN does, in the background (STATUS.BUSY until it ends; OP_RESULT has its reply) */
 #define NVCIM_CONTROL_START_WIDTH                1u
 #define NVCIM_CONTROL_START_MASK                 0x00000002u
+#define NVCIM_CONTROL_ABORT_SHIFT                2u  /* 1: stop the running background operation at the next chunk boundary (work of finished chunks is kept); no effect when none runs */
+#define NVCIM_CONTROL_ABORT_WIDTH                1u
+#define NVCIM_CONTROL_ABORT_MASK                 0x00000004u
 
 /* STATUS (RO): Chip state. */
 #define NVCIM_STATUS_OFFSET                      0x024u
 #define NVCIM_STATUS_RESET                       0x00000001u
-#define NVCIM_STATUS_READY_SHIFT                 0u  /* 1 when able to accept a command (operations complete within their command) */
+#define NVCIM_STATUS_READY_SHIFT                 0u  /* 1 when no background operation runs (= not BUSY): every command is served */
 #define NVCIM_STATUS_READY_WIDTH                 1u
 #define NVCIM_STATUS_READY_MASK                  0x00000001u
+#define NVCIM_STATUS_BUSY_SHIFT                  1u  /* 1 while a background operation runs (FLAG_ASYNC command or CONTROL.START); only PING, IDENTIFY, REG_READ, REG_WRITE and OP_RESULT are served */
+#define NVCIM_STATUS_BUSY_WIDTH                  1u
+#define NVCIM_STATUS_BUSY_MASK                   0x00000002u
 #define NVCIM_STATUS_PROGRAM_LOADED_SHIFT        2u  /* 1 when a program is loaded */
 #define NVCIM_STATUS_PROGRAM_LOADED_WIDTH        1u
 #define NVCIM_STATUS_PROGRAM_LOADED_MASK         0x00000004u
@@ -164,6 +174,9 @@
 #define NVCIM_IRQ_FLAGS_VERIFY_FAIL_SHIFT        2u  /* write-verify left at least one cell out of tolerance */
 #define NVCIM_IRQ_FLAGS_VERIFY_FAIL_WIDTH        1u
 #define NVCIM_IRQ_FLAGS_VERIFY_FAIL_MASK         0x00000004u
+#define NVCIM_IRQ_FLAGS_ABORTED_SHIFT            3u  /* a background operation was stopped by CONTROL.ABORT */
+#define NVCIM_IRQ_FLAGS_ABORTED_WIDTH            1u
+#define NVCIM_IRQ_FLAGS_ABORTED_MASK             0x00000008u
 
 /* RUN_BATCH (RW): Batch size CONTROL.START runs. */
 #define NVCIM_RUN_BATCH_OFFSET                   0x034u
@@ -217,6 +230,24 @@
 #define NVCIM_ARRAY_CONVERTERS_ADC_BITS_SHIFT    8u  /* column ADC bits, sign included (0: ideal, else 1..24) */
 #define NVCIM_ARRAY_CONVERTERS_ADC_BITS_WIDTH    8u
 #define NVCIM_ARRAY_CONVERTERS_ADC_BITS_MASK     0x0000FF00u
+
+/* OP_STATUS (RO): The running or last background operation. */
+#define NVCIM_OP_STATUS_OFFSET                   0x070u
+#define NVCIM_OP_STATUS_RESET                    0x00000000u
+#define NVCIM_OP_STATUS_COMMAND_SHIFT            0u  /* its command code (CELLS_WRITE 0x40, CELLS_ERASE 0x42, RUN 0x50); 0: none since power-on or SOFT_RESET */
+#define NVCIM_OP_STATUS_COMMAND_WIDTH            8u
+#define NVCIM_OP_STATUS_COMMAND_MASK             0x000000FFu
+#define NVCIM_OP_STATUS_STATE_SHIFT              8u  /* 0 NONE, 1 RUNNING, 2 DONE, 3 ABORTED, 4 FAILED (OP_RESULT has the error) */
+#define NVCIM_OP_STATUS_STATE_WIDTH              3u
+#define NVCIM_OP_STATUS_STATE_MASK               0x00000700u
+
+/* OP_PROGRESS (RO): Units done by the running or last background operation (CELLS_WRITE: region cells, CELLS_ERASE: array rows, RUN: samples); grows chunk by chunk. */
+#define NVCIM_OP_PROGRESS_OFFSET                 0x074u
+#define NVCIM_OP_PROGRESS_RESET                  0x00000000u
+
+/* OP_TOTAL (RO): Units of the whole running or last background operation (same unit as OP_PROGRESS). */
+#define NVCIM_OP_TOTAL_OFFSET                    0x078u
+#define NVCIM_OP_TOTAL_RESET                     0x00000000u
 
 /* CNT_WRITE_PULSES_LO (RO): Write pulses issued since reset, low word. */
 #define NVCIM_CNT_WRITE_PULSES_LO_OFFSET         0x100u

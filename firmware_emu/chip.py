@@ -3,15 +3,24 @@
 A transport hands raw bytes to ``Chip.feed`` and sends back what it returns. Every frame
 gets a reply; a frame that repeats the previous sequence number is answered from a cache
 without running again, so a host may retransmit any command safely.
+
+The long commands (CELLS_WRITE, CELLS_ERASE, RUN) work in chunks: row groups of cells,
+batch slices of a run. Without FLAG_ASYNC the chunks run one after the other inside the
+command; with it (and for a CONTROL.START run) the command is checked, acknowledged at
+once, and the same chunks run on a chip-owned worker thread, so the bytes a chip writes
+do not depend on how it was asked. Frame handling and every chunk take one chip lock, so
+a host's frame is served between two chunks: that is where CONTROL.ABORT stops the work.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import struct
+import threading
 import types
 import zlib
-from dataclasses import dataclass
+from collections.abc import Generator
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -21,22 +30,84 @@ from .crossbar import CellArrays, ProgramStats
 from .nvm_image import NvmImage
 from .physics import DeviceModel, pulse_cost
 from .program_format import Program, ProgramFormatError, packed_size, parse_code, unpack_cells
-from .protocol import (FLAG_ERROR, FLAG_RESPONSE, MAX_PAYLOAD, CellMode, CellQuantity,
+from .protocol import (FLAG_ASYNC, FLAG_ERROR, FLAG_RESPONSE, MAX_PAYLOAD, CellMode, CellQuantity,
                        CellsEraseArgs, CellsReadArgs, CellsWriteArgs, CellsWriteReply, Command, ErrorCode, Frame,
                        FrameError, FrameReader, IdentifyReply, ProgramLoadArgs, encode, error_payload)
 from .registers import (ALL_ARRAYS, BY_OFFSET, CHIP_ID_VALUE, DEFAULT_BUILD, LIMITS, Q16, REGISTERS, VERSION_VALUE, Access,
-                        DeviceModelCode)
+                        DeviceModelCode, OpState)
 
 
 class ChipError(Exception):
-    """A command the chip refuses; becomes an error reply with ``code``."""
+    """A command the chip refuses; becomes an error reply with ``code``.
 
-    def __init__(self, code: ErrorCode, message: str):
+    ``record=False`` for a reply that reports an error without being one (OP_RESULT
+    returning a background operation's error): it leaves the error registers alone.
+    """
+
+    def __init__(self, code: ErrorCode, message: str, record: bool = True):
         super().__init__(message)
         self.code = code
+        self.record = record
 
 
 MAX_DAC_BITS, MAX_ADC_BITS = 16, 24
+
+# Chunks of the long commands: an abort takes effect, and a host's frame is served, between two.
+WRITE_CHUNK_CELLS = 1 << 16  # CELLS_WRITE: whole rows, about this many cells (~10 ms of write-verify)
+ERASE_CHUNK_CELLS = 1 << 18  # CELLS_ERASE: rows of one array, at most about this many cells
+RUN_SLICE = 256              # RUN: samples per batch slice
+
+CONTROL_SOFT_RESET, CONTROL_START, CONTROL_ABORT = 0b001, 0b010, 0b100
+STATUS_READY, STATUS_BUSY, STATUS_PROGRAM_LOADED, STATUS_ERROR, STATUS_BUS_ERROR = 0x01, 0x02, 0x04, 0x08, 0x10
+IRQ_DONE, IRQ_ERROR, IRQ_VERIFY_FAIL, IRQ_ABORTED = 0x1, 0x2, 0x4, 0x8
+
+# Commands served while a background operation runs; every other one is refused with BUSY.
+SERVED_WHILE_BUSY = frozenset({Command.PING, Command.IDENTIFY, Command.REG_READ, Command.REG_WRITE, Command.OP_RESULT})
+# Settings each background operation reads: a REG_WRITE to them is refused with BUSY while it runs.
+SETTINGS_IN_USE: dict[Command, frozenset[str]] = {
+    Command.CELLS_WRITE: frozenset({"DEVICE_MODEL", "SIGMA", "READ_NOISE", "SEED", "VERIFY_TOL", "VERIFY_MAX_ITER",
+                                    "CONFIG", "STUCK_RATE"}),
+    Command.CELLS_ERASE: frozenset(),
+    Command.RUN: frozenset({"ARRAY_CONVERTERS"}),
+}
+UNITS = {Command.CELLS_WRITE: "cells", Command.CELLS_ERASE: "rows", Command.RUN: "samples"}
+
+
+class _Abort(Exception):
+    """Thrown into an operation's steps at a chunk boundary by CONTROL.ABORT."""
+
+
+Steps = Generator[int, None, bytes]  # each next() runs one chunk and yields the units done; returns the reply
+
+
+@dataclass(eq=False)
+class Operation:
+    """A checked long command, ready to run its chunks (in the command, or in the background)."""
+
+    command: Command
+    total: int    # units (UNITS[command]) of the whole operation
+    steps: Steps  # primed: the first next() runs the first chunk
+    done: int = 0
+    state: OpState = OpState.RUNNING
+    result: bytes | ChipError | None = field(default=None, repr=False)
+
+    def describe(self) -> str:
+        return f"{self.command.name} ({self.done} of {self.total} {UNITS[self.command]} done)"
+
+
+def _primed(steps: Steps) -> Steps:
+    """Run a steps generator to its first ``yield 0``, inside its abort handler."""
+    next(steps)
+    return steps
+
+
+def run_to_end(steps: Steps) -> bytes:
+    """Run every remaining chunk here and return the reply (the synchronous form)."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
 
 
 @dataclass
@@ -122,6 +193,10 @@ class Chip:
         self._reader = FrameReader(MAX_PAYLOAD)
         self._last: tuple[tuple[int, int, int], bytes] | None = None  # ((seq, command, payload crc), reply)
         self._weights_cache: dict[int, tuple[int, np.ndarray]] = {}
+        self._lock = threading.Lock()          # one frame or one chunk at a time
+        self._gate = threading.Condition()     # hosts waiting for the lock go before the next chunk
+        self._hosts_waiting = 0
+        self.operation: Operation | None = None  # the running or last background operation
         self.power_on()
 
     @classmethod
@@ -179,6 +254,12 @@ class Chip:
         self.program: Program | None = self._parse_program(self.program_code) if self.program_code else None
         self._weights_cache.clear()
         self.rng = np.random.default_rng(self.regs["SEED"])
+        self.operation = None  # never running here: SOFT_RESET is refused while BUSY
+
+    @property
+    def busy(self) -> bool:
+        """A background operation is running (STATUS.BUSY)."""
+        return self.operation is not None and self.operation.state == OpState.RUNNING
 
     @property
     def device(self) -> DeviceModel:
@@ -187,7 +268,8 @@ class Chip:
                            read_noise=self.regs["READ_NOISE"] / Q16, clip=bool(self.regs["CONFIG"] & 1))
 
     def _status(self) -> int:
-        return self.regs["STATUS"] & ~0b100 | (0b100 if self.program is not None else 0)
+        live = (STATUS_BUSY if self.busy else STATUS_READY) | (STATUS_PROGRAM_LOADED if self.program is not None else 0)
+        return self.regs["STATUS"] & ~(STATUS_READY | STATUS_BUSY | STATUS_PROGRAM_LOADED) | live
 
     # -- registers -----------------------------------------------------------------
     def read_register(self, addr: int) -> int:
@@ -218,15 +300,14 @@ class Chip:
         if reg.access == Access.RO:
             self._bus_error(addr, ErrorCode.READ_ONLY, f"write to read-only register {reg.name} (0x{addr:03X})")
         name = reg.name
+        running = self.operation if self.busy else None
         if reg.access == Access.W1C:
             self.regs[name] &= ~value
         elif name == "CONTROL":
-            if value & 2 and self.program is None:  # refuse before the reset, so nothing changes
-                raise ChipError(ErrorCode.NO_PROGRAM, "CONTROL.START: no program loaded (PROGRAM_LOAD first)")
-            if value & 1:
-                self.power_on()
-            if value & 2:
-                self._run(self.regs["RUN_BATCH"])
+            self._control(value, running)
+        elif running is not None and name in SETTINGS_IN_USE[running.command]:
+            raise ChipError(ErrorCode.BUSY, f"{name} is in use by the running {running.describe()}; register "
+                            f"unchanged (wait for STATUS.BUSY = 0, or write CONTROL.ABORT)")
         elif name == "ARRAY_CONVERTERS":
             dac, adc = value & 0xFF, (value >> 8) & 0xFF
             if value >> 16 or dac > MAX_DAC_BITS or adc > MAX_ADC_BITS:
@@ -240,6 +321,24 @@ class Chip:
             self.regs[name] = value
             if name == "SEED":
                 self.rng = np.random.default_rng(value)
+
+    def _control(self, value: int, running: Operation | None) -> None:
+        """CONTROL strobes. While an operation runs only ABORT acts (SOFT_RESET and START are
+        refused with BUSY, the whole write with them); with none running ABORT does nothing."""
+        if running is not None:
+            if value & (CONTROL_SOFT_RESET | CONTROL_START):
+                what = "SOFT_RESET" if value & CONTROL_SOFT_RESET else "START"
+                raise ChipError(ErrorCode.BUSY, f"CONTROL.{what} while {running.describe()} runs; nothing done "
+                                f"(write CONTROL.ABORT alone first)")
+            if value & CONTROL_ABORT:
+                self._abort(running)
+            return
+        if value & CONTROL_START and self.program is None:  # refuse before the reset, so nothing changes
+            raise ChipError(ErrorCode.NO_PROGRAM, "CONTROL.START: no program loaded (PROGRAM_LOAD first)")
+        if value & CONTROL_SOFT_RESET:
+            self.power_on()
+        if value & CONTROL_START:
+            self._start(self._run(self.regs["RUN_BATCH"], "CONTROL.START"))
 
     def _check_setting(self, name: str, value: int) -> None:
         problem = None
@@ -255,13 +354,31 @@ class Chip:
             raise ChipError(ErrorCode.BAD_ARGUMENT, f"{name} value {value} {problem}; register unchanged")
 
     def _bus_error(self, addr: int, code: ErrorCode, message: str):
-        self.regs["STATUS"] |= 0x10
+        self.regs["STATUS"] |= STATUS_BUS_ERROR
         self.regs["ERROR_ADDR"] = addr
         raise ChipError(code, message)
 
     # -- frames --------------------------------------------------------------------
     def feed(self, data: bytes) -> bytes:
-        """Consume bytes from the host; return the reply bytes (possibly empty)."""
+        """Consume bytes from the host; return the reply bytes (possibly empty).
+
+        Safe to call while a background operation runs: the frames are served between two
+        of its chunks (a waiting host goes before the next chunk).
+        """
+        with self._gate:
+            self._hosts_waiting += 1
+        try:
+            self._lock.acquire()
+        finally:
+            with self._gate:
+                self._hosts_waiting -= 1
+                self._gate.notify_all()
+        try:
+            return self._feed(data)
+        finally:
+            self._lock.release()
+
+    def _feed(self, data: bytes) -> bytes:
         replies = []
         for item in self._reader.feed(data):
             if isinstance(item, FrameError):
@@ -279,34 +396,130 @@ class Chip:
         try:
             if frame.flags & FLAG_RESPONSE:
                 raise ChipError(ErrorCode.BAD_ARGUMENT, "frame has the RESPONSE flag set: the chip takes requests only")
-            code_before = self.program_code
-            payload = self.execute(frame.command, frame.payload)
-            if self.image is not None and (self.cells.dirty or self.program_code is not code_before):
-                self._commit(self.cells.dirty, self.program_code is not code_before)
-            self.cells.dirty = set()
-            reply = encode(frame.command, frame.seq, payload, FLAG_RESPONSE)
-            self.regs["STATUS"] &= ~0b1000
+            code_before, operation_before, was_busy = self.program_code, self.operation, self.busy
+            payload = self.execute(frame.command, frame.payload, frame.flags)
+            started = self.operation is not operation_before and self.busy
+            ended_here = was_busy and not self.busy  # CONTROL.ABORT: its ABORTED error stays in STATUS.ERROR
+            if not self.busy:  # a background operation persists its cells when it ends
+                if self.image is not None and (self.cells.dirty or self.program_code is not code_before):
+                    self._commit(self.cells.dirty, self.program_code is not code_before)
+                self.cells.dirty = set()
+            # the reply to a request that started a background operation carries FLAG_ASYNC
+            reply = encode(frame.command, frame.seq, payload, FLAG_RESPONSE | (FLAG_ASYNC if started else 0))
+            if not ended_here:
+                self.regs["STATUS"] &= ~STATUS_ERROR
         except Exception as e:  # every frame gets a reply; a fault inside the chip is INTERNAL
             if not isinstance(e, ChipError):
                 e = ChipError(ErrorCode.INTERNAL, f"internal fault: {type(e).__name__}: {e}")
-            self.cells.dirty = set()
-            self.regs["STATUS"] |= 0b1000
-            self.regs["ERROR_CODE"] = int(e.code)
-            self.regs["IRQ_FLAGS"] |= 0b10
+            if not self.busy:
+                self.cells.dirty = set()
+            if e.record:
+                self._record_error(e.code, IRQ_ERROR)
             reply = encode(frame.command, frame.seq, error_payload(e.code, str(e)), FLAG_RESPONSE | FLAG_ERROR)
         self._last = (key, reply)
         return reply
 
-    def execute(self, command: int, payload: bytes) -> bytes:
-        """Run one command; raise ChipError for anything the chip refuses."""
+    def _record_error(self, code: ErrorCode, irq: int) -> None:
+        self.regs["STATUS"] |= STATUS_ERROR
+        self.regs["ERROR_CODE"] = int(code)
+        self.regs["IRQ_FLAGS"] |= irq
+
+    def execute(self, command: int, payload: bytes, flags: int = 0) -> bytes:
+        """Run one command; raise ChipError for anything the chip refuses.
+
+        A long command is checked here; with FLAG_ASYNC in ``flags`` it then goes on in the
+        background and the reply is empty, else its chunks all run before this returns.
+        """
         handler = self._HANDLERS.get(command)
         if handler is None:
             raise ChipError(ErrorCode.UNKNOWN_COMMAND, f"unknown command 0x{command:02X}")
+        if self.busy and command not in SERVED_WHILE_BUSY:
+            raise ChipError(ErrorCode.BUSY, f"{Command(command).name} refused: {self.operation.describe()} is "
+                            f"running in the background (poll STATUS.BUSY, or write CONTROL.ABORT)")
         try:
-            return handler(self, payload)
+            result = handler(self, payload)
         except struct.error as e:
             name = Command(command).name
             raise ChipError(ErrorCode.BAD_LENGTH, f"{name}: payload of {len(payload)} bytes is malformed ({e})") from None
+        if isinstance(result, Operation):
+            if flags & FLAG_ASYNC:
+                self._start(result)
+                return b""
+            return run_to_end(result.steps)
+        return result
+
+    # -- background operations -----------------------------------------------------
+    def _start(self, operation: Operation) -> None:
+        """Make ``operation`` the running one and hand its chunks to a worker thread."""
+        self.operation = operation
+        self.regs.update(OP_STATUS=int(operation.command) | OpState.RUNNING << 8, OP_PROGRESS=0,
+                         OP_TOTAL=operation.total)
+        threading.Thread(target=self._work, args=(operation,), name=f"nvcim-{operation.command.name}",
+                         daemon=True).start()
+
+    def _work(self, operation: Operation) -> None:
+        """Worker thread: one chunk per turn of the chip lock, until the operation ends."""
+        while True:
+            with self._gate:  # a host waiting for the lock is served first
+                self._gate.wait_for(lambda: self._hosts_waiting == 0)
+            with self._lock:
+                if operation.state != OpState.RUNNING:
+                    return  # ended by CONTROL.ABORT while this thread waited
+                try:
+                    operation.done = next(operation.steps)
+                    self.regs["OP_PROGRESS"] = operation.done
+                except StopIteration as stop:
+                    self._end(operation, stop.value)
+                    return
+                except Exception as e:
+                    self._end(operation, e)
+                    return
+
+    def _abort(self, operation: Operation) -> None:
+        """Stop ``operation`` now: the caller holds the chip lock, so this is a chunk boundary."""
+        try:
+            operation.steps.throw(_Abort())
+        except StopIteration as stop:  # the operation had nothing left to do
+            self._end(operation, stop.value)
+        except Exception as e:
+            self._end(operation, e)
+        else:
+            self._end(operation, ChipError(ErrorCode.INTERNAL, f"{operation.command.name} did not stop on abort"))
+
+    def _end(self, operation: Operation, outcome: bytes | Exception) -> None:
+        """Record how a background operation ended, set the flags, persist its cells."""
+        if isinstance(outcome, Exception) and not isinstance(outcome, ChipError):
+            outcome = ChipError(ErrorCode.INTERNAL, f"internal fault: {type(outcome).__name__}: {outcome}")
+        if isinstance(outcome, ChipError):
+            aborted = outcome.code == ErrorCode.ABORTED
+            operation.state = OpState.ABORTED if aborted else OpState.FAILED
+            self._record_error(outcome.code, IRQ_ABORTED if aborted else IRQ_ERROR)
+        else:
+            operation.state, operation.done = OpState.DONE, operation.total
+        operation.result = outcome
+        if self.image is not None and self.cells.dirty:
+            try:
+                self._commit(self.cells.dirty, program_changed=False)
+            except Exception as e:  # the cells changed in the running chip, but not on disk
+                operation.state = OpState.FAILED
+                operation.result = ChipError(ErrorCode.INTERNAL, f"{operation.command.name}: image write failed "
+                                             f"after the operation: {type(e).__name__}: {e}")
+                self._record_error(ErrorCode.INTERNAL, IRQ_ERROR)
+        self.cells.dirty = set()
+        self.regs.update(OP_STATUS=int(operation.command) | operation.state << 8, OP_PROGRESS=operation.done)
+
+    def _op_result(self, payload: bytes) -> bytes:
+        """The last background operation's reply, or its error; changes nothing, so a host may repeat it."""
+        _expect_empty("OP_RESULT", payload)
+        operation = self.operation
+        if operation is None:
+            raise ChipError(ErrorCode.BAD_ARGUMENT, "OP_RESULT: no background operation since power-on or "
+                            "SOFT_RESET", record=False)
+        if operation.state == OpState.RUNNING:
+            raise ChipError(ErrorCode.BUSY, f"OP_RESULT: {operation.describe()} is still running", record=False)
+        if isinstance(operation.result, ChipError):
+            raise ChipError(operation.result.code, str(operation.result), record=False)
+        return operation.result
 
     # -- command handlers ----------------------------------------------------------
     def _ping(self, payload: bytes) -> bytes:
@@ -399,7 +612,7 @@ class Chip:
                 return f"instruction '{ins.name}' names a tensor beyond the {len(program.tensors)} declared"
         return None
 
-    def _cells_write(self, payload: bytes) -> bytes:
+    def _cells_write(self, payload: bytes) -> Operation:
         args = self._region_args("CELLS_WRITE", CellsWriteArgs, payload)
         r = args.region
         if args.mode not in CellMode._value2member_map_:
@@ -412,14 +625,42 @@ class Chip:
         if args.masked:
             mbytes = bytes(self.buffer[self._buffer_range(size, packed_size(n, 1))])
             mask = unpack_cells(mbytes, 0, (r.height, r.width), 1).astype(bool)
+        steps = self._write_steps(r, targets, mask, args.mode == CellMode.VERIFY)
+        return Operation(Command.CELLS_WRITE, n, _primed(steps))
+
+    def _write_steps(self, r, targets: np.ndarray, mask: np.ndarray | None, verify: bool) -> Steps:
+        """Program the region in groups of whole rows, counting each group's pulses as it is done.
+
+        Settings are taken now; the ones a write reads cannot change while it runs in the
+        background (REG_WRITE refuses them with BUSY).
+        """
         regs, device = self.regs, self.device
         stuck = self.cells.stuck_map(r.array, regs["SEED"], regs["STUCK_RATE"] / Q16, device.g_max)
-        stats = self.cells.program(r.array, r.row, r.col, targets, mask,
-                                   verify=args.mode == CellMode.VERIFY, model=device, rng=self.rng,
-                                   tol=regs["VERIFY_TOL"] / Q16, max_iter=regs["VERIFY_MAX_ITER"], stuck=stuck)
-        self._account(stats)
-        return CellsWriteReply.build(dict(cells=stats.cells, write_pulses=stats.write_pulses,
-                                          read_pulses=stats.read_pulses, verify_failures=stats.verify_failures))
+        tol, max_iter = regs["VERIFY_TOL"] / Q16, regs["VERIFY_MAX_ITER"]
+        step = max(1, WRITE_CHUNK_CELLS // r.width)
+        total, rows = ProgramStats(), 0
+        try:
+            yield 0
+            for r0 in range(0, r.height, step):
+                stats = self.cells.program(r.array, r.row + r0, r.col, targets[r0:r0 + step],
+                                           None if mask is None else mask[r0:r0 + step], verify=verify,
+                                           model=device, rng=self.rng, tol=tol, max_iter=max_iter, stuck=stuck)
+                self._count(stats)
+                total += stats
+                rows = min(r.height, r0 + step)
+                if rows < r.height:
+                    yield rows * r.width
+        except _Abort:
+            self._done(IRQ_VERIFY_FAIL if total.verify_failures else 0, done=False)
+            kept = f"rows {r.row}..{r.row + rows - 1} programmed" if rows else "no row programmed"
+            raise ChipError(ErrorCode.ABORTED, (
+                f"CELLS_WRITE aborted after {rows} of {r.height} rows ({rows * r.width} of {r.height * r.width} "
+                f"cells) of array {r.array}: {kept}, rows {r.row + rows}..{r.row + r.height - 1} untouched; "
+                f"{total.cells} cells selected, {total.write_pulses} write pulses, {total.read_pulses} read pulses, "
+                f"{total.verify_failures} verify failures")) from None
+        self._done(IRQ_VERIFY_FAIL if total.verify_failures else 0)
+        return CellsWriteReply.build(dict(cells=total.cells, write_pulses=total.write_pulses,
+                                          read_pulses=total.read_pulses, verify_failures=total.verify_failures))
 
     def _region_args(self, name: str, layout, payload: bytes, last_array: int = 0):
         """Parse a command's fixed-size arguments and check its cell region lies on the chip."""
@@ -432,6 +673,11 @@ class Chip:
         return args
 
     def _account(self, stats: ProgramStats) -> None:
+        self._count(stats)
+        self._done(IRQ_VERIFY_FAIL if stats.verify_failures else 0)
+
+    def _count(self, stats: ProgramStats) -> None:
+        """Add the pulses of one command (or one chunk of it) to the counters."""
         c = self.counters
         c["write_pulses"] += stats.write_pulses
         c["read_pulses"] += stats.read_pulses
@@ -441,10 +687,9 @@ class Chip:
         busy, energy = pulse_cost(stats.write_pulses, stats.read_pulses)
         c["busy_ns"] += busy
         c["energy_pj"] += energy
-        self._done(0b100 if stats.verify_failures else 0)
 
-    def _done(self, extra_flags: int = 0) -> None:
-        self.regs["IRQ_FLAGS"] |= 0b1 | extra_flags
+    def _done(self, extra_flags: int = 0, done: bool = True) -> None:
+        self.regs["IRQ_FLAGS"] |= (IRQ_DONE if done else 0) | extra_flags
 
     def _cells_read(self, payload: bytes) -> bytes:
         args = self._region_args("CELLS_READ", CellsReadArgs, payload)
@@ -457,29 +702,48 @@ class Chip:
         self.buffer[span] = np.ascontiguousarray(values, dtype="<f4").tobytes()
         return struct.pack("<I", span.stop)
 
-    def _cells_erase(self, payload: bytes) -> bytes:
+    def _cells_erase(self, payload: bytes) -> Operation:
         count = _parse_args("CELLS_ERASE", CellsEraseArgs, payload).arrays
         if count == 0:
             raise ChipError(ErrorCode.BAD_ARGUMENT, "CELLS_ERASE: array count 0")
-        args = self._region_args("CELLS_ERASE", CellsEraseArgs, payload, last_array=count - 1)
-        r = args.region
-        self.cells.erase(r.array, args.arrays, r.row, r.col, r.height, r.width)
+        r = self._region_args("CELLS_ERASE", CellsEraseArgs, payload, last_array=count - 1).region
+        return Operation(Command.CELLS_ERASE, count * r.height, _primed(self._erase_steps(r, count)))
+
+    def _erase_steps(self, r, count: int) -> Steps:
+        """Erase array by array, in row groups within an array."""
+        step = max(1, ERASE_CHUNK_CELLS // r.width)
+        total, done = count * r.height, 0
+        try:
+            yield 0
+            for array in range(r.array, r.array + count):
+                for r0 in range(0, r.height, step):
+                    rows = min(step, r.height - r0)
+                    self.cells.erase(array, 1, r.row + r0, r.col, rows, r.width)
+                    done += rows
+                    if done < total:
+                        yield done
+        except _Abort:
+            whole, part = divmod(done, r.height)
+            raise ChipError(ErrorCode.ABORTED, (
+                f"CELLS_ERASE aborted after {done} of {total} rows: region erased in {whole} of {count} arrays "
+                f"(from array {r.array})" + (f", and in rows {r.row}..{r.row + part - 1} of array {r.array + whole}"
+                                             if part else "") + "; the rest untouched")) from None
         self._done()
         return b""
 
-    def _run_command(self, payload: bytes) -> bytes:
+    def _run_command(self, payload: bytes) -> Operation:
         batch, = struct.unpack("<I", payload)
         return self._run(batch)
 
-    def _run(self, batch: int) -> bytes:
-        """Run the loaded program on ``batch`` staged inputs; outputs replace them in the buffer.
+    def _run(self, batch: int, name: str = "RUN") -> Operation:
+        """Check a run of the loaded program on ``batch`` staged inputs; its steps run it.
 
-        Returns the output count and shapes (the RUN reply). Sizes are checked before
-        anything is read or written, so a refused run leaves the buffer as it was.
+        Sizes are checked before anything is read or written, so a refused run leaves the
+        buffer as it was.
         """
         program = self.program
         if program is None:
-            raise ChipError(ErrorCode.NO_PROGRAM, "RUN: no program loaded (PROGRAM_LOAD first)")
+            raise ChipError(ErrorCode.NO_PROGRAM, f"{name}: no program loaded (PROGRAM_LOAD first)")
         if not 0 < batch <= LIMITS["RUN_BATCH"]:
             raise ChipError(ErrorCode.BAD_ARGUMENT, f"RUN: batch size {batch} outside 1..{LIMITS['RUN_BATCH']}")
         shapes = [(batch, *program.tensors[tid].shape[1:]) for tid in program.inputs]
@@ -490,16 +754,49 @@ class Chip:
         offsets = np.cumsum([0, *sizes])
         feeds = [np.frombuffer(self.buffer, dtype="<f4", count=n // 4, offset=int(o)).reshape(shape)
                  for shape, n, o in zip(shapes, sizes, offsets)]
+        return Operation(Command.RUN, batch, _primed(self._run_steps(program, batch, feeds)))
+
+    def _run_steps(self, program: Program, batch: int, feeds: list[np.ndarray]) -> Steps:
+        """Run the program on batch slices of RUN_SLICE samples, then write all outputs at once.
+
+        The outputs go over the inputs, so none is written before the last slice has run:
+        an aborted or failed run leaves the buffer as it was. A batch up to RUN_SLICE is one
+        slice, exactly one executor run.
+        """
+        product = self._converter_product()
+        per_sample = sum(1 for i in program.instructions if i.layer >= 0)
+        parts: list[list[np.ndarray]] = []
+        done = 0
         try:
-            outputs = executor.run(program, feeds, self._layer_weights, self._converter_product())
-        except executor.ExecutionError as e:
-            raise ChipError(ErrorCode.BAD_ARGUMENT, f"RUN: {e}") from None
+            yield 0
+            for a in range(0, batch, RUN_SLICE):
+                b = min(batch, a + RUN_SLICE)
+                try:
+                    outs = executor.run(program, [f[a:b] for f in feeds], self._layer_weights, product)
+                except executor.ExecutionError as e:
+                    raise ChipError(ErrorCode.BAD_ARGUMENT, f"RUN: {e}") from None
+                if b - a < batch:
+                    for tid, out in zip(program.outputs, outs):
+                        if out.ndim == 0 or out.shape[0] != b - a:
+                            raise ChipError(ErrorCode.BAD_ARGUMENT, (
+                                f"RUN: output '{program.tensors[tid].name}' has shape {out.shape} for a slice of "
+                                f"{b - a} samples: its dim 0 is not the batch, so a batch over {RUN_SLICE} "
+                                f"cannot run in slices"))
+                parts.append(outs)
+                done = b
+                if done < batch:
+                    yield done
+        except _Abort:
+            self.counters["mvm_ops"] += done * per_sample
+            raise ChipError(ErrorCode.ABORTED, f"RUN aborted after {done} of {batch} samples ({-(-done // RUN_SLICE)} "
+                            f"slices of {RUN_SLICE}); no output written, buffer unchanged") from None
+        outputs = parts[0] if len(parts) == 1 else [np.concatenate(group) for group in zip(*parts)]
         data = b"".join(np.ascontiguousarray(out, dtype="<f4").tobytes() for out in outputs)
         if len(data) > len(self.buffer):
             raise ChipError(ErrorCode.BAD_ADDRESS, f"RUN: {len(data)} bytes of outputs for batch {batch} exceed "
                             f"the {len(self.buffer)}-byte staging buffer")
         self.buffer[:len(data)] = data
-        self.counters["mvm_ops"] += batch * sum(1 for i in program.instructions if i.layer >= 0)
+        self.counters["mvm_ops"] += batch * per_sample
         self._done()
         return struct.pack("<B", len(outputs)) + b"".join(struct.pack(f"<B{o.ndim}I", o.ndim, *o.shape)
                                                            for o in outputs)
@@ -541,7 +838,7 @@ class Chip:
         Command.BUF_WRITE: _buf_write, Command.BUF_READ: _buf_read,
         Command.PROGRAM_LOAD: _program_load, Command.PROGRAM_FETCH: _program_fetch,
         Command.CELLS_WRITE: _cells_write, Command.CELLS_READ: _cells_read, Command.CELLS_ERASE: _cells_erase,
-        Command.RUN: _run_command,
+        Command.RUN: _run_command, Command.OP_RESULT: _op_result,
     }
 
 

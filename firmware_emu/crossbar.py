@@ -23,6 +23,12 @@ class ProgramStats:
     verify_iterations: int = 0
     verify_failures: int = 0
 
+    def __iadd__(self, other: "ProgramStats") -> "ProgramStats":
+        """Sum the stats of a command's chunks (a write runs in row groups)."""
+        for name in vars(self):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        return self
+
 
 class CellArrays:
     """All crossbar arrays of one chip, stored as dense (arrays, rows, cols) planes."""

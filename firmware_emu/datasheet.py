@@ -188,6 +188,7 @@ def render_c_header(registers: tuple[Register, ...] = REGISTERS) -> str:
         _define("NVCIM_MAX_PAYLOAD", f"{p.MAX_PAYLOAD}u", "bytes"),
         _define("NVCIM_FLAG_RESPONSE", f"0x{p.FLAG_RESPONSE:02X}u"),
         _define("NVCIM_FLAG_ERROR", f"0x{p.FLAG_ERROR:02X}u"),
+        _define("NVCIM_FLAG_ASYNC", f"0x{p.FLAG_ASYNC:02X}u", "request: run a long command in the background"),
         "",
         "/* Payload sizes in bytes (packed, little endian) */",
         *(_define(f"NVCIM_{name}_SIZE", f"{s.sizeof()}u") for name, s in (

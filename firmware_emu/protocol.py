@@ -31,6 +31,7 @@ SYNC = b"\xA5\x5A"
 MAX_PAYLOAD = 1 << 20
 FLAG_RESPONSE = 0x01
 FLAG_ERROR = 0x02
+FLAG_ASYNC = 0x04  # request: run CELLS_WRITE / CELLS_ERASE / RUN in the background (ACK at once)
 
 # the header, declared once for building and parsing: SYNC, FLAGS, COMMAND, SEQ, LENGTH, HCRC
 # (a plain struct: frames are the hot path, and construct's parser costs 15 us a frame)
@@ -52,6 +53,7 @@ class Command(IntEnum):
     CELLS_READ = 0x41    # CellRegion, u8 quantity: float32 values into the buffer
     CELLS_ERASE = 0x42   # CellRegion, u32 array count: erase that region in each array
     RUN = 0x50           # u32 batch: inputs from the buffer, outputs into the buffer
+    OP_RESULT = 0x60     # -> the last background operation's reply (or its error, or BUSY)
 
 
 class ErrorCode(IntEnum):
@@ -67,6 +69,8 @@ class ErrorCode(IntEnum):
     BAD_PROGRAM = 9        # program image rejected (CRC, version, geometry)
     NO_PROGRAM = 10        # RUN before PROGRAM_LOAD
     BAD_ARGUMENT = 11      # a field value the command does not accept
+    BUSY = 12              # a background operation is running (the message names it)
+    ABORTED = 13           # the background operation was stopped by CONTROL.ABORT
     INTERNAL = 15
 
 

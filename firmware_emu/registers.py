@@ -61,6 +61,16 @@ class DeviceModelCode(int, Enum):
     FEFET6 = 4
 
 
+class OpState(int, Enum):
+    """Values of OP_STATUS.STATE: where the running or last background operation stands."""
+
+    NONE = 0      # none since power-on or SOFT_RESET
+    RUNNING = 1   # STATUS.BUSY = 1
+    DONE = 2      # finished normally; OP_RESULT has its reply
+    ABORTED = 3   # stopped by CONTROL.ABORT at a chunk boundary
+    FAILED = 4    # stopped by an error; OP_RESULT has it
+
+
 # The default build: CAP_* registers read these unless the chip is built otherwise.
 DEFAULT_BUILD = dict(arrays=256, rows=256, cols=256, weight_bits=8, cell_bits=2, buffer_size=64 << 20)
 
@@ -97,11 +107,15 @@ REGISTERS: tuple[Register, ...] = (
     Register("CONTROL", 0x020, Access.WO, 0, "Command strobes; reads return 0.", (
         Field("SOFT_RESET", 0, 1, "1: clear status, error and counters, return every setting to its power-on "
                                   "value and reseed; cells and the loaded program (non-volatile) are kept"),
-        Field("START", 1, 1, "1: run the loaded program on RUN_BATCH inputs staged in the buffer, "
-                             "as the RUN command does"),
+        Field("START", 1, 1, "1: start running the loaded program on RUN_BATCH inputs staged in the buffer, "
+                             "as RUN does, in the background (STATUS.BUSY until it ends; OP_RESULT has its reply)"),
+        Field("ABORT", 2, 1, "1: stop the running background operation at the next chunk boundary (work of "
+                             "finished chunks is kept); no effect when none runs"),
     )),
     Register("STATUS", 0x024, Access.RO, 0x1, "Chip state.", (
-        Field("READY", 0, 1, "1 when able to accept a command (operations complete within their command)"),
+        Field("READY", 0, 1, "1 when no background operation runs (= not BUSY): every command is served"),
+        Field("BUSY", 1, 1, "1 while a background operation runs (FLAG_ASYNC command or CONTROL.START); "
+                            "only PING, IDENTIFY, REG_READ, REG_WRITE and OP_RESULT are served"),
         Field("PROGRAM_LOADED", 2, 1, "1 when a program is loaded"),
         Field("ERROR", 3, 1, "1 when the last command failed (see ERROR_CODE)"),
         Field("BUS_ERROR", 4, 1, "1 after a read or write of an unmapped address or a write to a read-only "
@@ -113,6 +127,7 @@ REGISTERS: tuple[Register, ...] = (
         Field("DONE", 0, 1, "an operation finished (program load, cell write/erase/read, run)"),
         Field("ERROR", 1, 1, "a command failed"),
         Field("VERIFY_FAIL", 2, 1, "write-verify left at least one cell out of tolerance"),
+        Field("ABORTED", 3, 1, "a background operation was stopped by CONTROL.ABORT"),
     )),
     Register("RUN_BATCH", 0x034, Access.RW, 1, "Batch size CONTROL.START runs."),
     Register("DEVICE_MODEL", 0x040, Access.RW, int(DeviceModelCode.GAUSSIAN), "Cell variation model (DeviceModelCode)."),
@@ -132,6 +147,15 @@ REGISTERS: tuple[Register, ...] = (
         Field("DAC_BITS", 0, 8, "input DAC bits, sign included (0: ideal, else 1..16)"),
         Field("ADC_BITS", 8, 8, "column ADC bits, sign included (0: ideal, else 1..24)"),
     )),
+    Register("OP_STATUS", 0x070, Access.RO, 0, "The running or last background operation.", (
+        Field("COMMAND", 0, 8, "its command code (CELLS_WRITE 0x40, CELLS_ERASE 0x42, RUN 0x50); 0: none "
+                               "since power-on or SOFT_RESET"),
+        Field("STATE", 8, 3, "0 NONE, 1 RUNNING, 2 DONE, 3 ABORTED, 4 FAILED (OP_RESULT has the error)"),
+    )),
+    Register("OP_PROGRESS", 0x074, Access.RO, 0, "Units done by the running or last background operation "
+             "(CELLS_WRITE: region cells, CELLS_ERASE: array rows, RUN: samples); grows chunk by chunk."),
+    Register("OP_TOTAL", 0x078, Access.RO, 0, "Units of the whole running or last background operation "
+             "(same unit as OP_PROGRESS)."),
     *_counter64("WRITE_PULSES", 0x100, "Write pulses issued since reset"),
     *_counter64("READ_PULSES", 0x108, "Read pulses issued since reset"),
     *_counter64("VERIFY_ITERS", 0x110, "Write-verify corrective pulses since reset"),

@@ -1,5 +1,7 @@
 """The emulated chip seen through the low-level driver API, as a firmware developer sees it."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -7,7 +9,7 @@ import driver
 from compiler import Target, compile_model
 from firmware_emu.executor import effective_weights
 from firmware_emu.protocol import CellQuantity, Command, ErrorCode
-from firmware_emu.registers import CHIP_ID_VALUE
+from firmware_emu.registers import CHIP_ID_VALUE, OpState
 from tests.conftest import export_mlp
 
 
@@ -125,11 +127,21 @@ def test_register_level_run_matches_the_run_command(mlp_path, batch):
         expected, = dev.run([batch])
         dev.buffer_write(batch.tobytes())
         dev.write_register("RUN_BATCH", len(batch))
-        dev.write_register("CONTROL", 0b10)  # START
+        dev.write_register("CONTROL", 0b10)  # START: the run goes on in the background
+        deadline = time.monotonic() + 5
+        while dev.read_register("STATUS") & 0b10:  # BUSY
+            assert time.monotonic() < deadline, "CONTROL.START run still BUSY after 5 s"
+            time.sleep(0.001)
+        assert dev.read_register("STATUS") & 1  # READY again
         got = np.frombuffer(dev.buffer_read(expected.nbytes), dtype="<f4").reshape(expected.shape)
         assert np.array_equal(got, expected)
         assert dev.read_register("IRQ_FLAGS") & 1  # DONE
         assert dev.counters()["mvm_ops"] == 2 * 2 * len(batch)
+        assert dev.read_register("OP_STATUS") == Command.RUN | OpState.DONE << 8
+        assert dev.read_register("OP_PROGRESS") == dev.read_register("OP_TOTAL") == len(batch)
+        # the driver's form: stage, START, wait for the outputs
+        got, = dev.start([batch]).wait(timeout=5)
+        assert np.array_equal(got, expected)
 
 
 def test_program_for_another_geometry_is_refused(mlp_path):
