@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 import types
 import zlib
 from dataclasses import dataclass
+from typing import Callable, Generic, Literal, TypeVar, overload
 
 import numpy as np
 import serial
@@ -18,17 +20,31 @@ from tqdm import tqdm
 import firmware_emu  # noqa: F401  (registers the emu:// URL scheme with pyserial)
 from compiler import Target
 from firmware_emu.program_format import Program, pack_cells, parse_code
-from firmware_emu.protocol import (CellMode, CellQuantity, CellsEraseArgs, CellsReadArgs,
-                                   CellsWriteArgs, CellsWriteReply, Command, IdentifyReply, ProgramLoadArgs)
-from firmware_emu.registers import BY_NAME, lookup
+from firmware_emu.protocol import (FLAG_ASYNC, CellMode, CellQuantity, CellsEraseArgs, CellsReadArgs,
+                                   CellsWriteArgs, CellsWriteReply, Command, ErrorCode, IdentifyReply,
+                                   ProgramLoadArgs, encode)
+from firmware_emu.registers import BY_NAME, OpState, lookup
 
-from .errors import InvalidArgument, LinkError, LinkTimeout, ProtocolError
+from .errors import DeviceError, InvalidArgument, LinkError, LinkTimeout, OperationTimeout, ProtocolError
 from .link import Link
 
 DEFAULT_DEVICE = "emu://"
 MAX_CHUNK = 256 << 10  # bytes per staging-buffer frame on a clean link
 MIN_CHUNK = 256        # ... and the least it falls to on a noisy one
 PROGRESS_BYTES = 16 << 20  # transfers this large show a progress bar on a terminal
+
+T = TypeVar("T")
+
+
+def _field(register: str, name: str) -> tuple[int, int]:
+    """(shift, mask) of a register field, from the one register map."""
+    f = next(f for f in BY_NAME[register].fields if f.name == name)
+    return f.lsb, f.mask
+
+
+_STATUS_BUSY = _field("STATUS", "BUSY")[1]
+_CONTROL_START, _CONTROL_ABORT = _field("CONTROL", "START")[1], _field("CONTROL", "ABORT")[1]
+_OP_COMMAND, _OP_STATE = _field("OP_STATUS", "COMMAND"), _field("OP_STATUS", "STATE")
 
 
 @dataclass(frozen=True)
@@ -59,6 +75,73 @@ class WriteStats:
         for k in vars(self):
             setattr(self, k, getattr(self, k) + getattr(other, k))
         return self
+
+
+class Operation(Generic[T]):
+    """A long command running on the chip in the background (FLAG_ASYNC or CONTROL.START).
+
+    While it runs the chip still answers registers, so a host can watch ``progress``,
+    ``abort()`` it, or ``wait()`` for its result; other commands are refused with BUSY.
+    """
+
+    def __init__(self, device: "Device", command: Command, parse: Callable[[bytes], T],
+                 reply: bytes | None = None):
+        self.device, self.command, self._parse = device, command, parse
+        self._reply = reply          # the result's payload once fetched (or a chip that ran it at once)
+        self._result: tuple[T] | None = None
+
+    def _state(self) -> OpState:
+        value = self.device.read_register("OP_STATUS")
+        command = (value & _OP_COMMAND[1]) >> _OP_COMMAND[0]
+        if command != self.command:
+            raise ProtocolError(f"{self.command.name}: the chip's background operation is now "
+                                f"{'none' if command == 0 else f'command 0x{command:02X}'} (another host, "
+                                f"or a SOFT_RESET, replaced it)")
+        return OpState((value & _OP_STATE[1]) >> _OP_STATE[0])
+
+    @property
+    def busy(self) -> bool:
+        """Still running on the chip."""
+        return self._reply is None and self._state() == OpState.RUNNING
+
+    @property
+    def progress(self) -> tuple[int, int]:
+        """(units done, units in all): cells for a write, array rows for an erase, samples for a run."""
+        return self.device.read_register("OP_PROGRESS"), self.device.read_register("OP_TOTAL")
+
+    def wait(self, timeout: float | None = None, poll: float = 0.01) -> T:
+        """Block until the operation ends and return its result (what the synchronous call returns).
+
+        Raises DeviceError with code ABORTED if it was aborted (the message says how much
+        was done), the operation's own DeviceError if it failed, and OperationTimeout (a
+        LinkTimeout) if it still runs after ``timeout`` seconds; it then goes on running.
+        """
+        if self._result is not None:
+            return self._result[0]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._reply is None and self._state() == OpState.RUNNING:
+            if deadline is not None and time.monotonic() >= deadline:
+                done, total = self.progress
+                raise OperationTimeout(f"{self.command.name} still running after {timeout:g} s ({done} of {total} "
+                                       f"done); wait() again or abort() it")
+            time.sleep(poll)
+        if self._reply is None:
+            try:
+                self._reply = self.device.link.transact(Command.OP_RESULT)
+            except DeviceError as e:  # name the operation that failed, not the query
+                raise DeviceError(f"{self.command.name} (background)", e.code, e.chip_message, e.status) from None
+        self._result = (self._parse(self._reply),)
+        return self._result[0]
+
+    def abort(self) -> None:
+        """Stop the operation at the chip's next chunk boundary; finished chunks are kept."""
+        if self._reply is None:
+            self.device.abort()
+
+
+def _write_stats(reply: bytes) -> WriteStats:
+    fields = CellsWriteReply.parse(reply)
+    return WriteStats(fields.cells, fields.write_pulses, fields.read_pulses, fields.verify_failures)
 
 
 def resolve_device(device: str | None) -> str:
@@ -133,6 +216,58 @@ class Device:
         cells and the loaded program are non-volatile and stay."""
         self.write_register("CONTROL", 1)
 
+    # -- background operations -------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        """STATUS.BUSY: a background operation runs, and only registers and OP_RESULT are served."""
+        return bool(self.read_register("STATUS") & _STATUS_BUSY)
+
+    def abort(self, timeout: float | None = None) -> None:
+        """Stop the running background operation at its next chunk boundary, and wait until
+        STATUS.BUSY clears (at most ``timeout`` s, default the link's). No-op when none runs."""
+        self.write_register("CONTROL", _CONTROL_ABORT)
+        deadline = time.monotonic() + (self.link.timeout if timeout is None else timeout)
+        while self.busy:
+            if time.monotonic() >= deadline:
+                raise OperationTimeout("CONTROL.ABORT: the chip is still BUSY after "
+                                       f"{self.link.timeout if timeout is None else timeout:g} s")
+            time.sleep(0.001)
+
+    def _start(self, command: Command, payload: bytes) -> bytes | None:
+        """Send ``command`` with FLAG_ASYNC; None once the chip runs it in the background.
+
+        A chip that ignores the flag replies with the finished command: its payload is
+        returned, so the Operation is complete at once. Link.transact sends no flags, so
+        this sends the frame itself, with the link's sequence numbers, reply matching and
+        retransmission rule (a resent start is answered from the chip's reply cache).
+        """
+        link = self.link
+        link._seq = link._next_seq()
+        frame = encode(command, link._seq, payload, FLAG_ASYNC)
+        problem = "no reply"
+        for attempt in range(link.retries + 1):
+            if attempt:
+                link.retransmissions += 1
+            try:
+                link.port.write(frame)
+                reply = link._await(link._seq)
+            except (serial.SerialException, OSError) as e:
+                raise LinkError(f"{command.name}: link to {link.port.port} lost: {e}") from None
+            if isinstance(reply, str):
+                problem = reply
+                continue
+            if reply.is_error:
+                code, message = reply.error()
+                if code in (ErrorCode.BAD_CRC, ErrorCode.BAD_HEADER):
+                    problem = f"chip saw a damaged frame ({ErrorCode(code).name})"
+                    continue
+                raise DeviceError(command.name, code, message, link._status_after_error())
+            if reply.command != command:
+                raise ProtocolError(f"{command.name}: reply is for command 0x{reply.command:02X}")
+            return None if reply.flags & FLAG_ASYNC else reply.payload
+        error = LinkTimeout if problem == "no reply" else ProtocolError
+        raise error(f"{command.name} (background start): gave up after {link.retries + 1} tries: {problem}")
+
     # -- staging buffer -------------------------------------------------------------
     def buffer_write(self, data: bytes, offset: int = 0) -> None:
         view = memoryview(data)
@@ -196,9 +331,22 @@ class Device:
                                          array_rows=ident.rows, array_cols=ident.cols)
         return parse_code(code, geometry)
 
+    @overload
+    def write_cells(self, array: int, row: int, col: int, targets: np.ndarray, *, verify: bool = ...,
+                    mask: np.ndarray | None = ..., background: Literal[False] = ...) -> WriteStats: ...
+
+    @overload
+    def write_cells(self, array: int, row: int, col: int, targets: np.ndarray, *, verify: bool = ...,
+                    mask: np.ndarray | None = ..., background: Literal[True]) -> Operation[WriteStats]: ...
+
     def write_cells(self, array: int, row: int, col: int, targets: np.ndarray, *,
-                    verify: bool = False, mask: np.ndarray | None = None) -> WriteStats:
-        """Program a rectangle of cells to ``targets``; with ``mask``, only the cells it marks."""
+                    verify: bool = False, mask: np.ndarray | None = None,
+                    background: bool = False) -> WriteStats | Operation[WriteStats]:
+        """Program a rectangle of cells to ``targets``; with ``mask``, only the cells it marks.
+
+        ``background=True`` returns at once with an Operation (a long write-verify can then
+        be watched and aborted); the region must then fit the staging buffer in one piece.
+        """
         targets = np.asarray(targets)
         if targets.ndim != 2:
             raise InvalidArgument(f"targets must be a 2-D array of cell states, got shape {targets.shape}")
@@ -209,6 +357,9 @@ class Device:
             raise InvalidArgument(f"cell targets must lie in 0..{(1 << k) - 1} for {k}-bit cells")
         h, w = targets.shape
         rows_per_op = max(1, (self.identity.buffer_size * 8) // (w * (k + 1)))
+        if background and h > rows_per_op:
+            raise InvalidArgument(f"a background write takes one staging pass: {h} rows of {w} cells do not fit "
+                                  f"the {self.identity.buffer_size}-byte buffer (at most {rows_per_op} rows)")
         total = WriteStats()
         for r0 in range(0, h, rows_per_op):
             t = targets[r0:r0 + rows_per_op]
@@ -219,8 +370,9 @@ class Device:
             args = CellsWriteArgs.build(dict(region=dict(array=array, row=row + r0, col=col, height=t.shape[0], width=w),
                                              mode=CellMode.VERIFY if verify else CellMode.OPEN_LOOP,
                                              masked=int(mask is not None)))
-            reply = CellsWriteReply.parse(self.link.transact(Command.CELLS_WRITE, args))
-            total += WriteStats(reply.cells, reply.write_pulses, reply.read_pulses, reply.verify_failures)
+            if background:
+                return Operation(self, Command.CELLS_WRITE, _write_stats, self._start(Command.CELLS_WRITE, args))
+            total += _write_stats(self.link.transact(Command.CELLS_WRITE, args))
         return total
 
     def read_cells(self, array: int, row: int, col: int, height: int, width: int,
@@ -237,24 +389,47 @@ class Device:
         return np.concatenate(parts)
 
     def erase(self, array: int = 0, row: int = 0, col: int = 0, height: int | None = None,
-              width: int | None = None, arrays: int = 1) -> None:
-        """Erase a region (default: whole arrays) to g = 0."""
+              width: int | None = None, arrays: int = 1, background: bool = False) -> Operation[None] | None:
+        """Erase a region (default: whole arrays) to g = 0; ``background=True`` returns an Operation."""
         ident = self.identity
         args = CellsEraseArgs.build(dict(region=dict(array=array, row=row, col=col,
                                                      height=ident.rows - row if height is None else height,
                                                      width=ident.cols - col if width is None else width),
                                          arrays=arrays))
+        if background:
+            return Operation(self, Command.CELLS_ERASE, lambda _: None, self._start(Command.CELLS_ERASE, args))
         self.link.transact(Command.CELLS_ERASE, args)
+        return None
 
     def erase_all(self) -> None:
         self.erase(0, arrays=self.identity.arrays)
 
     # -- inference ------------------------------------------------------------------
-    def run(self, feeds: list[np.ndarray]) -> list[np.ndarray]:
-        """Run the loaded program on one batch (inputs already checked by the caller)."""
+    def run(self, feeds: list[np.ndarray],
+            background: bool = False) -> list[np.ndarray] | Operation[list[np.ndarray]]:
+        """Run the loaded program on one batch (inputs already checked by the caller);
+        ``background=True`` returns an Operation whose ``wait()`` gives the outputs."""
         batch = feeds[0].shape[0]
         self.buffer_write(b"".join(np.ascontiguousarray(f, dtype="<f4").tobytes() for f in feeds))
-        reply = self.link.transact(Command.RUN, struct.pack("<I", batch))
+        args = struct.pack("<I", batch)
+        if background:
+            return Operation(self, Command.RUN, self._outputs, self._start(Command.RUN, args))
+        return self._outputs(self.link.transact(Command.RUN, args))
+
+    def start(self, feeds: list[np.ndarray] | None = None) -> Operation[list[np.ndarray]]:
+        """CONTROL.START: run the loaded program in the background on RUN_BATCH staged inputs.
+
+        With ``feeds`` they are staged and RUN_BATCH set first; without, the inputs already
+        in the buffer are used. ``wait()`` returns the outputs, as ``run`` does.
+        """
+        if feeds is not None:
+            self.buffer_write(b"".join(np.ascontiguousarray(f, dtype="<f4").tobytes() for f in feeds))
+            self.write_register("RUN_BATCH", feeds[0].shape[0])
+        self.write_register("CONTROL", _CONTROL_START)
+        return Operation(self, Command.RUN, self._outputs)
+
+    def _outputs(self, reply: bytes) -> list[np.ndarray]:
+        """Read back the outputs a RUN reply describes (count, then ndim and shape of each)."""
         count, pos = reply[0], 1
         shapes = []
         for _ in range(count):

@@ -5,6 +5,7 @@
     ├── LinkError        the link failed
     │   ├── ProtocolError   replies that make no sense (bad frames past all retries)
     │   └── LinkTimeout     no reply in time, after all retries (also a TimeoutError)
+    │       └── OperationTimeout  a background operation still runs when wait() gives up
     └── InvalidArgument  the host call itself is wrong (names, shapes, dtypes; also a ValueError)
 
 compiler.CompileError (a ValueError) is re-exported here for convenience.
@@ -15,7 +16,7 @@ from __future__ import annotations
 from compiler import CompileError
 from firmware_emu.protocol import ErrorCode
 
-__all__ = ["NvcimError", "DeviceError", "LinkError", "ProtocolError", "LinkTimeout",
+__all__ = ["NvcimError", "DeviceError", "LinkError", "ProtocolError", "LinkTimeout", "OperationTimeout",
            "InvalidArgument", "CompileError"]
 
 
@@ -46,6 +47,14 @@ class ProtocolError(LinkError):
 
 class LinkTimeout(LinkError, TimeoutError):
     pass
+
+
+class OperationTimeout(LinkTimeout):
+    """``Operation.wait`` gave up: the chip answers, but the operation is still running.
+
+    A LinkTimeout so code that handles "the chip took too long" catches both; the
+    operation goes on, so the caller can wait again or abort it.
+    """
 
 
 class InvalidArgument(NvcimError, ValueError):
