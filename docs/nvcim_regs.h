@@ -38,6 +38,7 @@
 #define NVCIM_CMD_CELLS_READ                     0x41u
 #define NVCIM_CMD_CELLS_ERASE                    0x42u
 #define NVCIM_CMD_RUN                            0x50u
+#define NVCIM_CMD_INFER                          0x51u
 #define NVCIM_CMD_OP_RESULT                      0x60u
 
 /* Error codes (first u16 of an error reply; ERROR_CODE register) */

@@ -22,7 +22,7 @@ from compiler import Target
 from firmware_emu.program_format import Program, pack_cells, parse_code
 from firmware_emu.protocol import (FLAG_ASYNC, CellMode, CellQuantity, CellsEraseArgs, CellsReadArgs,
                                    CellsWriteArgs, CellsWriteReply, Command, ErrorCode, IdentifyReply,
-                                   ProgramLoadArgs, encode)
+                                   ProgramLoadArgs)
 from firmware_emu.registers import BY_NAME, OpState, lookup
 
 from .errors import DeviceError, InvalidArgument, LinkError, LinkTimeout, OperationTimeout, ProtocolError
@@ -237,36 +237,11 @@ class Device:
         """Send ``command`` with FLAG_ASYNC; None once the chip runs it in the background.
 
         A chip that ignores the flag replies with the finished command: its payload is
-        returned, so the Operation is complete at once. Link.transact sends no flags, so
-        this sends the frame itself, with the link's sequence numbers, reply matching and
-        retransmission rule (a resent start is answered from the chip's reply cache).
+        returned, so the Operation is complete at once. A resent start is answered from
+        the chip's reply cache, so it never starts twice.
         """
-        link = self.link
-        link._seq = link._next_seq()
-        frame = encode(command, link._seq, payload, FLAG_ASYNC)
-        problem = "no reply"
-        for attempt in range(link.retries + 1):
-            if attempt:
-                link.retransmissions += 1
-            try:
-                link.port.write(frame)
-                reply = link._await(link._seq)
-            except (serial.SerialException, OSError) as e:
-                raise LinkError(f"{command.name}: link to {link.port.port} lost: {e}") from None
-            if isinstance(reply, str):
-                problem = reply
-                continue
-            if reply.is_error:
-                code, message = reply.error()
-                if code in (ErrorCode.BAD_CRC, ErrorCode.BAD_HEADER):
-                    problem = f"chip saw a damaged frame ({ErrorCode(code).name})"
-                    continue
-                raise DeviceError(command.name, code, message, link._status_after_error())
-            if reply.command != command:
-                raise ProtocolError(f"{command.name}: reply is for command 0x{reply.command:02X}")
-            return None if reply.flags & FLAG_ASYNC else reply.payload
-        error = LinkTimeout if problem == "no reply" else ProtocolError
-        raise error(f"{command.name} (background start): gave up after {link.retries + 1} tries: {problem}")
+        reply = self.link.exchange(command, payload, flags=FLAG_ASYNC)
+        return None if reply.flags & FLAG_ASYNC else bytes(reply.payload)
 
     # -- staging buffer -------------------------------------------------------------
     def buffer_write(self, data: bytes, offset: int = 0) -> None:
@@ -288,8 +263,8 @@ class Device:
         the frame size falls until frames get through, and grows again once they do.
         """
         pos = 0
-        bar = tqdm(total=length, unit="B", unit_scale=True, desc="transfer", leave=False,
-                   disable=True if length < PROGRESS_BYTES else None)
+        bar = tqdm(total=length, unit="B", unit_scale=True, desc="transfer", leave=False, disable=None) \
+            if length >= PROGRESS_BYTES else None  # (a disabled bar still costs 40 us to make)
         while pos < length:
             n = min(self._chunk, length - pos)
             before = self.link.retransmissions
@@ -302,14 +277,16 @@ class Device:
                 self._chunk, self._clean = max(MIN_CHUNK, n // 4), 0
                 continue
             pos += n
-            bar.update(n)
+            if bar is not None:
+                bar.update(n)
             if self.link.retransmissions > before:
                 self._chunk, self._clean = max(MIN_CHUNK, self._chunk // 2), 0
             else:
                 self._clean += 1
                 if self._clean >= 4:
                     self._chunk, self._clean = min(MAX_CHUNK, self._chunk * 2), 0
-        bar.close()
+        if bar is not None:
+            bar.close()
 
     # -- programs and cells ---------------------------------------------------------
     def load_code(self, program: Program) -> None:
@@ -408,10 +385,28 @@ class Device:
     def run(self, feeds: list[np.ndarray],
             background: bool = False) -> list[np.ndarray] | Operation[list[np.ndarray]]:
         """Run the loaded program on one batch (inputs already checked by the caller);
-        ``background=True`` returns an Operation whose ``wait()`` gives the outputs."""
+        ``background=True`` returns an Operation whose ``wait()`` gives the outputs.
+
+        A batch whose inputs fit one frame of the size the link currently carries goes in
+        one INFER exchange (inputs out, outputs back); a larger one, or one the link or the
+        chip's reply size does not let through, is staged with BUF_WRITE, run, and read back.
+        """
         batch = feeds[0].shape[0]
-        self.buffer_write(b"".join(np.ascontiguousarray(f, dtype="<f4").tobytes() for f in feeds))
+        arrays = [np.ascontiguousarray(f, dtype="<f4") for f in feeds]
         args = struct.pack("<I", batch)
+        if not background and 4 + sum(a.nbytes for a in arrays) <= self._chunk:
+            before = self.link.retransmissions
+            try:
+                outputs = _inline_outputs(self.link.transact(Command.INFER, args, *arrays, retries=2))
+                if self.link.retransmissions > before:
+                    self._chunk, self._clean = max(MIN_CHUNK, self._chunk // 2), 0
+                return outputs
+            except (LinkTimeout, ProtocolError):  # too big for this link's health: smaller frames below
+                self._chunk, self._clean = max(MIN_CHUNK, self._chunk // 4), 0
+            except DeviceError as e:
+                if e.code != ErrorCode.FRAME_TOO_LARGE:  # outputs over a frame: staged below
+                    raise
+        self.buffer_write(b"".join(a.tobytes() for a in arrays))
         if background:
             return Operation(self, Command.RUN, self._outputs, self._start(Command.RUN, args))
         return self._outputs(self.link.transact(Command.RUN, args))
@@ -429,17 +424,33 @@ class Device:
         return Operation(self, Command.RUN, self._outputs)
 
     def _outputs(self, reply: bytes) -> list[np.ndarray]:
-        """Read back the outputs a RUN reply describes (count, then ndim and shape of each)."""
-        count, pos = reply[0], 1
-        shapes = []
-        for _ in range(count):
-            ndim = reply[pos]
-            shapes.append(struct.unpack_from(f"<{ndim}I", reply, pos + 1))
-            pos += 1 + 4 * ndim
-        sizes = [int(np.prod(s)) * 4 for s in shapes]
-        data = self.buffer_read(sum(sizes))
-        outs, offset = [], 0
-        for shape, size in zip(shapes, sizes):
-            outs.append(np.frombuffer(data, dtype="<f4", count=size // 4, offset=offset).reshape(shape).copy())
-            offset += size
-        return outs
+        """Read back the outputs a RUN reply describes."""
+        shapes, _ = _output_shapes(reply)
+        return _split_outputs(self.buffer_read(sum(4 * int(np.prod(s)) for s in shapes)), shapes)
+
+
+def _output_shapes(reply: bytes) -> tuple[list[tuple[int, ...]], int]:
+    """The output shapes a RUN reply lists (count, then ndim and dims of each), and where they end."""
+    count, pos = reply[0], 1
+    shapes = []
+    for _ in range(count):
+        ndim = reply[pos]
+        shapes.append(struct.unpack_from(f"<{ndim}I", reply, pos + 1))
+        pos += 1 + 4 * ndim
+    return shapes, pos
+
+
+def _split_outputs(data, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+    """Writable float32 arrays of ``shapes``, one after another in ``data``."""
+    outs, offset = [], 0
+    for shape in shapes:
+        count = int(np.prod(shape))
+        outs.append(np.frombuffer(data, dtype="<f4", count=count, offset=offset).reshape(shape).copy())
+        offset += 4 * count
+    return outs
+
+
+def _inline_outputs(reply: bytes) -> list[np.ndarray]:
+    """The outputs an INFER reply carries after its RUN-style shape list."""
+    shapes, pos = _output_shapes(reply)
+    return _split_outputs(memoryview(reply)[pos:], shapes)

@@ -43,9 +43,14 @@ class Link:
 
         ``more``: further buffers the payload continues with (framed without joining them first).
         """
+        return bytes(self.exchange(command, payload, *more, retries=retries).payload)
+
+    def exchange(self, command: Command, payload: bytes = b"", *more: bytes, flags: int = 0,
+                 retries: int | None = None) -> Frame:
+        """As ``transact``, with request ``flags`` (e.g. FLAG_ASYNC), returning the whole reply frame."""
         retries = self.retries if retries is None else retries
         self._seq = self._next_seq()
-        frame = encode(command, self._seq, payload, 0, *more)
+        frame = encode(command, self._seq, payload, flags, *more)
         last_problem = "no reply"
         for attempt in range(retries + 1):
             if attempt:
@@ -67,7 +72,7 @@ class Link:
                 raise DeviceError(command.name, code, message, self._status_after_error())
             if reply.command != command:
                 raise ProtocolError(f"{command.name}: reply is for command 0x{reply.command:02X}")
-            return reply.payload
+            return reply
         if last_problem == "no reply":
             raise LinkTimeout(f"{command.name}: no reply from the chip after {retries + 1} tries "
                               f"of {self.timeout:g} s on {self.port.port}")

@@ -15,6 +15,8 @@ a host's frame is served between two chunks: that is where CONTROL.ABORT stops t
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 import struct
 import threading
 import types
@@ -69,8 +71,9 @@ SETTINGS_IN_USE: dict[Command, frozenset[str]] = {
                                     "CONFIG", "STUCK_RATE"}),
     Command.CELLS_ERASE: frozenset(),
     Command.RUN: frozenset({"ARRAY_CONVERTERS"}),
+    Command.INFER: frozenset({"ARRAY_CONVERTERS"}),
 }
-UNITS = {Command.CELLS_WRITE: "cells", Command.CELLS_ERASE: "rows", Command.RUN: "samples"}
+UNITS = {Command.CELLS_WRITE: "cells", Command.CELLS_ERASE: "rows", Command.RUN: "samples", Command.INFER: "samples"}
 
 
 class _Abort(Exception):
@@ -390,7 +393,7 @@ class Chip:
         return b"".join(replies)
 
     def _handle_frame(self, frame: Frame) -> bytes:
-        key = (frame.seq, frame.command, zlib.crc32(frame.payload))
+        key = (frame.seq, frame.command, frame.crc)
         if self._last is not None and self._last[0] == key:
             return self._last[1]
         try:
@@ -735,28 +738,49 @@ class Chip:
         batch, = struct.unpack("<I", payload)
         return self._run(batch)
 
-    def _run(self, batch: int, name: str = "RUN") -> Operation:
-        """Check a run of the loaded program on ``batch`` staged inputs; its steps run it.
+    def _infer(self, payload: bytes) -> Operation:
+        """RUN on inputs carried in the request, replying with the outputs: one frame each way
+        instead of BUF_WRITE, RUN and BUF_READ, for batches whose data fits a frame."""
+        batch, = struct.unpack_from("<I", payload)
+        program = self._loaded("INFER")
+        inputs = _sample_bytes(program, program.inputs) * batch
+        if len(payload) != 4 + inputs:
+            raise ChipError(ErrorCode.BAD_LENGTH, f"INFER: batch {batch} takes {inputs} bytes of inputs after the "
+                            f"u32 batch, got {len(payload) - 4}")
+        outputs = _sample_bytes(program, program.outputs) * batch
+        if outputs + 256 > MAX_PAYLOAD:  # 256: room for the count and shapes before them
+            raise ChipError(ErrorCode.FRAME_TOO_LARGE, f"INFER: {outputs} bytes of outputs for batch {batch} would "
+                            f"not fit a reply of at most {MAX_PAYLOAD} bytes; use BUF_WRITE, RUN and BUF_READ")
+        return self._run(batch, "INFER", memoryview(payload)[4:])
 
-        Sizes are checked before anything is read or written, so a refused run leaves the
-        buffer as it was.
-        """
-        program = self.program
-        if program is None:
+    def _loaded(self, name: str) -> Program:
+        if self.program is None:
             raise ChipError(ErrorCode.NO_PROGRAM, f"{name}: no program loaded (PROGRAM_LOAD first)")
-        if not 0 < batch <= LIMITS["RUN_BATCH"]:
-            raise ChipError(ErrorCode.BAD_ARGUMENT, f"RUN: batch size {batch} outside 1..{LIMITS['RUN_BATCH']}")
-        shapes = [(batch, *program.tensors[tid].shape[1:]) for tid in program.inputs]
-        sizes = [4 * int(np.prod(shape)) for shape in shapes]
-        if sum(sizes) > len(self.buffer):
-            raise ChipError(ErrorCode.BAD_ADDRESS, f"RUN: {sum(sizes)} bytes of inputs for batch {batch} exceed "
-                            f"the {len(self.buffer)}-byte staging buffer")
-        offsets = np.cumsum([0, *sizes])
-        feeds = [np.frombuffer(self.buffer, dtype="<f4", count=n // 4, offset=int(o)).reshape(shape)
-                 for shape, n, o in zip(shapes, sizes, offsets)]
-        return Operation(Command.RUN, batch, _primed(self._run_steps(program, batch, feeds)))
+        return self.program
 
-    def _run_steps(self, program: Program, batch: int, feeds: list[np.ndarray]) -> Steps:
+    def _run(self, batch: int, name: str = "RUN", inline: memoryview | None = None) -> Operation:
+        """Check a run of the loaded program on ``batch`` inputs; its steps run it.
+
+        The inputs are staged in the buffer, or ``inline`` (INFER's request, whose reply then
+        carries the outputs after their shapes). Sizes are checked before anything is read
+        or written, so a refused run leaves the buffer as it was.
+        """
+        program = self._loaded(name)
+        if not 0 < batch <= LIMITS["RUN_BATCH"]:
+            raise ChipError(ErrorCode.BAD_ARGUMENT, f"{name}: batch size {batch} outside 1..{LIMITS['RUN_BATCH']}")
+        shapes = [(batch, *program.tensors[tid].shape[1:]) for tid in program.inputs]
+        sizes = [4 * math.prod(shape) for shape in shapes]
+        if sum(sizes) > len(self.buffer):
+            raise ChipError(ErrorCode.BAD_ADDRESS, f"{name}: {sum(sizes)} bytes of inputs for batch {batch} exceed "
+                            f"the {len(self.buffer)}-byte staging buffer")
+        source = self.buffer if inline is None else inline
+        offsets = itertools.accumulate(sizes[:-1], initial=0)
+        feeds = [np.frombuffer(source, dtype="<f4", count=n // 4, offset=o).reshape(shape)
+                 for shape, n, o in zip(shapes, sizes, offsets)]
+        command = Command.RUN if inline is None else Command.INFER
+        return Operation(command, batch, _primed(self._run_steps(program, batch, feeds, inline is not None)))
+
+    def _run_steps(self, program: Program, batch: int, feeds: list[np.ndarray], inline: bool = False) -> Steps:
         """Run the program on batch slices of RUN_SLICE samples, then write all outputs at once.
 
         The outputs go over the inputs, so none is written before the last slice has run:
@@ -799,7 +823,7 @@ class Chip:
         self.counters["mvm_ops"] += batch * per_sample
         self._done()
         return struct.pack("<B", len(outputs)) + b"".join(struct.pack(f"<B{o.ndim}I", o.ndim, *o.shape)
-                                                           for o in outputs)
+                                                           for o in outputs) + (data if inline else b"")
 
     def _converter_product(self) -> LayerProduct | None:
         """Tile-by-tile products when any array the program uses has finite converters."""
@@ -838,8 +862,13 @@ class Chip:
         Command.BUF_WRITE: _buf_write, Command.BUF_READ: _buf_read,
         Command.PROGRAM_LOAD: _program_load, Command.PROGRAM_FETCH: _program_fetch,
         Command.CELLS_WRITE: _cells_write, Command.CELLS_READ: _cells_read, Command.CELLS_ERASE: _cells_erase,
-        Command.RUN: _run_command, Command.OP_RESULT: _op_result,
+        Command.RUN: _run_command, Command.INFER: _infer, Command.OP_RESULT: _op_result,
     }
+
+
+def _sample_bytes(program: Program, tensors: list[int]) -> int:
+    """Bytes of one sample of ``tensors`` (f32, batch dimension excluded)."""
+    return sum(4 * math.prod(program.tensors[t].shape[1:]) for t in tensors)
 
 
 def _expect_empty(name: str, payload: bytes) -> None:

@@ -53,6 +53,7 @@ class Command(IntEnum):
     CELLS_READ = 0x41    # CellRegion, u8 quantity: float32 values into the buffer
     CELLS_ERASE = 0x42   # CellRegion, u32 array count: erase that region in each array
     RUN = 0x50           # u32 batch: inputs from the buffer, outputs into the buffer
+    INFER = 0x51         # u32 batch, inputs: stage them, RUN, reply with the RUN reply and the outputs
     OP_RESULT = 0x60     # -> the last background operation's reply (or its error, or BUSY)
 
 
@@ -110,9 +111,12 @@ class FrameError(Exception):
 
 @dataclass
 class Frame:
+    """One received frame. ``payload`` may be a read-only view into the bytes it arrived in
+    (no copy of a large payload): take ``bytes(payload)`` to keep a copy of your own."""
+
     command: int
     seq: int
-    payload: bytes
+    payload: bytes | memoryview
     flags: int = 0
     crc: int = 0  # the payload's CRC-32 as it arrived (a receiver's cheap identity of the payload)
 
@@ -122,7 +126,7 @@ class Frame:
 
     def error(self) -> tuple[int, str]:
         code, = struct.unpack_from("<H", self.payload)
-        return code, self.payload[2:].decode("utf-8", "replace")
+        return code, bytes(self.payload[2:]).decode("utf-8", "replace")
 
 
 def _hcrc(head) -> int:
@@ -193,7 +197,9 @@ class FrameReader:
             end = pos + HEADER_SIZE + length + TRAILER_SIZE
             if len(buf) < end:
                 return out, pos
-            payload = bytes(memoryview(buf)[pos + HEADER_SIZE:end - TRAILER_SIZE])
+            payload = memoryview(buf)[pos + HEADER_SIZE:end - TRAILER_SIZE]
+            if isinstance(buf, bytearray):  # about to be reused: the frame keeps a copy
+                payload = bytes(payload)
             crc = zlib.crc32(payload)
             if crc != int.from_bytes(buf[end - TRAILER_SIZE:end], "little"):
                 out.append(FrameError(ErrorCode.BAD_CRC, seq, f"payload CRC mismatch in frame seq {seq}", command))

@@ -179,3 +179,56 @@ def test_refused_start_does_not_reset_the_chip():
         with pytest.raises(driver.DeviceError, match="CONTROL.START: no program loaded"):
             dev.write_register("CONTROL", 0b11)  # SOFT_RESET | START
         assert dev.read_register("VERIFY_TOL") == 1000
+
+
+def _staged_run(dev, x: np.ndarray, out_features: int) -> tuple[bytes, bytes]:
+    """A run the way BUF_WRITE, RUN, BUF_READ do it: (RUN reply, output bytes)."""
+    dev.buffer_write(x.tobytes())
+    shapes = dev.link.transact(Command.RUN, len(x).to_bytes(4, "little"))
+    return shapes, dev.buffer_read(len(x) * out_features * 4)
+
+
+def test_infer_is_buf_write_run_buf_read_in_one_exchange(mlp_path, batch):
+    with driver.load(mlp_path, device="emu://?sigma=0.2&seed=3") as sess:
+        dev = sess.device
+        shapes, staged = _staged_run(dev, batch, 10)
+        mvm = dev.counters()["mvm_ops"]
+        dev.buffer_write(b"\x01" * len(staged))
+        reply = dev.link.transact(Command.INFER, len(batch).to_bytes(4, "little") + batch.tobytes())
+        assert reply == shapes + staged  # the RUN reply, then the outputs, bit for bit
+        assert dev.buffer_read(len(staged)) == staged  # and the outputs where RUN leaves them
+        assert dev.counters()["mvm_ops"] == 2 * mvm
+        frames = dev.link._seq
+        got, = dev.run([batch])  # the driver's run takes this path: one exchange
+        assert dev.link._seq == frames + 1
+        assert got.tobytes() == staged and got.flags.writeable
+
+
+def test_infer_with_wrong_input_size_is_refused_before_touching_the_buffer(mlp_path, batch):
+    with driver.load(mlp_path, device="emu://") as sess:
+        dev = sess.device
+        dev.buffer_write(b"\x01" * 16)
+        with pytest.raises(driver.DeviceError, match=r"batch 16 takes 4096 bytes of inputs .* got 4092") as e:
+            dev.link.transact(Command.INFER, (16).to_bytes(4, "little") + batch.tobytes()[:-4])
+        assert e.value.code == ErrorCode.BAD_LENGTH
+        assert dev.buffer_read(16) == b"\x01" * 16
+
+
+def test_outputs_too_big_for_one_reply_go_through_the_staging_buffer(tmp_path):
+    """A model that widens (8 -> 256 features): 4,096 samples give 4 MiB of outputs, over
+    the 1 MiB a frame carries. INFER refuses; the driver's run stages instead."""
+    import torch
+
+    torch.manual_seed(0)
+    path = tmp_path / "wide.onnx"
+    torch.onnx.export(torch.nn.Linear(8, 256).eval(), (torch.zeros(1, 8),), str(path), dynamo=False,
+                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    x = np.random.default_rng(0).standard_normal((4096, 8)).astype(np.float32)
+    with driver.load(path, device="emu://?sigma=0&buffer_size=8388608") as sess:
+        dev = sess.device
+        with pytest.raises(driver.DeviceError, match="would not fit a reply") as e:
+            dev.link.transact(Command.INFER, (4096).to_bytes(4, "little") + x.tobytes())
+        assert e.value.code == ErrorCode.FRAME_TOO_LARGE
+        got, = sess.run(None, {"x": x})
+        assert got.shape == (4096, 256)
+        assert got.tobytes() == _staged_run(dev, x, 256)[1]
