@@ -196,6 +196,7 @@ class Chip:
         self._reader = FrameReader(MAX_PAYLOAD)
         self._last: tuple[tuple[int, int, int], bytes] | None = None  # ((seq, command, payload crc), reply)
         self._weights_cache: dict[int, tuple[int, np.ndarray]] = {}
+        self._arrays_used: tuple[Program | None, np.ndarray] = (None, np.zeros(0, np.intp))  # (program, its arrays)
         self._lock = threading.Lock()          # one frame or one chunk at a time
         self._gate = threading.Condition()     # hosts waiting for the lock go before the next chunk
         self._hosts_waiting = 0
@@ -827,8 +828,11 @@ class Chip:
 
     def _converter_product(self) -> LayerProduct | None:
         """Tile-by-tile products when any array the program uses has finite converters."""
-        used = [t.array for layer in self.program.layers for t in layer.tiles]
-        if not used or not (self.dac_bits[used].any() or self.adc_bits[used].any()):
+        if self._arrays_used[0] is not self.program:  # once per program, not on every run
+            used = np.unique([t.array for layer in self.program.layers for t in layer.tiles]).astype(np.intp)
+            self._arrays_used = (self.program, used)
+        used = self._arrays_used[1]
+        if not (self.dac_bits[used].any() or self.adc_bits[used].any()):
             return None
         s, layers = self.program.slices, self.program.layers
 
