@@ -5,6 +5,7 @@ This is what firmware developers and bench scripts use; ``driver.load`` builds o
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 import time
@@ -444,7 +445,7 @@ def _split_outputs(data, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
     """Writable float32 arrays of ``shapes``, one after another in ``data``."""
     outs, offset = [], 0
     for shape in shapes:
-        count = int(np.prod(shape))
+        count = math.prod(shape)
         outs.append(np.frombuffer(data, dtype="<f4", count=count, offset=offset).reshape(shape).copy())
         offset += 4 * count
     return outs

@@ -254,6 +254,7 @@ class Chip:
             STUCK_RATE=round(c.stuck_rate * Q16), ARRAY_CONVERTERS=c.dac_bits | c.adc_bits << 8)
         self.dac_bits = np.full(c.arrays, c.dac_bits, dtype=np.uint8)
         self.adc_bits = np.full(c.arrays, c.adc_bits, dtype=np.uint8)
+        self._all_ideal = not (c.dac_bits or c.adc_bits)  # every converter ideal: runs skip the check
         self.counters = {name: 0 for name in COUNTERS}
         self.program: Program | None = self._parse_program(self.program_code) if self.program_code else None
         self._weights_cache.clear()
@@ -320,6 +321,7 @@ class Chip:
             a = self.regs["ARRAY_SELECT"]
             target = slice(None) if a == ALL_ARRAYS else a
             self.dac_bits[target], self.adc_bits[target] = dac, adc
+            self._all_ideal = not (self.dac_bits.any() or self.adc_bits.any())
         else:
             self._check_setting(name, value)
             self.regs[name] = value
@@ -828,6 +830,8 @@ class Chip:
 
     def _converter_product(self) -> LayerProduct | None:
         """Tile-by-tile products when any array the program uses has finite converters."""
+        if self._all_ideal:
+            return None
         if self._arrays_used[0] is not self.program:  # once per program, not on every run
             used = np.unique([t.array for layer in self.program.layers for t in layer.tiles]).astype(np.intp)
             self._arrays_used = (self.program, used)

@@ -162,6 +162,8 @@ class FrameReader:
 
     def feed(self, data: bytes) -> list[Frame | FrameError]:
         if not self.buf and isinstance(data, bytes):
+            if not data:
+                return []
             out, pos = self._parse(data, 0)  # the usual case, whole frames: parsed in place
             self.buf += memoryview(data)[pos:]
             return out
