@@ -1,6 +1,6 @@
 """A reference executor for compiled programs: ideal cells, optional known weight noise.
 
-It runs the chip's own interpreter (firmware_emu.executor) with the weights the program's
+It runs the chip's own executor (firmware_emu.executor) with the weights the program's
 cell image describes (every cell exactly at its target) instead of measured conductances.
 If the chip and this disagree at sigma = 0, the cells or the link are wrong; if this and
 onnxruntime on ``quantized_model`` disagree, the compiler is wrong. With ``noise`` (the
@@ -23,12 +23,11 @@ def ideal_weights(program: Program, layer_index: int) -> np.ndarray:
 
 
 def run(program: Program, feeds: list[np.ndarray] | dict[str, np.ndarray],
-        noise: dict[str, np.ndarray] | None = None, *, engine: bool = True) -> list[np.ndarray]:
+        noise: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
     """Execute ``program`` on ``feeds`` (a list in program input order, or by input name).
 
     ``noise``: layer name -> (in_features, out_features) array added to that layer's ideal
-    weights, in weight units. ``engine``: as for ``executor.run`` (False: interpret every
-    instruction, the slow path the graph engine is checked against).
+    weights, in weight units.
     """
     if isinstance(feeds, dict):
         names = [program.tensors[t].name for t in program.inputs]
@@ -58,4 +57,4 @@ def run(program: Program, feeds: list[np.ndarray] | dict[str, np.ndarray],
             cache[index] = w
         return cache[index]
 
-    return executor.run(program, list(feeds), weights, engine=engine)
+    return executor.run(program, list(feeds), weights)

@@ -18,7 +18,6 @@ when nothing else can see it.
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import weakref
@@ -31,8 +30,6 @@ from numpy.lib.stride_tricks import sliding_window_view
 from . import graph_engine
 from .converters import LayerProduct
 from .program_format import Instr, Opcode, Program
-
-log = logging.getLogger(__name__)
 
 WeightProvider = Callable[[int], np.ndarray]  # layer index -> (in_features, out_features) float32
 
@@ -427,8 +424,8 @@ def run(program: Program, feeds: list[np.ndarray], weights: WeightProvider,
         if graph is not None:
             try:
                 return graph.run([env[t] for t in program.inputs])
-            except Exception as e:  # noqa: BLE001 - the interpreter names what is wrong
-                log.debug("graph run failed (%s); interpreting", e)
+            except Exception as e:  # noqa: BLE001 - the inputs were checked: the graph is at fault
+                graph_engine.decline(program, weights, e)
     steps = program.instructions
     last_use = {t: i for i, ins in enumerate(steps) for t in ins.inputs}
     last_use.update({t: len(steps) for t in program.outputs})

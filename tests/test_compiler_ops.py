@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from compiler import CompileError, compile_model, quantized_model, reference
-from firmware_emu import graph_engine
+from firmware_emu import executor, graph_engine
 from firmware_emu.program_format import Opcode
 
 RNG = np.random.default_rng(0)
@@ -34,19 +34,24 @@ def build(nodes, inputs: dict[str, tuple], outputs: list[str], inits: dict[str, 
 def check(model: onnx.ModelProto, graph: bool = True, **shapes) -> object:
     """Compile ``model``, run it on random inputs of batch 3, compare with onnxruntime.
 
-    ``graph``: whether the graph engine can express the program (else only the
-    interpreter runs it)."""
+    Both of the chip's ways to run it are checked with the ideal weights: its graph
+    (``graph``: whether the graph engine can express the program at all) and the
+    interpreter."""
     feeds = {k: RNG.standard_normal((3, *v)).astype(np.float32) for k, v in shapes.items()}
     program = compile_model(model)
     weights = [reference.ideal_weights(program, i) for i in range(len(program.layers))]
-    assert (graph_engine.graph_for(program, weights.__getitem__) is not None) == graph
+    ordered = [feeds[program.tensors[t].name] for t in program.inputs]
+    runs = {"interpreter": executor.run(program, ordered, weights.__getitem__, engine=False)}
+    built = graph_engine.graph_for(program, weights.__getitem__)
+    assert (built is not None) == graph
+    if built is not None:
+        runs["graph"] = built.run(ordered)
     want = ort.InferenceSession(quantized_model(model).SerializeToString()).run(None, feeds)
-    for engine in (True, False):  # the program as one onnxruntime graph, and interpreted
-        got = reference.run(program, feeds, engine=engine)
-        assert len(got) == len(want)
+    for how, got in runs.items():
+        assert len(got) == len(want), how
         for g, w in zip(got, want):
-            assert g.shape == w.shape
-            np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * max(1.0, float(np.abs(w).max())))
+            assert g.shape == w.shape, how
+            np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * max(1.0, float(np.abs(w).max())), err_msg=how)
     return program
 
 
@@ -333,7 +338,8 @@ def test_newest_opset_forms():
     x = RNG.standard_normal((2, 3, 5, 5)).astype(np.float32)
     program = compile_model(model)
     want = ReferenceEvaluator(quantized_model(model)).run(None, {"x": x})
-    for engine in (True, False):
-        got = reference.run(program, [x], engine=engine)
+    weights = [reference.ideal_weights(program, i) for i in range(len(program.layers))]
+    for got in (graph_engine.graph_for(program, weights.__getitem__).run([x]),
+                executor.run(program, [x], weights.__getitem__, engine=False)):
         for g, r in zip(got, want, strict=True):
             np.testing.assert_allclose(g, r, rtol=0, atol=1e-5 * np.abs(r).max())

@@ -67,3 +67,25 @@ def test_sessions_are_freed_with_their_program(mlp_path):
     del program, weights
     gc.collect()
     assert len(graph_engine._graphs) == held - 1
+
+
+def test_a_graph_that_fails_is_declined_once_and_the_interpreter_runs(mlp_path, batch, monkeypatch, caplog):
+    program = compile_model(mlp_path)
+    weights = [reference.ideal_weights(program, i) for i in range(len(program.layers))]
+    want = executor.run(program, [batch], weights.__getitem__, engine=False)
+    graph = graph_engine.graph_for(program, weights.__getitem__)
+    calls = []
+
+    def broken(feeds):
+        calls.append(1)
+        raise RuntimeError("simulated onnxruntime failure")
+
+    monkeypatch.setattr(graph, "run", broken)
+    with caplog.at_level("WARNING", logger="firmware_emu.graph_engine"):
+        first = executor.run(program, [batch], weights.__getitem__)
+        second = executor.run(program, [batch], weights.__getitem__)
+    np.testing.assert_array_equal(first[0], want[0])
+    np.testing.assert_array_equal(second[0], want[0])
+    assert len(calls) == 1  # declined after the first failure, not retried on every run
+    assert graph_engine.graph_for(program, weights.__getitem__) is None
+    assert "simulated onnxruntime failure" in caplog.text
