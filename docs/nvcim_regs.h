@@ -235,7 +235,7 @@
 /* OP_STATUS (RO): The running or last background operation. */
 #define NVCIM_OP_STATUS_OFFSET                   0x070u
 #define NVCIM_OP_STATUS_RESET                    0x00000000u
-#define NVCIM_OP_STATUS_COMMAND_SHIFT            0u  /* its command code (CELLS_WRITE 0x40, CELLS_ERASE 0x42, RUN 0x50); 0: none since power-on or SOFT_RESET */
+#define NVCIM_OP_STATUS_COMMAND_SHIFT            0u  /* its command code (CELLS_WRITE 0x40, CELLS_ERASE 0x42, RUN 0x50, INFER 0x51); 0: none since power-on or SOFT_RESET */
 #define NVCIM_OP_STATUS_COMMAND_WIDTH            8u
 #define NVCIM_OP_STATUS_COMMAND_MASK             0x000000FFu
 #define NVCIM_OP_STATUS_STATE_SHIFT              8u  /* 0 NONE, 1 RUNNING, 2 DONE, 3 ABORTED, 4 FAILED (OP_RESULT has the error) */

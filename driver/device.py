@@ -32,6 +32,7 @@ from .link import Link
 DEFAULT_DEVICE = "emu://"
 MAX_CHUNK = 256 << 10  # bytes per staging-buffer frame on a clean link
 MIN_CHUNK = 256        # ... and the least it falls to on a noisy one
+INFER_ANY = 1 << 32  # (no batch size refused yet)
 PROGRESS_BYTES = 16 << 20  # transfers this large show a progress bar on a terminal
 
 T = TypeVar("T")
@@ -156,6 +157,7 @@ class Device:
     def __init__(self, link: Link):
         self.link = link
         self._chunk, self._clean = MAX_CHUNK, 0
+        self._infer_below = INFER_ANY  # batches of this size and up are not sent as INFER
         self.identity = self._identify()
 
     @classmethod
@@ -297,6 +299,8 @@ class Device:
         self.link.transact(Command.PROGRAM_LOAD, ProgramLoadArgs.build(dict(
             length=len(code), crc=zlib.crc32(code), weight_bits=program.weight_bits, cell_bits=program.cell_bits,
             array_rows=program.array_rows, array_cols=program.array_cols)))
+        if self._infer_below:  # another program, other output sizes (a chip without INFER stays so)
+            self._infer_below = INFER_ANY
 
     def fetch_program(self) -> Program:
         """The code section the chip holds (layers, tiles, instructions; no cell image)."""
@@ -389,23 +393,30 @@ class Device:
         ``background=True`` returns an Operation whose ``wait()`` gives the outputs.
 
         A batch whose inputs fit one frame of the size the link currently carries goes in
-        one INFER exchange (inputs out, outputs back); a larger one, or one the link or the
-        chip's reply size does not let through, is staged with BUF_WRITE, run, and read back.
+        one INFER exchange (inputs out, outputs back). A larger one is staged with BUF_WRITE,
+        run, and read back, and so is one the link keeps damaging (the frame size then
+        falls), one whose outputs the chip says would not fit a reply (remembered for this
+        batch size and up), or any on a chip without INFER (remembered). A link timeout is
+        raised, as for RUN: the chip may still be computing, and must not run it twice.
         """
         batch = feeds[0].shape[0]
         arrays = [np.ascontiguousarray(f, dtype="<f4") for f in feeds]
         args = struct.pack("<I", batch)
-        if not background and 4 + sum(a.nbytes for a in arrays) <= self._chunk:
+        if not background and batch < self._infer_below and 4 + sum(a.nbytes for a in arrays) <= self._chunk:
             before = self.link.retransmissions
             try:
-                outputs = _inline_outputs(self.link.transact(Command.INFER, args, *arrays, retries=2))
+                outputs = _inline_outputs(self.link.transact(Command.INFER, args, *arrays))
                 if self.link.retransmissions > before:
                     self._chunk, self._clean = max(MIN_CHUNK, self._chunk // 2), 0
                 return outputs
-            except (LinkTimeout, ProtocolError):  # too big for this link's health: smaller frames below
+            except ProtocolError:  # frames this size keep arriving damaged: smaller ones below
                 self._chunk, self._clean = max(MIN_CHUNK, self._chunk // 4), 0
             except DeviceError as e:
-                if e.code != ErrorCode.FRAME_TOO_LARGE:  # outputs over a frame: staged below
+                if e.code == ErrorCode.FRAME_TOO_LARGE:
+                    self._infer_below = batch
+                elif e.code == ErrorCode.UNKNOWN_COMMAND:
+                    self._infer_below = 0
+                else:
                     raise
         self.buffer_write(b"".join(a.tobytes() for a in arrays))
         if background:

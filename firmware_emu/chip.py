@@ -750,10 +750,12 @@ class Chip:
         if len(payload) != 4 + inputs:
             raise ChipError(ErrorCode.BAD_LENGTH, f"INFER: batch {batch} takes {inputs} bytes of inputs after the "
                             f"u32 batch, got {len(payload) - 4}")
+        shapes = 1 + sum(1 + 4 * len(program.tensors[t].shape) for t in program.outputs)  # count, ndim, dims
         outputs = _sample_bytes(program, program.outputs) * batch
-        if outputs + 256 > MAX_PAYLOAD:  # 256: room for the count and shapes before them
-            raise ChipError(ErrorCode.FRAME_TOO_LARGE, f"INFER: {outputs} bytes of outputs for batch {batch} would "
-                            f"not fit a reply of at most {MAX_PAYLOAD} bytes; use BUF_WRITE, RUN and BUF_READ")
+        if shapes + outputs > MAX_PAYLOAD:
+            raise ChipError(ErrorCode.FRAME_TOO_LARGE, f"INFER: the reply for batch {batch} ({shapes} bytes of shapes, "
+                            f"{outputs} of outputs) would exceed the {MAX_PAYLOAD}-byte frame limit; use BUF_WRITE, "
+                            f"RUN and BUF_READ")
         return self._run(batch, "INFER", memoryview(payload)[4:])
 
     def _loaded(self, name: str) -> Program:
@@ -781,9 +783,10 @@ class Chip:
         feeds = [np.frombuffer(source, dtype="<f4", count=n // 4, offset=o).reshape(shape)
                  for shape, n, o in zip(shapes, sizes, offsets)]
         command = Command.RUN if inline is None else Command.INFER
-        return Operation(command, batch, _primed(self._run_steps(program, batch, feeds, inline is not None)))
+        return Operation(command, batch, _primed(self._run_steps(name, program, batch, feeds, inline is not None)))
 
-    def _run_steps(self, program: Program, batch: int, feeds: list[np.ndarray], inline: bool = False) -> Steps:
+    def _run_steps(self, name: str, program: Program, batch: int, feeds: list[np.ndarray],
+                   inline: bool = False) -> Steps:
         """Run the program on batch slices of RUN_SLICE samples, then write all outputs at once.
 
         The outputs go over the inputs, so none is written before the last slice has run:
@@ -801,12 +804,12 @@ class Chip:
                 try:
                     outs = executor.run(program, [f[a:b] for f in feeds], self._layer_weights, product)
                 except executor.ExecutionError as e:
-                    raise ChipError(ErrorCode.BAD_ARGUMENT, f"RUN: {e}") from None
+                    raise ChipError(ErrorCode.BAD_ARGUMENT, f"{name}: {e}") from None
                 if b - a < batch:
                     for tid, out in zip(program.outputs, outs):
                         if out.ndim == 0 or out.shape[0] != b - a:
                             raise ChipError(ErrorCode.BAD_ARGUMENT, (
-                                f"RUN: output '{program.tensors[tid].name}' has shape {out.shape} for a slice of "
+                                f"{name}: output '{program.tensors[tid].name}' has shape {out.shape} for a slice of "
                                 f"{b - a} samples: its dim 0 is not the batch, so a batch over {RUN_SLICE} "
                                 f"cannot run in slices"))
                 parts.append(outs)
@@ -815,12 +818,12 @@ class Chip:
                     yield done
         except _Abort:
             self.counters["mvm_ops"] += done * per_sample
-            raise ChipError(ErrorCode.ABORTED, f"RUN aborted after {done} of {batch} samples ({-(-done // RUN_SLICE)} "
+            raise ChipError(ErrorCode.ABORTED, f"{name} aborted after {done} of {batch} samples ({-(-done // RUN_SLICE)} "
                             f"slices of {RUN_SLICE}); no output written, buffer unchanged") from None
         outputs = parts[0] if len(parts) == 1 else [np.concatenate(group) for group in zip(*parts)]
         data = b"".join(np.ascontiguousarray(out, dtype="<f4").tobytes() for out in outputs)
         if len(data) > len(self.buffer):
-            raise ChipError(ErrorCode.BAD_ADDRESS, f"RUN: {len(data)} bytes of outputs for batch {batch} exceed "
+            raise ChipError(ErrorCode.BAD_ADDRESS, f"{name}: {len(data)} bytes of outputs for batch {batch} exceed "
                             f"the {len(self.buffer)}-byte staging buffer")
         self.buffer[:len(data)] = data
         self.counters["mvm_ops"] += batch * per_sample

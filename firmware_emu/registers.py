@@ -148,7 +148,7 @@ REGISTERS: tuple[Register, ...] = (
         Field("ADC_BITS", 8, 8, "column ADC bits, sign included (0: ideal, else 1..24)"),
     )),
     Register("OP_STATUS", 0x070, Access.RO, 0, "The running or last background operation.", (
-        Field("COMMAND", 0, 8, "its command code (CELLS_WRITE 0x40, CELLS_ERASE 0x42, RUN 0x50); 0: none "
+        Field("COMMAND", 0, 8, "its command code (CELLS_WRITE 0x40, CELLS_ERASE 0x42, RUN 0x50, INFER 0x51); 0: none "
                                "since power-on or SOFT_RESET"),
         Field("STATE", 8, 3, "0 NONE, 1 RUNNING, 2 DONE, 3 ABORTED, 4 FAILED (OP_RESULT has the error)"),
     )),

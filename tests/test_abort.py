@@ -253,7 +253,7 @@ def test_an_aborted_run_writes_no_output_and_counts_no_operation(mlp_path):
         assert not start.is_error and not abort.is_error
         code, message = raw.ask(Command.OP_RESULT).error()
         assert code == ErrorCode.ABORTED
-        assert message == f"RUN aborted after 0 of {len(x)} samples (0 slices of {RUN_SLICE}); no output written, " \
+        assert message == f"CONTROL.START aborted after 0 of {len(x)} samples (0 slices of {RUN_SLICE}); no output written, " \
                           f"buffer unchanged"
         assert dev.buffer_read(x.nbytes) == x.tobytes()
         assert dev.counters()["mvm_ops"] == mvm

@@ -214,7 +214,7 @@ def test_infer_with_wrong_input_size_is_refused_before_touching_the_buffer(mlp_p
         assert dev.buffer_read(16) == b"\x01" * 16
 
 
-def test_outputs_too_big_for_one_reply_go_through_the_staging_buffer(tmp_path):
+def test_outputs_too_big_for_one_reply_go_through_the_staging_buffer(tmp_path, monkeypatch):
     """A model that widens (8 -> 256 features): 4,096 samples give 4 MiB of outputs, over
     the 1 MiB a frame carries. INFER refuses; the driver's run stages instead."""
     import torch
@@ -226,9 +226,38 @@ def test_outputs_too_big_for_one_reply_go_through_the_staging_buffer(tmp_path):
     x = np.random.default_rng(0).standard_normal((4096, 8)).astype(np.float32)
     with driver.load(path, device="emu://?sigma=0&buffer_size=8388608") as sess:
         dev = sess.device
-        with pytest.raises(driver.DeviceError, match="would not fit a reply") as e:
+        with pytest.raises(driver.DeviceError, match="would exceed the 1048576-byte frame limit") as e:
             dev.link.transact(Command.INFER, (4096).to_bytes(4, "little") + x.tobytes())
         assert e.value.code == ErrorCode.FRAME_TOO_LARGE
-        got, = sess.run(None, {"x": x})
+        sent = _record_commands(dev, monkeypatch)
+        for _ in range(2):
+            got, = sess.run(None, {"x": x})
+        assert sent.count(Command.INFER) == 1  # the refusal is remembered for this batch size
         assert got.shape == (4096, 256)
         assert got.tobytes() == _staged_run(dev, x, 256)[1]
+
+
+def _record_commands(dev, monkeypatch) -> list[Command]:
+    """The commands the device sends from now on."""
+    sent: list[Command] = []
+    exchange = dev.link.exchange
+
+    def recording(command, *args, **kwargs):
+        sent.append(command)
+        return exchange(command, *args, **kwargs)
+
+    monkeypatch.setattr(dev.link, "exchange", recording)
+    return sent
+
+
+def test_a_chip_without_infer_runs_staged(mlp_path, batch, monkeypatch):
+    """Older firmware answers INFER with UNKNOWN_COMMAND: the driver stages, and stops asking."""
+    from firmware_emu.chip import Chip
+
+    monkeypatch.setattr(Chip, "_HANDLERS", {k: v for k, v in Chip._HANDLERS.items() if k != Command.INFER})
+    with driver.load(mlp_path, device="emu://?sigma=0") as sess:
+        sent = _record_commands(sess.device, monkeypatch)
+        first, = sess.run(None, {"x": batch})
+        second, = sess.run(None, {"x": batch})
+    assert sent.count(Command.INFER) == 1 and sent.count(Command.RUN) == 2
+    assert np.array_equal(first, second)
