@@ -165,7 +165,7 @@ class Graph:
             self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime refuses a form the checker accepted
             raise Unsupported(f"onnxruntime refused the program's graph: {e}") from None
-        self._inputs = [f"t{t}" for t in program.inputs]
+        self._inputs = [_tensor(t) for t in program.inputs]
 
     def run(self, feeds: list[np.ndarray]) -> list[np.ndarray]:
         return self.session.run(None, dict(zip(self._inputs, feeds)))

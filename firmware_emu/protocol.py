@@ -4,7 +4,7 @@ Frame layout (little endian), documented in docs/protocol.md:
 
     offset  size  field
     0       2     SYNC 0xA5 0x5A
-    2       1     FLAGS   bit0 RESPONSE, bit1 ERROR
+    2       1     FLAGS   bit0 RESPONSE, bit1 ERROR, bit2 ASYNC
     3       1     COMMAND (Command)
     4       2     SEQ     sequence number chosen by the host, echoed in the reply
     6       4     LENGTH  payload bytes (<= MAX_PAYLOAD)
@@ -26,11 +26,12 @@ from enum import IntEnum
 
 from construct import Int8ul, Int32ul, Struct
 from zlib_ng.zlib_ng import crc32  # zlib's CRC-32, computed with SIMD: 4x faster on a frame
+
 SYNC = b"\xA5\x5A"
 MAX_PAYLOAD = 1 << 20
 FLAG_RESPONSE = 0x01
 FLAG_ERROR = 0x02
-FLAG_ASYNC = 0x04  # request: run CELLS_WRITE / CELLS_ERASE / RUN in the background (ACK at once)
+FLAG_ASYNC = 0x04  # request: run CELLS_WRITE / CELLS_ERASE / RUN / INFER in the background (ACK at once)
 
 # the header, declared once for building and parsing: SYNC, FLAGS, COMMAND, SEQ, LENGTH, HCRC
 # (a plain struct: frames are the hot path, and construct's parser costs 15 us a frame)
@@ -52,7 +53,7 @@ class Command(IntEnum):
     CELLS_READ = 0x41    # CellRegion, u8 quantity: float32 values into the buffer
     CELLS_ERASE = 0x42   # CellRegion, u32 array count: erase that region in each array
     RUN = 0x50           # u32 batch: inputs from the buffer, outputs into the buffer
-    INFER = 0x51         # u32 batch, inputs: stage them, RUN, reply with the RUN reply and the outputs
+    INFER = 0x51         # u32 batch, inputs: RUN on them, reply with the RUN reply and the outputs
     OP_RESULT = 0x60     # -> the last background operation's reply (or its error, or BUSY)
 
 
