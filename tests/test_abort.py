@@ -337,3 +337,28 @@ def test_abort_over_a_served_pty(serve):
         target = dev.read_cells(0, 0, 0, ROWS, COLS, CellQuantity.TARGET)
         assert np.array_equal(target[:rows], t[:rows]) and not target[rows:].any()
         assert dev.write_cells(0, 0, 0, np.full((4, 4), 2, np.uint8)).cells == 16  # serves commands again
+
+
+def test_a_background_run_that_fails_reports_its_error_and_leaves_the_buffer(mlp_path, monkeypatch):
+    """A failure inside the worker (here the executor refusing the program) ends the
+    operation FAILED: ERROR set, DONE not, OP_RESULT and wait() give the chip's error."""
+    from firmware_emu import executor
+
+    def refuse(*args, **kwargs):
+        raise executor.ExecutionError("instruction 3 cannot run (simulated)")
+
+    x = np.random.default_rng(5).standard_normal((8, 64)).astype(np.float32)
+    with driver.load(mlp_path, device="emu://?sigma=0.2&seed=3") as sess:
+        dev = sess.device
+        dev.write_register("IRQ_FLAGS", ALL_IRQ)
+        monkeypatch.setattr(executor, "run", refuse)
+        op = dev.run([x], background=True)
+        with pytest.raises(driver.DeviceError, match=r"RUN \(background\).*instruction 3 cannot run") as e:
+            op.wait(timeout=5)
+        assert e.value.code == ErrorCode.BAD_ARGUMENT
+        state = (dev.read_register("OP_STATUS") >> 8) & 0xFF
+        assert state == OpState.FAILED
+        assert dev.read_register("IRQ_FLAGS") & (IRQ_DONE | IRQ_ERROR) == IRQ_ERROR
+        assert dev.read_register("ERROR_CODE") == ErrorCode.BAD_ARGUMENT
+        assert dev.buffer_read(x.nbytes) == x.tobytes()  # no output written over the inputs
+        assert not dev.busy
