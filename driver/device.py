@@ -24,7 +24,7 @@ from firmware_emu.program_format import Program, pack_cells, parse_code
 from firmware_emu.protocol import (FLAG_ASYNC, CellMode, CellQuantity, CellsEraseArgs, CellsReadArgs,
                                    CellsWriteArgs, CellsWriteReply, Command, ErrorCode, IdentifyReply,
                                    ProgramLoadArgs)
-from firmware_emu.registers import BY_NAME, OpState, lookup
+from firmware_emu.registers import BY_NAME, OpState, field, lookup
 
 from .errors import DeviceError, InvalidArgument, LinkError, LinkTimeout, OperationTimeout, ProtocolError
 from .link import Link
@@ -38,15 +38,9 @@ PROGRESS_BYTES = 16 << 20  # transfers this large show a progress bar on a termi
 T = TypeVar("T")
 
 
-def _field(register: str, name: str) -> tuple[int, int]:
-    """(shift, mask) of a register field, from the one register map."""
-    f = next(f for f in BY_NAME[register].fields if f.name == name)
-    return f.lsb, f.mask
-
-
-_STATUS_BUSY = _field("STATUS", "BUSY")[1]
-_CONTROL_START, _CONTROL_ABORT = _field("CONTROL", "START")[1], _field("CONTROL", "ABORT")[1]
-_OP_COMMAND, _OP_STATE = _field("OP_STATUS", "COMMAND"), _field("OP_STATUS", "STATE")
+_STATUS_BUSY = field("STATUS", "BUSY").mask
+_CONTROL_START, _CONTROL_ABORT = field("CONTROL", "START").mask, field("CONTROL", "ABORT").mask
+_OP_COMMAND, _OP_STATE = field("OP_STATUS", "COMMAND"), field("OP_STATUS", "STATE")
 
 
 @dataclass(frozen=True)
@@ -94,12 +88,12 @@ class Operation(Generic[T]):
 
     def _state(self) -> OpState:
         value = self.device.read_register("OP_STATUS")
-        command = (value & _OP_COMMAND[1]) >> _OP_COMMAND[0]
+        command = (value & _OP_COMMAND.mask) >> _OP_COMMAND.lsb
         if command != self.command:
             raise ProtocolError(f"{self.command.name}: the chip's background operation is now "
                                 f"{'none' if command == 0 else f'command 0x{command:02X}'} (another host, "
                                 f"or a SOFT_RESET, replaced it)")
-        return OpState((value & _OP_STATE[1]) >> _OP_STATE[0])
+        return OpState((value & _OP_STATE.mask) >> _OP_STATE.lsb)
 
     @property
     def busy(self) -> bool:

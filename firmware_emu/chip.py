@@ -37,6 +37,7 @@ from .protocol import (FLAG_ASYNC, FLAG_ERROR, FLAG_RESPONSE, MAX_PAYLOAD, CellM
                        FrameError, FrameReader, IdentifyReply, ProgramLoadArgs, encode, error_payload)
 from .registers import (ALL_ARRAYS, BY_OFFSET, CHIP_ID_VALUE, DEFAULT_BUILD, LIMITS, Q16, REGISTERS, VERSION_VALUE, Access,
                         DeviceModelCode, OpState)
+from .registers import field as register_field
 
 
 class ChipError(Exception):
@@ -59,9 +60,13 @@ WRITE_CHUNK_CELLS = 1 << 16  # CELLS_WRITE: whole rows, about this many cells (~
 ERASE_CHUNK_CELLS = 1 << 18  # CELLS_ERASE: rows of one array, at most about this many cells
 RUN_SLICE = 256              # RUN: samples per batch slice
 
-CONTROL_SOFT_RESET, CONTROL_START, CONTROL_ABORT = 0b001, 0b010, 0b100
-STATUS_READY, STATUS_BUSY, STATUS_PROGRAM_LOADED, STATUS_ERROR, STATUS_BUS_ERROR = 0x01, 0x02, 0x04, 0x08, 0x10
-IRQ_DONE, IRQ_ERROR, IRQ_VERIFY_FAIL, IRQ_ABORTED = 0x1, 0x2, 0x4, 0x8
+# bits of the strobe, status and interrupt registers, as the register map declares them
+CONTROL_SOFT_RESET, CONTROL_START, CONTROL_ABORT = (
+    register_field("CONTROL", f).mask for f in ("SOFT_RESET", "START", "ABORT"))
+STATUS_READY, STATUS_BUSY, STATUS_PROGRAM_LOADED, STATUS_ERROR, STATUS_BUS_ERROR = (
+    register_field("STATUS", f).mask for f in ("READY", "BUSY", "PROGRAM_LOADED", "ERROR", "BUS_ERROR"))
+IRQ_DONE, IRQ_ERROR, IRQ_VERIFY_FAIL, IRQ_ABORTED = (
+    register_field("IRQ_FLAGS", f).mask for f in ("DONE", "ERROR", "VERIFY_FAIL", "ABORTED"))
 
 # Commands served while a background operation runs; every other one is refused with BUSY.
 SERVED_WHILE_BUSY = frozenset({Command.PING, Command.IDENTIFY, Command.REG_READ, Command.REG_WRITE, Command.OP_RESULT})

@@ -182,3 +182,11 @@ def lookup(name_or_offset: str | int) -> Register:
     except KeyError:
         shown = name_or_offset if isinstance(name_or_offset, str) else f"0x{name_or_offset:03X}"
         raise KeyError(f"no register {shown} in the nvcim register map") from None
+
+
+def field(register: str, name: str) -> Field:
+    """One field of a register, by names: firmware and host take bit positions from here."""
+    for f in lookup(register).fields:
+        if f.name == name:
+            return f
+    raise KeyError(f"register {register} has no field {name}")
