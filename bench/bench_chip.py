@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-import driver
+from nvcim import driver
 
 ARRAYS, ROWS, COLS = 64, 256, 256
 TARGETS = {"open loop": 20e6, "write-verify": 5e6, "in-process": 100e6, "pty": 10e6}
@@ -50,7 +50,7 @@ def main() -> None:
     with driver.open(f"emu://?arrays={ARRAYS}&rows={ROWS}&cols={COLS}") as dev:
         programming(dev)
         link(dev, "in-process", 32)
-    server = subprocess.Popen([sys.executable, "-m", "firmware_emu", "serve", "--pty"], stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen([sys.executable, "-m", "nvcim.firmware_emu", "serve", "--pty"], stdout=subprocess.PIPE, text=True)
     try:
         address = server.stdout.readline().strip().removeprefix("serving on ")
         with driver.open(address) as dev:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from compiler import Target, lower_model, place
-from tools.models import build
+from nvcim.compiler import Target, lower_model, place
+from nvcim.tools.models import build
 
 MODELS = {"LeNet-3": ("lenet3", 1, 28), "VGG-8": ("vgg8", 3, 32), "ResNet-18": ("resnet18", 3, 32)}
 TARGET = Target(arrays=8192)

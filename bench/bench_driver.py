@@ -17,8 +17,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-import driver
-from tools.models import LeNet3, VGG8
+from nvcim import driver
+from nvcim.tools.models import LeNet3, VGG8
 
 
 def _export(model: torch.nn.Module, shape: tuple[int, ...], path: Path) -> None:

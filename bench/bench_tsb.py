@@ -18,15 +18,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-import driver  # noqa: E402
-from tools import datasets  # noqa: E402
-from tools.chip import chip_accuracy, deploy_backbone, fetch_noise, flash_tsb  # noqa: E402
-from tools.evaluate import monte_carlo  # noqa: E402
-from tools.models import DEFAULT_IMAGE, count_weights  # noqa: E402
-from tools.noise import NoiseModel  # noqa: E402
-from tools.onnx_io import export, load_deploy  # noqa: E402
-from tools.train import TrainConfig, train_backbone  # noqa: E402
-from tools.tsb import TSBConfig, load_for_training, train_tsb  # noqa: E402
+from nvcim import driver  # noqa: E402
+from nvcim.tools import datasets  # noqa: E402
+from nvcim.tools.chip import chip_accuracy, deploy_backbone, fetch_noise, flash_tsb  # noqa: E402
+from nvcim.tools.evaluate import monte_carlo  # noqa: E402
+from nvcim.tools.models import DEFAULT_IMAGE, count_weights  # noqa: E402
+from nvcim.tools.noise import NoiseModel  # noqa: E402
+from nvcim.tools.onnx_io import export, load_deploy  # noqa: E402
+from nvcim.tools.train import TrainConfig, train_backbone  # noqa: E402
+from nvcim.tools.tsb import TSBConfig, load_for_training, train_tsb  # noqa: E402
 
 
 def _row(stage: str, seconds: float, work: str) -> None:

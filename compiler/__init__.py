@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from firmware_emu.program_format import Layer, Program, Tile, pack_cells
+from nvcim.firmware_emu.contract.program_format import Layer, Program, Tile, pack_cells
 
 from . import frontend, lower
 from .frontend import CompileError

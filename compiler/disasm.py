@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from firmware_emu.program_format import FORMAT_VERSION, Program, packed_size
+from nvcim.firmware_emu.contract.program_format import FORMAT_VERSION, Program, packed_size
 
 
 def _shape(shape: tuple[int, ...]) -> str:

@@ -22,8 +22,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from firmware_emu import executor
-from firmware_emu.program_format import Instr, Opcode, TensorDecl
+from nvcim.firmware_emu import executor
+from nvcim.firmware_emu.contract.program_format import Instr, Opcode, TensorDecl
 
 from .frontend import CompileError
 

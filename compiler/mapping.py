@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from firmware_emu.program_format import Tile
+from nvcim.firmware_emu.contract.program_format import Tile
 
 
 class CapacityError(ValueError):

@@ -1,4 +1,4 @@
-"""Weight quantisation and bit slicing (DESIGN.md "Device physics").
+"""Weight quantisation and bit slicing (docs/device-model.md).
 
 level(w) = round(|w| / max|W| * (2^M - 1)),  w_q = sign(w) * max|W| / (2^M - 1) * level(w);
 level = sum_j t_j * 2^(jK) with t_j the K-bit state of cell j.

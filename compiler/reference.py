@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from firmware_emu import executor
-from firmware_emu.program_format import Program
+from nvcim.firmware_emu import executor
+from nvcim.firmware_emu.contract.program_format import Program
 
 
 def ideal_weights(program: Program, layer_index: int) -> np.ndarray:

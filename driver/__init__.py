@@ -5,6 +5,8 @@
     dev = driver.open("emu://?seed=1&sigma=0.3")     # low-level: registers, cells, noise
 """
 
+from nvcim.firmware_emu.contract.protocol import CellMode, CellQuantity
+
 from .device import Device, Identity, WriteStats
 from .errors import (CompileError, DeviceError, InvalidArgument, LinkError, LinkTimeout, NvcimError,
                      ProtocolError)
@@ -16,6 +18,6 @@ def open(url: str | None = None, timeout: float = 5.0) -> Device:  # noqa: A001 
     return Device.open(url, timeout=timeout)
 
 
-__all__ = ["load", "open", "Session", "Device", "Identity", "WriteStats", "NodeArg", "deploy",
+__all__ = ["load", "open", "Session", "Device", "Identity", "WriteStats", "NodeArg", "deploy", "CellQuantity", "CellMode",
            "NvcimError", "DeviceError", "LinkError", "LinkTimeout", "ProtocolError",
            "InvalidArgument", "CompileError"]

@@ -1,6 +1,6 @@
 """An ``onnx.backend`` backend, so onnx's own backend test runner can drive the chip.
 
-    import driver.backend as chip_backend
+    from nvcim.driver import backend as chip_backend
     outputs = chip_backend.run_model(model, [x])
 
 ``prepare`` compiles the model and programs a chip (``nvcim_device=URL``, default

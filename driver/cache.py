@@ -15,8 +15,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
-import compiler
-from firmware_emu.program_format import Program, ProgramFormatError
+from nvcim import compiler
+from nvcim.firmware_emu.contract import program_format
+from nvcim.firmware_emu.contract.program_format import Program, ProgramFormatError
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,8 @@ def cache_dir() -> Path:
 @lru_cache(maxsize=1)
 def _compiler_fingerprint() -> bytes:
     h = hashlib.sha256()
-    for path in sorted(Path(compiler.__file__).parent.glob("*.py")) + \
-            [Path(compiler.__file__).parent.parent / "firmware_emu" / "program_format.py"]:
+    contract = Path(program_format.__file__).parent
+    for path in sorted(Path(compiler.__file__).parent.glob("*.py")) + sorted(contract.glob("*.py")):
         h.update(path.read_bytes())
     return h.digest()
 

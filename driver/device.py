@@ -5,6 +5,7 @@ This is what firmware developers and bench scripts use; ``driver.load`` builds o
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 import os
 import struct
@@ -18,18 +19,32 @@ import numpy as np
 import serial
 from tqdm import tqdm
 
-import firmware_emu  # noqa: F401  (registers the emu:// URL scheme with pyserial)
-from compiler import Target
-from firmware_emu.program_format import Program, pack_cells, parse_code
-from firmware_emu.protocol import (FLAG_ASYNC, CellMode, CellQuantity, CellsEraseArgs, CellsReadArgs,
+from nvcim.compiler import Target
+from nvcim.firmware_emu.contract.program_format import Program, pack_cells, parse_code
+from nvcim.firmware_emu.contract.protocol import (FLAG_ASYNC, CellMode, CellQuantity, CellsEraseArgs, CellsReadArgs,
                                    CellsWriteArgs, CellsWriteReply, Command, ErrorCode, IdentifyReply,
                                    ProgramLoadArgs)
-from firmware_emu.registers import BY_NAME, OpState, field, lookup
+from nvcim.firmware_emu.contract.registers import BY_NAME, OpState, field, lookup
 
 from .errors import DeviceError, InvalidArgument, LinkError, LinkTimeout, OperationTimeout, ProtocolError
 from .link import Link
 
 DEFAULT_DEVICE = "emu://"
+
+
+def _register_url_handlers() -> None:
+    """Let pyserial open the URL schemes of installed backends (``emu://``) without importing them.
+
+    Each ``nvcim.url_handlers`` entry point names a package holding pyserial's
+    ``protocol_<scheme>`` modules; pyserial imports the module the first time a URL of
+    that scheme is opened.
+    """
+    for entry in importlib.metadata.entry_points(group="nvcim.url_handlers"):
+        if entry.value not in serial.protocol_handler_packages:
+            serial.protocol_handler_packages.append(entry.value)
+
+
+_register_url_handlers()
 MAX_CHUNK = 256 << 10  # bytes per staging-buffer frame on a clean link
 MIN_CHUNK = 256        # ... and the least it falls to on a noisy one
 INFER_ANY = 1 << 32  # (no batch size refused yet)

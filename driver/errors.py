@@ -13,8 +13,8 @@ compiler.CompileError (a ValueError) is re-exported here for convenience.
 
 from __future__ import annotations
 
-from compiler import CompileError
-from firmware_emu.protocol import ErrorCode
+from nvcim.compiler import CompileError
+from nvcim.firmware_emu.contract.protocol import ErrorCode
 
 __all__ = ["NvcimError", "DeviceError", "LinkError", "ProtocolError", "LinkTimeout", "OperationTimeout",
            "InvalidArgument", "CompileError"]

@@ -13,9 +13,9 @@ import time
 
 import serial
 
-from firmware_emu.protocol import (FLAG_RESPONSE, MAX_PAYLOAD, Command, ErrorCode, Frame, FrameError,
+from nvcim.firmware_emu.contract.protocol import (FLAG_RESPONSE, MAX_PAYLOAD, Command, ErrorCode, Frame, FrameError,
                                    FrameReader, encode)
-from firmware_emu.registers import BY_NAME
+from nvcim.firmware_emu.contract.registers import BY_NAME
 
 from .errors import DeviceError, LinkError, LinkTimeout, ProtocolError
 
@@ -104,8 +104,8 @@ class Link:
                 return "no reply"
 
     def _nothing_more_can_come(self) -> bool:
-        # An in-process chip answers inside write(): an empty read means the reply is lost.
-        return getattr(self.port, "chip", None) is not None
+        # A port that answers inside write() (an in-process chip): an empty read means the reply is lost.
+        return getattr(self.port, "replies_inline", False)
 
     def _status_after_error(self) -> int | None:
         """STATUS register, read after a refused command so the error can carry it."""

@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
-from compiler import lower_model, place
-from firmware_emu.program_format import Program
+from nvcim.compiler import lower_model, place
+from nvcim.firmware_emu.contract.program_format import Program
 
 from .cache import cached_program
 from .device import Device, WriteStats
@@ -60,7 +60,7 @@ def deploy(device: Device, program: Program, *, verify: bool = False, layers: se
     """Upload the code and program the cells of ``layers`` (default: every layer).
 
     Each tile region is erased first; then only the cells of weights on the tile's side
-    (level > 0, matching sign) are pulsed. The other cells stay erased, as DESIGN.md asks.
+    (level > 0, matching sign) are pulsed. The other cells stay erased, (docs/device-model.md#signed-weights-positive-and-negative-arrays).
     Cells of layers not named are not touched, so a host can reflash only new layers.
     ``verify``: write-verify every cell; ``verify_mask``: per layer, a bool matrix
     (in_features x out_features) of the weights to write-verify, the rest open loop.

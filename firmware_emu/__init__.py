@@ -1,13 +1,8 @@
-"""The emulated nvcim chip and its datasheet (register map, wire protocol, program format).
+"""The emulated nvcim chip: one backend of the contract in ``nvcim.firmware_emu.contract``.
 
-Importing this package registers the ``emu://`` URL scheme with pyserial.
+Nothing is imported here, so ``nvcim.firmware_emu.contract`` (the datasheet a host
+driver builds on) can be used without loading the emulator. The ``emu://`` pyserial URL
+scheme is served by ``protocol_emu``, which pyserial imports the first time such a URL
+is opened (the package is registered by the driver through the ``nvcim.url_handlers``
+entry point).
 """
-
-import serial
-
-from .chip import Chip, ChipConfig, ChipError
-
-if __name__ not in serial.protocol_handler_packages:
-    serial.protocol_handler_packages.append(__name__)
-
-__all__ = ["Chip", "ChipConfig", "ChipError"]

@@ -1,4 +1,4 @@
-"""``python -m firmware_emu serve``: run an emulated chip behind a pty or a TCP port."""
+"""``python -m nvcim.firmware_emu serve``: run an emulated chip behind a pty or a TCP port."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import click
 from .chip import Chip, ChipConfig
 from .link_faults import LinkFaults
 from .nvm_image import ImageError
-from .registers import DeviceModelCode
+from .contract.registers import DeviceModelCode
 from .serve import serve_pty, serve_tcp
 
 _DEFAULTS = ChipConfig()

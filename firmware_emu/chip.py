@@ -31,13 +31,13 @@ from .converters import LayerProduct, tiled_product
 from .crossbar import CellArrays, ProgramStats
 from .nvm_image import NvmImage
 from .physics import DeviceModel, pulse_cost
-from .program_format import Program, ProgramFormatError, packed_size, parse_code, unpack_cells
-from .protocol import (FLAG_ASYNC, FLAG_ERROR, FLAG_RESPONSE, MAX_PAYLOAD, CellMode, CellQuantity,
+from .contract.program_format import Program, ProgramFormatError, packed_size, parse_code, unpack_cells
+from .contract.protocol import (FLAG_ASYNC, FLAG_ERROR, FLAG_RESPONSE, MAX_PAYLOAD, CellMode, CellQuantity,
                        CellsEraseArgs, CellsReadArgs, CellsWriteArgs, CellsWriteReply, Command, ErrorCode, Frame,
                        FrameError, FrameReader, IdentifyReply, ProgramLoadArgs, encode, error_payload)
-from .registers import (ALL_ARRAYS, BY_OFFSET, CHIP_ID_VALUE, DEFAULT_BUILD, LIMITS, Q16, REGISTERS, VERSION_VALUE, Access,
+from .contract.registers import (ALL_ARRAYS, BY_OFFSET, CHIP_ID_VALUE, DEFAULT_BUILD, LIMITS, Q16, REGISTERS, VERSION_VALUE, Access,
                         DeviceModelCode, OpState)
-from .registers import field as register_field
+from .contract.registers import field as register_field
 
 
 class ChipError(Exception):

@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from .program_format import Program
+from .contract.program_format import Program
 
 LayerProduct = Callable[[int, np.ndarray], np.ndarray]  # (layer, x (P, in)) -> (P, out)
 

@@ -29,7 +29,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from . import graph_engine
 from .converters import LayerProduct
-from .program_format import Instr, Opcode, Program
+from .contract.program_format import Instr, Opcode, Program
 
 WeightProvider = Callable[[int], np.ndarray]  # layer index -> (in_features, out_features) float32
 

@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .program_format import Instr, Opcode, Program
+from .contract.program_format import Instr, Opcode, Program
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .registers import DeviceModelCode
+from .contract.registers import DeviceModelCode
 
-# (s, state-0 std override or None) per preset; DESIGN.md "Non-uniform devices".
+# (s, state-0 std override or None) per preset; docs/device-model.md#state-dependent-presets.
 PRESETS: dict[DeviceModelCode, tuple[float, float | None]] = {
     DeviceModelCode.GAUSSIAN: (1.0, None),
     DeviceModelCode.RRAM1: (1.0, None),

@@ -61,6 +61,7 @@ class Serial(SerialBase):
     """A serial port whose far end is an in-process emulated chip."""
 
     chip: Chip
+    replies_inline = True  # the reply is complete when write() returns: the link need not wait for more
 
     def open(self) -> None:
         if self._port is None:

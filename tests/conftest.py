@@ -40,10 +40,10 @@ def batch() -> np.ndarray:
 
 
 class Served:
-    """A ``python -m firmware_emu serve`` process and the address it printed."""
+    """A ``python -m nvcim.firmware_emu serve`` process and the address it printed."""
 
     def __init__(self, *args: str):
-        self.proc = subprocess.Popen([sys.executable, "-m", "firmware_emu", "serve", *args],
+        self.proc = subprocess.Popen([sys.executable, "-m", "nvcim.firmware_emu", "serve", *args],
                                      stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline().strip()
         if not line.startswith("serving on "):

@@ -15,12 +15,12 @@ import time
 import numpy as np
 import pytest
 
-import driver
-from firmware_emu.chip import RUN_SLICE, WRITE_CHUNK_CELLS
-from firmware_emu.program_format import pack_cells
-from firmware_emu.protocol import (FLAG_ASYNC, CellQuantity, CellsEraseArgs, CellsReadArgs, CellsWriteArgs,
+from nvcim import driver
+from nvcim.firmware_emu.chip import RUN_SLICE, WRITE_CHUNK_CELLS
+from nvcim.firmware_emu.contract.program_format import pack_cells
+from nvcim.firmware_emu.contract.protocol import (FLAG_ASYNC, CellQuantity, CellsEraseArgs, CellsReadArgs, CellsWriteArgs,
                                    CellsWriteReply, Command, ErrorCode, Frame, FrameReader, encode)
-from firmware_emu.registers import BY_NAME, OpState
+from nvcim.firmware_emu.contract.registers import BY_NAME, OpState
 
 ROWS, COLS = 4096, 1024
 BIG = f"arrays=1&rows={ROWS}&cols={COLS}"
@@ -342,7 +342,7 @@ def test_abort_over_a_served_pty(serve):
 def test_a_background_run_that_fails_reports_its_error_and_leaves_the_buffer(mlp_path, monkeypatch):
     """A failure inside the worker (here the executor refusing the program) ends the
     operation FAILED: ERROR set, DONE not, OP_RESULT and wait() give the chip's error."""
-    from firmware_emu import executor
+    from nvcim.firmware_emu import executor
 
     def refuse(*args, **kwargs):
         raise executor.ExecutionError("instruction 3 cannot run (simulated)")

@@ -7,7 +7,7 @@ import onnx.backend.test
 import pytest
 from onnx import TensorProto, helper
 
-import driver.backend as chip_backend
+from nvcim.driver import backend as chip_backend
 
 # Node cases whose ops run on the chip's digital unit (exact, no quantisation): the
 # runner compares them with onnx's stored outputs at its own tolerances. Cases whose

@@ -5,11 +5,11 @@ import time
 import numpy as np
 import pytest
 
-import driver
-from compiler import Target, compile_model
-from firmware_emu.executor import effective_weights
-from firmware_emu.protocol import CellQuantity, Command, ErrorCode
-from firmware_emu.registers import CHIP_ID_VALUE, OpState
+from nvcim import driver
+from nvcim.compiler import Target, compile_model
+from nvcim.firmware_emu.executor import effective_weights
+from nvcim.firmware_emu.contract.protocol import CellQuantity, Command, ErrorCode
+from nvcim.firmware_emu.contract.registers import CHIP_ID_VALUE, OpState
 from tests.conftest import export_mlp
 
 
@@ -76,7 +76,7 @@ def test_read_after_write_noise_dump_equals_the_deviation():
 
 
 def test_per_weight_noise_std_matches_the_design_formula(tmp_path):
-    """std(w_p - w_q) = 0.78 * sigma * max|W| for M = 8, K = 2 (DESIGN.md), over 102,400 weights."""
+    """std(w_p - w_q) = 0.78 * sigma * max|W| for M = 8, K = 2 (docs/device-model.md), over 102,400 weights."""
     path = export_mlp(tmp_path / "wide.onnx", in_features=400, hidden=256, out=4)
     sigma = 0.3
     with driver.load(path, device=f"emu://?sigma={sigma}&seed=3") as sess:
@@ -252,7 +252,7 @@ def _record_commands(dev, monkeypatch) -> list[Command]:
 
 def test_a_chip_without_infer_runs_staged(mlp_path, batch, monkeypatch):
     """Older firmware answers INFER with UNKNOWN_COMMAND: the driver stages, and stops asking."""
-    from firmware_emu.chip import Chip
+    from nvcim.firmware_emu.chip import Chip
 
     monkeypatch.setattr(Chip, "_HANDLERS", {k: v for k, v in Chip._HANDLERS.items() if k != Command.INFER})
     with driver.load(mlp_path, device="emu://?sigma=0") as sess:

@@ -2,7 +2,7 @@
 
 from click.testing import CliRunner
 
-from tools.cli import main
+from nvcim.tools.cli import main
 
 
 def test_compile_then_disasm_lists_layers_tiles_and_instructions(mlp_path, tmp_path):

@@ -18,8 +18,8 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-import driver
-from compiler import CompileError, quantized_model
+from nvcim import driver
+from nvcim.compiler import CompileError, quantized_model
 
 DATA = Path(onnx.__file__).parent / "backend" / "test" / "data" / "pytorch-converted"
 CASES = sorted(p.name for p in DATA.iterdir() if (p / "model.onnx").is_file())

@@ -5,9 +5,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import driver
-from compiler import CapacityError, CompileError, Target, compile_model
-from firmware_emu.chip import Chip
+from nvcim import driver
+from nvcim.compiler import CapacityError, CompileError, Target, compile_model
+from nvcim.firmware_emu.chip import Chip
 
 
 @pytest.fixture

@@ -12,9 +12,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compiler import CompileError, compile_model, quantized_model, reference
-from firmware_emu import executor, graph_engine
-from firmware_emu.program_format import Opcode
+from nvcim.compiler import CompileError, compile_model, quantized_model, reference
+from nvcim.firmware_emu import executor, graph_engine
+from nvcim.firmware_emu.contract.program_format import Opcode
 
 RNG = np.random.default_rng(0)
 

@@ -7,10 +7,10 @@ import re
 import numpy as np
 import pytest
 
-import driver
-from compiler import Target, compile_model, lower_model, reference
-from compiler.disasm import disassemble
-from firmware_emu.program_format import FORMAT_VERSION, Program
+from nvcim import driver
+from nvcim.compiler import Target, compile_model, lower_model, reference
+from nvcim.compiler.disasm import disassemble
+from nvcim.firmware_emu.contract.program_format import FORMAT_VERSION, Program
 from test_models import LeNet3, export, randomised
 
 

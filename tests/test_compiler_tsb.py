@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-import driver
-from compiler import CompileError, Target, compile_model, quantized_model, reference
-from firmware_emu.program_format import Opcode
+from nvcim import driver
+from nvcim.compiler import CompileError, Target, compile_model, quantized_model, reference
+from nvcim.firmware_emu.contract.program_format import Opcode
 from test_models import TOLERANCE, export
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import driver
+from nvcim import driver
 
 
 class SmallCNN(torch.nn.Module):

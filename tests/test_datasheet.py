@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from firmware_emu import datasheet
-from firmware_emu.protocol import Command, ErrorCode
-from firmware_emu.registers import CHIP_ID_VALUE, REGISTERS, Access, Field, Register
+from nvcim.firmware_emu import datasheet
+from nvcim.firmware_emu.contract.protocol import Command, ErrorCode
+from nvcim.firmware_emu.contract.registers import CHIP_ID_VALUE, REGISTERS, Access, Field, Register
 
 DOCS = datasheet.DOCS_DIR
 
@@ -19,7 +19,7 @@ DOCS = datasheet.DOCS_DIR
 def test_committed_datasheet_files_are_not_stale():
     stale = [name for name, text in datasheet.render_all().items()
              if not (DOCS / name).is_file() or (DOCS / name).read_text(encoding="utf-8") != text]
-    assert not stale, f"stale generated docs {stale}: run `python -m firmware_emu.datasheet` and commit them"
+    assert not stale, f"stale generated docs {stale}: run `python -m nvcim.firmware_emu.datasheet` and commit them"
     assert datasheet.main(["--check"]) == 0
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-import driver
-from driver.cache import cache_dir
+from nvcim import driver
+from nvcim.driver.cache import cache_dir
 
 
 def app(session_factory, path, x):
@@ -78,7 +78,7 @@ def test_compiled_programs_are_cached_by_model_and_chip(mlp_path, batch, caplog)
         first = sess.run(None, {"x": batch})[0]
     added = set(cache_dir().glob("*.nvcp")) - before
     assert len(added) == 1
-    with caplog.at_level(logging.INFO, logger="driver.cache"):
+    with caplog.at_level(logging.INFO, logger="nvcim.driver.cache"):
         with driver.load(mlp_path, device="emu://?sigma=0&arrays=40") as sess:
             assert np.array_equal(sess.run(None, {"x": batch})[0], first)
     assert "from cache" in caplog.text

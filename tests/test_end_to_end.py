@@ -4,8 +4,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-import driver
-from compiler import quantized_model
+from nvcim import driver
+from nvcim.compiler import quantized_model
 
 
 def _quantized_reference(path, x):

@@ -12,9 +12,9 @@ import gc
 import numpy as np
 import pytest
 
-import driver
-from compiler import compile_model, reference
-from firmware_emu import executor, graph_engine
+from nvcim import driver
+from nvcim.compiler import compile_model, reference
+from nvcim.firmware_emu import executor, graph_engine
 from test_models import LeNet3, export, randomised
 
 
@@ -81,7 +81,7 @@ def test_a_graph_that_fails_is_declined_once_and_the_interpreter_runs(mlp_path, 
         raise RuntimeError("simulated onnxruntime failure")
 
     monkeypatch.setattr(graph, "run", broken)
-    with caplog.at_level("WARNING", logger="firmware_emu.graph_engine"):
+    with caplog.at_level("WARNING", logger="nvcim.firmware_emu.graph_engine"):
         first = executor.run(program, [batch], weights.__getitem__)
         second = executor.run(program, [batch], weights.__getitem__)
     np.testing.assert_array_equal(first[0], want[0])

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-import driver
-from compiler import compile_model, lower_model, quantized_model, reference
+from nvcim import driver
+from nvcim.compiler import compile_model, lower_model, quantized_model, reference
 
 TOLERANCE = 1e-5  # of the largest |output|; see the module docstring
 

@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-import driver
-from firmware_emu.protocol import CellQuantity
+from nvcim import driver
+from nvcim.firmware_emu.contract.protocol import CellQuantity
 from tests.conftest import export_mlp
 
 

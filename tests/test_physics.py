@@ -1,11 +1,11 @@
-"""Measured cell statistics on the emulated chip match DESIGN.md's device model."""
+"""Measured cell statistics on the emulated chip match the device model of docs/device-model.md."""
 
 import numpy as np
 import pytest
 
-import driver
-from firmware_emu.physics import READ_PULSE_NS, WRITE_PULSE_NS
-from firmware_emu.protocol import CellQuantity
+from nvcim import driver
+from nvcim.firmware_emu.physics import READ_PULSE_NS, WRITE_PULSE_NS
+from nvcim.firmware_emu.contract.protocol import CellQuantity
 
 G_MAX = 3.0
 

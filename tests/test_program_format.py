@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from compiler import Target, compile_model
-from firmware_emu.program_format import HEADER_SIZE, Program, ProgramFormatError, pack_cells, unpack_cells
+from nvcim.compiler import Target, compile_model
+from nvcim.firmware_emu.contract.program_format import HEADER_SIZE, Program, ProgramFormatError, pack_cells, unpack_cells
 
 
 def test_pack_unpack_roundtrip_for_every_cell_width():

@@ -1,6 +1,6 @@
 import numpy as np
 
-from compiler.quantize import fake_quantize, quantize, slice_levels
+from nvcim.compiler.quantize import fake_quantize, quantize, slice_levels
 
 
 def test_levels_follow_the_design_formula():

@@ -6,7 +6,7 @@ import json
 
 from click.testing import CliRunner
 
-from tools.cli import main
+from nvcim.tools.cli import main
 
 
 def _ok(runner, args):

@@ -8,8 +8,8 @@ import pickle
 import numpy as np
 import pytest
 
-from tools import datasets
-from tools.datasets import DatasetError
+from nvcim.tools import datasets
+from nvcim.tools.datasets import DatasetError
 
 
 def _idx(array: np.ndarray, type_code: int = 0x08) -> bytes:

@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from tools import datasets
-from tools.evaluate import draw_weights, monte_carlo, quantized_params, split_weights
-from tools.models import build, count_weights, tsb_fraction
-from tools.noise import NoiseModel
-from tools.onnx_io import export, load_deploy
-from tools.train import TrainConfig, load_checkpoint, train_backbone
+from nvcim.tools import datasets
+from nvcim.tools.evaluate import draw_weights, monte_carlo, quantized_params, split_weights
+from nvcim.tools.models import build, count_weights, tsb_fraction
+from nvcim.tools.noise import NoiseModel
+from nvcim.tools.onnx_io import export, load_deploy
+from nvcim.tools.train import TrainConfig, load_checkpoint, train_backbone
 
 TSB_PATTERN = ["Pad", "Reshape", "Transpose", "MatMul", "Transpose", "Reshape", "Slice"]
 
@@ -24,7 +24,7 @@ def test_lenet3_has_the_seeds_weight_count():
     assert count_weights(net) == (45 + 450 + 4900, 0)
     net.add_tsb(5)
     assert count_weights(net) == (5395, 25)
-    assert tsb_fraction(net) == pytest.approx(25 / 5420)  # 0.46 %, as DESIGN.md states
+    assert tsb_fraction(net) == pytest.approx(25 / 5420)  # 0.46 %, as docs/methods.md states
     assert net.tsb_shapes == [(5, 28, 28), (10, 14, 14)]
 
 

@@ -11,10 +11,10 @@ from onnx import numpy_helper
 import pytest
 import torch
 
-import driver
-from compiler.quantize import fake_quantize
-from tools.chip import deploy_backbone, fetch_noise
-from tools.noise import NoiseModel, _state_sigma, quantize, weight_noise
+from nvcim import driver
+from nvcim.compiler.quantize import fake_quantize
+from nvcim.tools.chip import deploy_backbone, fetch_noise
+from nvcim.tools.noise import NoiseModel, _state_sigma, quantize, weight_noise
 
 
 def _linear_onnx(path, n_in=200, n_out=200, seed=0):
@@ -67,7 +67,7 @@ def test_per_weight_noise_matches_the_chip(tmp_path, model):
         z = (noise[pulsed] / std[pulsed]).double()
         assert abs(float(z.std()) - 1) < 0.02, f"{name}: normalised noise std {float(z.std()):.4f}"
         assert abs(float(z.mean())) < 0.02, name
-    if model == "GAUSSIAN":  # DESIGN.md's anchor: per-weight std ~ 0.78 sigma max|W|
+    if model == "GAUSSIAN":  # docs/device-model.md's anchor: per-weight std ~ 0.78 sigma max|W|
         rel = float(chip_noise[pulsed].std()) / float(w.abs().max())
         assert rel == pytest.approx(NoiseModel(sigma).weight_std_factor(), rel=0.02)
         assert NoiseModel(sigma).weight_std_factor() == pytest.approx(0.78 * sigma, rel=0.01)

@@ -4,10 +4,9 @@ import numpy as np
 import pytest
 import serial
 
-import driver
-import firmware_emu  # noqa: F401  (registers emu://)
-from firmware_emu.protocol import Command, Frame, FrameReader, IdentifyReply, encode
-from firmware_emu.registers import CHIP_ID_VALUE
+from nvcim import driver  # noqa: F401  (registers the emu:// scheme with pyserial)
+from nvcim.firmware_emu.contract.protocol import Command, Frame, FrameReader, IdentifyReply, encode
+from nvcim.firmware_emu.contract.registers import CHIP_ID_VALUE
 
 
 def _ask(port: serial.SerialBase, command: int, seq: int, payload: bytes = b"") -> Frame:

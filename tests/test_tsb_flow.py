@@ -7,18 +7,18 @@ import onnxruntime as ort
 import pytest
 import torch
 
-import driver
-from compiler import reference
-from firmware_emu import executor
-from firmware_emu.protocol import CellQuantity
-from tools import datasets
-from tools.chip import (FlowError, NoiseDump, chip_logits, deploy_backbone, fetch_noise, flash_tsb, program_for,
+from nvcim import driver
+from nvcim.compiler import reference
+from nvcim.firmware_emu import executor
+from nvcim.firmware_emu.contract.protocol import CellQuantity
+from nvcim.tools import datasets
+from nvcim.tools.chip import (FlowError, NoiseDump, chip_logits, deploy_backbone, fetch_noise, flash_tsb, program_for,
                         program_on_chip)
-from tools.evaluate import predict, quantized_params
-from tools.noise import quantize
-from tools.onnx_io import export, load_deploy
-from tools.train import TrainConfig, train_backbone
-from tools.tsb import TSBConfig, load_for_training, train_tsb
+from nvcim.tools.evaluate import predict, quantized_params
+from nvcim.tools.noise import quantize
+from nvcim.tools.onnx_io import export, load_deploy
+from nvcim.tools.train import TrainConfig, train_backbone
+from nvcim.tools.tsb import TSBConfig, load_for_training, train_tsb
 
 CHIP = "emu://?sigma=0.3&seed={seed}"
 
@@ -52,7 +52,7 @@ def test_torch_with_the_fetched_noise_computes_what_the_chip_computes(data, back
         dump = fetch_noise(dev, backbone)
         chip = chip_logits(dev, program, data.x_test)
     model, _ = load_deploy(backbone)
-    from tools.chip import noisy_weights
+    from nvcim.tools.chip import noisy_weights
     fixed = {k: torch.from_numpy(v) for k, v in noisy_weights(backbone, dump).items()}
     assert set(fixed) == {"conv1.weight", "conv2.weight", "fc.weight"}
     ours = predict(model, data.x_test, fixed)

@@ -25,13 +25,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-import driver
-from compiler import CompileError, Target, compile_model, lower_model
-from compiler.quantize import fake_quantize
-from firmware_emu.executor import effective_weights
-from firmware_emu.program_format import Program, pack_cells
-from firmware_emu.protocol import CellQuantity, ErrorCode
-from firmware_emu.registers import Q16, DeviceModelCode
+from nvcim import driver
+from nvcim.compiler import CompileError, Target, compile_model, lower_model
+from nvcim.compiler.quantize import fake_quantize
+from nvcim.firmware_emu.executor import effective_weights
+from nvcim.firmware_emu.contract.program_format import Program, pack_cells
+from nvcim.firmware_emu.contract.protocol import CellQuantity, ErrorCode
+from nvcim.firmware_emu.contract.registers import Q16, DeviceModelCode
 
 NOISE_FORMAT = 2
 SETTING_REGISTERS = ("CHIP_ID", "VERSION", "SEED", "SIGMA", "DEVICE_MODEL", "READ_NOISE", "CONFIG", "STUCK_RATE")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import click
 
-from compiler import CompileError, Target, compile_model
+from nvcim.compiler import CompileError, Target, compile_model
 
 WORKDIR = Path("out/tsb")
 
@@ -34,7 +34,7 @@ def _clear_errors(fn):
     """Turn the flow's expected errors into one clear line and exit status 1."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        import driver
+        from nvcim import driver
 
         from .chip import FlowError
         from .datasets import DatasetError
@@ -106,8 +106,8 @@ def compile_cmd(onnx_path: Path, output: Path, arrays: int, rows: int, cols: int
 @click.argument("program_path", type=click.Path(path_type=Path))
 def disasm(program_path: Path) -> None:
     """Print a compiled program as a readable listing (layers, tiles, instructions)."""
-    from compiler.disasm import disassemble
-    from firmware_emu.program_format import Program, ProgramFormatError
+    from nvcim.compiler.disasm import disassemble
+    from nvcim.firmware_emu.contract.program_format import Program, ProgramFormatError
 
     try:
         program = Program.from_bytes(program_path.read_bytes())
@@ -184,7 +184,7 @@ def train(arch, width, bn, image, epochs, stop_fraction, patience, lr, sigma_tra
 @_clear_errors
 def deploy(model: Path, device, sigma, seed, device_model) -> None:
     """Program a model onto the chip open loop; the chip captures every cell's noise."""
-    import driver
+    from nvcim import driver
 
     from .chip import chip_settings, deploy_backbone, settings_url
 
@@ -208,7 +208,7 @@ def noise() -> None:
 @_clear_errors
 def noise_fetch(model: Path, device, output: Path) -> None:
     """Read the model's per-weight noise off the chip into a .npz (with chip and model identity)."""
-    import driver
+    from nvcim import driver
 
     from .chip import fetch_noise
 
@@ -260,7 +260,7 @@ def tsb_train(backbone, noise_path, data, c, epochs, lr, sigma_verified, seed, o
 @_clear_errors
 def tsb_flash(backbone, tsb_model, noise_path, device) -> None:
     """Compile incrementally, write only the TSB cells with write-verify, prove the backbone unchanged."""
-    import driver
+    from nvcim import driver
 
     from .chip import NoiseDump, flash_tsb
 
@@ -326,3 +326,7 @@ def _seeds(text: str) -> tuple[int, ...]:
     if not seeds:
         raise click.BadParameter("at least one chip seed")
     return seeds
+
+
+if __name__ == "__main__":
+    main(prog_name="nvcim")

@@ -15,8 +15,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-import driver
-from compiler import quantized_model
+from nvcim import driver
+from nvcim.compiler import quantized_model
 
 from .datasets import digits
 

@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-import driver
+from nvcim import driver
 
 from . import datasets
 from .chip import (FlowError, NoiseDump, chip_accuracy, chip_settings, deploy_backbone, fetch_noise, flash_tsb,

@@ -1,7 +1,7 @@
 """The seeds' models in torch, with Tiny Shared Block (TSB) insertion points.
 
 * LeNet-3: conv 5 ch, conv 10 ch (3x3, each followed by 2x2 max-pool), one FC. On 28x28
-  inputs it has 45 + 450 + 4,900 = 5,395 weights (DESIGN.md).
+  inputs it has 45 + 450 + 4,900 = 5,395 weights (docs/methods.md).
 * VGG-8: conv 128, 128, pool, 256, 256, pool, 512, 512, pool, FC 1024, FC classes.
 * ResNet-18: the standard four stages of two basic blocks (64, 128, 256, 512), with the
   small-image stem (3x3 conv, no max-pool) used for CIFAR-sized inputs.

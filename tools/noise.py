@@ -1,4 +1,4 @@
-"""The chip's weight-noise model in torch (DESIGN.md "Device physics"), for training and Monte Carlo.
+"""The chip's weight-noise model in torch (docs/device-model.md), for training and Monte Carlo.
 
 Per weight tensor W (M = 8-bit weights, K = 2-bit cells, S = M/K slices, g_max = 2^K - 1):
 
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from firmware_emu.physics import PRESETS
-from firmware_emu.registers import DeviceModelCode
+from nvcim.firmware_emu.physics import PRESETS
+from nvcim.firmware_emu.contract.registers import DeviceModelCode
 
 
 @dataclass(frozen=True)

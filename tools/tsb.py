@@ -1,4 +1,4 @@
-"""Training the Tiny Shared Block on one chip's captured noise (seed 000, DESIGN.md "TSB").
+"""Training the Tiny Shared Block on one chip's captured noise (docs/methods.md#tsb-tiny-shared-block).
 
 The backbone is rebuilt from its ONNX file (deploy form, weights bit for bit) and its
 crossbar weights are fixed to what the chip really holds: w_q + the captured noise of
@@ -124,7 +124,7 @@ def check_width_for_chip(c: int, dump: NoiseDump) -> None:
 
 def load_for_training(backbone_onnx: str | Path, noise_path: str | Path, c: int | None) -> tuple[Net, dict, NoiseDump]:
     """Model with TSB, fixed chip weights and the dump, after checking the dump belongs to this backbone."""
-    from compiler import Target, compile_model
+    from nvcim.compiler import Target, compile_model
 
     dump = NoiseDump.load(noise_path)
     model = backbone_with_tsb(backbone_onnx, c)
