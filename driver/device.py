@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.metadata
 import math
 import os
-import struct
 import time
 import types
 import zlib
@@ -21,9 +20,11 @@ from tqdm import tqdm
 
 from nvcim.compiler import Target
 from nvcim.firmware_emu.contract.program_format import Program, pack_cells, parse_code
-from nvcim.firmware_emu.contract.protocol import (FLAG_ASYNC, CellMode, CellQuantity, CellsEraseArgs, CellsReadArgs,
-                                   CellsWriteArgs, CellsWriteReply, Command, ErrorCode, IdentifyReply,
-                                   ProgramLoadArgs)
+from nvcim.firmware_emu.contract.protocol import (FLAG_ASYNC, BufReadArgs, BufWriteHeader, CellMode, CellQuantity,
+                                                  CellsEraseArgs, CellsReadArgs, CellsReadReply, CellsWriteArgs,
+                                                  CellsWriteReply, Command, ErrorCode, IdentifyReply,
+                                                  ProgramFetchReply, ProgramLoadArgs, RegReadArgs, RegReadReply,
+                                                  RegWriteArgs, RunArgs, parse_output_shapes)
 from nvcim.firmware_emu.contract.registers import BY_NAME, OpState, field, lookup
 
 from .errors import DeviceError, InvalidArgument, LinkError, LinkTimeout, OperationTimeout, ProtocolError
@@ -202,13 +203,13 @@ class Device:
             raise InvalidArgument(str(e.args[0])) from None
 
     def read_register(self, register: str | int) -> int:
-        reply = self.link.transact(Command.REG_READ, struct.pack("<I", self._address(register)))
-        return struct.unpack("<I", reply)[0]
+        reply = self.link.transact(Command.REG_READ, RegReadArgs.build(dict(addr=self._address(register))))
+        return RegReadReply.parse(reply).value
 
     def write_register(self, register: str | int, value: int) -> None:
         if not 0 <= value <= 0xFFFFFFFF:
             raise InvalidArgument(f"register value {value} does not fit 32 bits")
-        self.link.transact(Command.REG_WRITE, struct.pack("<II", self._address(register), value))
+        self.link.transact(Command.REG_WRITE, RegWriteArgs.build(dict(addr=self._address(register), value=value)))
 
     def counters(self) -> dict[str, int]:
         """All performance counters, 64-bit ones combined."""
@@ -259,12 +260,12 @@ class Device:
     def buffer_write(self, data: bytes, offset: int = 0) -> None:
         view = memoryview(data)
         self._chunked(len(view), lambda pos, n, retries: self.link.transact(
-            Command.BUF_WRITE, struct.pack("<I", offset + pos) + bytes(view[pos:pos + n]), retries=retries))
+            Command.BUF_WRITE, BufWriteHeader.build(dict(offset=offset + pos)), view[pos:pos + n], retries=retries))
 
     def buffer_read(self, length: int, offset: int = 0) -> bytes:
         parts: list[bytes] = []
         self._chunked(length, lambda pos, n, retries: parts.append(self.link.transact(
-            Command.BUF_READ, struct.pack("<II", offset + pos, n), retries=retries)))
+            Command.BUF_READ, BufReadArgs.build(dict(offset=offset + pos, length=n)), retries=retries)))
         return b"".join(parts)
 
     def _chunked(self, length: int, transfer) -> None:
@@ -313,7 +314,8 @@ class Device:
 
     def fetch_program(self) -> Program:
         """The code section the chip holds (layers, tiles, instructions; no cell image)."""
-        length, crc = struct.unpack("<II", self.link.transact(Command.PROGRAM_FETCH))
+        fetched = ProgramFetchReply.parse(self.link.transact(Command.PROGRAM_FETCH))
+        length, crc = fetched.length, fetched.crc
         code = self.buffer_read(length)
         if zlib.crc32(code) != crc:
             raise ProtocolError(f"PROGRAM_FETCH: {length} bytes read back with a CRC mismatch")
@@ -375,7 +377,7 @@ class Device:
             n = min(rows_per_op, height - r0)
             args = CellsReadArgs.build(dict(region=dict(array=array, row=row + r0, col=col, height=n, width=width),
                                             quantity=quantity))
-            length, = struct.unpack("<I", self.link.transact(Command.CELLS_READ, args))
+            length = CellsReadReply.parse(self.link.transact(Command.CELLS_READ, args)).length
             parts.append(np.frombuffer(self.buffer_read(length), dtype="<f4").reshape(n, width))
         return np.concatenate(parts)
 
@@ -410,7 +412,7 @@ class Device:
         """
         batch = feeds[0].shape[0]
         arrays = [np.ascontiguousarray(f, dtype="<f4") for f in feeds]
-        args = struct.pack("<I", batch)
+        args = RunArgs.build(dict(batch=batch))
         if not background and batch < self._infer_below and 4 + sum(a.nbytes for a in arrays) <= self._chunk:
             before = self.link.retransmissions
             try:
@@ -446,19 +448,8 @@ class Device:
 
     def _outputs(self, reply: bytes) -> list[np.ndarray]:
         """Read back the outputs a RUN reply describes."""
-        shapes, _ = _output_shapes(reply)
+        shapes, _ = parse_output_shapes(reply)
         return _split_outputs(self.buffer_read(sum(4 * int(np.prod(s)) for s in shapes)), shapes)
-
-
-def _output_shapes(reply: bytes) -> tuple[list[tuple[int, ...]], int]:
-    """The output shapes a RUN reply lists (count, then ndim and dims of each), and where they end."""
-    count, pos = reply[0], 1
-    shapes = []
-    for _ in range(count):
-        ndim = reply[pos]
-        shapes.append(struct.unpack_from(f"<{ndim}I", reply, pos + 1))
-        pos += 1 + 4 * ndim
-    return shapes, pos
 
 
 def _split_outputs(data, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
@@ -473,5 +464,5 @@ def _split_outputs(data, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
 
 def _inline_outputs(reply: bytes) -> list[np.ndarray]:
     """The outputs an INFER reply carries after its RUN-style shape list."""
-    shapes, pos = _output_shapes(reply)
+    shapes, pos = parse_output_shapes(reply)
     return _split_outputs(memoryview(reply)[pos:], shapes)

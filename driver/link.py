@@ -14,7 +14,7 @@ import time
 import serial
 
 from nvcim.firmware_emu.contract.protocol import (FLAG_RESPONSE, MAX_PAYLOAD, Command, ErrorCode, Frame, FrameError,
-                                   FrameReader, encode)
+                                                  FrameReader, RegReadArgs, RegReadReply, encode)
 from nvcim.firmware_emu.contract.registers import BY_NAME
 
 from .errors import DeviceError, LinkError, LinkTimeout, ProtocolError
@@ -110,8 +110,8 @@ class Link:
     def _status_after_error(self) -> int | None:
         """STATUS register, read after a refused command so the error can carry it."""
         self._seq = self._next_seq()
-        self.port.write(encode(Command.REG_READ, self._seq, BY_NAME["STATUS"].offset.to_bytes(4, "little")))
+        self.port.write(encode(Command.REG_READ, self._seq, RegReadArgs.build(dict(addr=BY_NAME["STATUS"].offset))))
         reply = self._await(self._seq)
-        if isinstance(reply, Frame) and not reply.is_error and len(reply.payload) == 4:
-            return int.from_bytes(reply.payload, "little")
+        if isinstance(reply, Frame) and not reply.is_error and len(reply.payload) == RegReadReply.sizeof():
+            return RegReadReply.parse(bytes(reply.payload)).value
         return None

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import struct
 import threading
 import types
 import zlib
@@ -31,10 +30,14 @@ from .converters import LayerProduct, tiled_product
 from .crossbar import CellArrays, ProgramStats
 from .nvm_image import NvmImage
 from .physics import DeviceModel, pulse_cost
-from .contract.program_format import Program, ProgramFormatError, packed_size, parse_code, unpack_cells
-from .contract.protocol import (FLAG_ASYNC, FLAG_ERROR, FLAG_RESPONSE, MAX_PAYLOAD, CellMode, CellQuantity,
-                       CellsEraseArgs, CellsReadArgs, CellsWriteArgs, CellsWriteReply, Command, ErrorCode, Frame,
-                       FrameError, FrameReader, IdentifyReply, ProgramLoadArgs, encode, error_payload)
+from .contract.program_format import (Program, ProgramFormatError, effective_weights, packed_size, parse_code,
+                                      unpack_cells)
+from .contract.protocol import (FLAG_ASYNC, FLAG_ERROR, FLAG_RESPONSE, MAX_PAYLOAD, BufReadArgs, BufWriteHeader,
+                                CellMode, CellQuantity, CellsEraseArgs, CellsReadArgs, CellsReadReply, CellsWriteArgs,
+                                CellsWriteReply, Command, ErrorCode, Frame, FrameError, FrameReader, IdentifyReply,
+                                PayloadError, ProgramFetchReply, ProgramLoadArgs, RegReadArgs, RegReadReply,
+                                RegWriteArgs, RunArgs, build_output_shapes, encode, error_payload, parse_fixed,
+                                split_header)
 from .contract.registers import (ALL_ARRAYS, BY_OFFSET, CHIP_ID_VALUE, DEFAULT_BUILD, LIMITS, Q16, REGISTERS, VERSION_VALUE, Access,
                         DeviceModelCode, OpState)
 from .contract.registers import field as register_field
@@ -447,11 +450,7 @@ class Chip:
         if self.busy and command not in SERVED_WHILE_BUSY:
             raise ChipError(ErrorCode.BUSY, f"{Command(command).name} refused: {self.operation.describe()} is "
                             f"running in the background (poll STATUS.BUSY, or write CONTROL.ABORT)")
-        try:
-            result = handler(self, payload)
-        except struct.error as e:
-            name = Command(command).name
-            raise ChipError(ErrorCode.BAD_LENGTH, f"{name}: payload of {len(payload)} bytes is malformed ({e})") from None
+        result = handler(self, payload)
         if isinstance(result, Operation):
             if flags & FLAG_ASYNC:
                 self._start(result)
@@ -545,12 +544,12 @@ class Chip:
                                         max_payload=MAX_PAYLOAD))
 
     def _reg_read(self, payload: bytes) -> bytes:
-        addr, = struct.unpack("<I", payload)
-        return struct.pack("<I", self.read_register(addr))
+        addr = _parse_args("REG_READ", RegReadArgs, payload).addr
+        return RegReadReply.build(dict(value=self.read_register(addr)))
 
     def _reg_write(self, payload: bytes) -> bytes:
-        addr, value = struct.unpack("<II", payload)
-        self.write_register(addr, value)
+        args = _parse_args("REG_WRITE", RegWriteArgs, payload)
+        self.write_register(args.addr, args.value)
         return b""
 
     def _buffer_range(self, offset: int, length: int) -> slice:
@@ -560,12 +559,13 @@ class Chip:
         return slice(offset, offset + length)
 
     def _buf_write(self, payload: bytes) -> bytes:
-        offset, = struct.unpack_from("<I", payload)
-        self.buffer[self._buffer_range(offset, len(payload) - 4)] = memoryview(payload)[4:]
+        header, data = _split_header("BUF_WRITE", BufWriteHeader, payload)
+        self.buffer[self._buffer_range(header.offset, len(data))] = data
         return b""
 
     def _buf_read(self, payload: bytes) -> bytes:
-        offset, length = struct.unpack("<II", payload)
+        args = _parse_args("BUF_READ", BufReadArgs, payload)
+        offset, length = args.offset, args.length
         if length > MAX_PAYLOAD:
             raise ChipError(ErrorCode.BAD_ARGUMENT, f"BUF_READ of {length} bytes exceeds the frame maximum {MAX_PAYLOAD}")
         return bytes(self.buffer[self._buffer_range(offset, length)])
@@ -605,7 +605,7 @@ class Chip:
             raise ChipError(ErrorCode.NO_PROGRAM, "PROGRAM_FETCH: no program loaded")
         code = self.program_code
         self.buffer[self._buffer_range(0, len(code))] = code
-        return struct.pack("<II", len(code), zlib.crc32(code))
+        return ProgramFetchReply.build(dict(length=len(code), crc=zlib.crc32(code)))
 
     def _check_placement(self, program: Program) -> str | None:
         s = program.slices
@@ -711,7 +711,7 @@ class Chip:
         values = self.cells.read(r.array, r.row, r.col, r.height, r.width, args.quantity, self.device, self.rng)
         self._account(ProgramStats(read_pulses=r.height * r.width if args.quantity == CellQuantity.CONDUCTANCE else 0))
         self.buffer[span] = np.ascontiguousarray(values, dtype="<f4").tobytes()
-        return struct.pack("<I", span.stop)
+        return CellsReadReply.build(dict(length=span.stop))
 
     def _cells_erase(self, payload: bytes) -> Operation:
         count = _parse_args("CELLS_ERASE", CellsEraseArgs, payload).arrays
@@ -743,25 +743,25 @@ class Chip:
         return b""
 
     def _run_command(self, payload: bytes) -> Operation:
-        batch, = struct.unpack("<I", payload)
-        return self._run(batch)
+        return self._run(_parse_args("RUN", RunArgs, payload).batch)
 
     def _infer(self, payload: bytes) -> Operation:
         """RUN on inputs carried in the request, replying with the outputs: one frame each way
         instead of BUF_WRITE, RUN and BUF_READ, for batches whose data fits a frame."""
-        batch, = struct.unpack_from("<I", payload)
+        header, data = _split_header("INFER", RunArgs, payload)
+        batch = header.batch
         program = self._loaded("INFER")
         inputs = _sample_bytes(program, program.inputs) * batch
-        if len(payload) != 4 + inputs:
+        if len(data) != inputs:
             raise ChipError(ErrorCode.BAD_LENGTH, f"INFER: batch {batch} takes {inputs} bytes of inputs after the "
-                            f"u32 batch, got {len(payload) - 4}")
+                            f"u32 batch, got {len(data)}")
         shapes = 1 + sum(1 + 4 * len(program.tensors[t].shape) for t in program.outputs)  # count, ndim, dims
         outputs = _sample_bytes(program, program.outputs) * batch
         if shapes + outputs > MAX_PAYLOAD:
             raise ChipError(ErrorCode.FRAME_TOO_LARGE, f"INFER: the reply for batch {batch} ({shapes} bytes of shapes, "
                             f"{outputs} of outputs) would exceed the {MAX_PAYLOAD}-byte frame limit; use BUF_WRITE, "
                             f"RUN and BUF_READ")
-        return self._run(batch, "INFER", memoryview(payload)[4:])
+        return self._run(batch, "INFER", data)
 
     def _loaded(self, name: str) -> Program:
         if self.program is None:
@@ -833,8 +833,7 @@ class Chip:
         self.buffer[:len(data)] = data
         self.counters["mvm_ops"] += batch * per_sample
         self._done()
-        return struct.pack("<B", len(outputs)) + b"".join(struct.pack(f"<B{o.ndim}I", o.ndim, *o.shape)
-                                                           for o in outputs) + (data if inline else b"")
+        return build_output_shapes([o.shape for o in outputs]) + (data if inline else b"")
 
     def _converter_product(self) -> LayerProduct | None:
         """Tile-by-tile products when any array the program uses has finite converters."""
@@ -868,7 +867,7 @@ class Chip:
             t = tiles[i]
             return self.cells.g[t.array, t.row:t.row + t.in_count, t.col:t.col + t.out_count * s]
 
-        w = executor.effective_weights(program, index, conductance)
+        w = effective_weights(program, index, conductance)
         self._weights_cache[index] = (gen, w)
         return w
 
@@ -894,6 +893,15 @@ def _expect_empty(name: str, payload: bytes) -> None:
 
 def _parse_args(name: str, layout, payload: bytes):
     """Parse a command's fixed-size argument struct, or refuse a payload of the wrong size."""
-    if len(payload) != layout.sizeof():
-        raise ChipError(ErrorCode.BAD_LENGTH, f"{name}: payload is {len(payload)} bytes, expected {layout.sizeof()}")
-    return layout.parse(payload)
+    try:
+        return parse_fixed(layout, payload)
+    except PayloadError as e:
+        raise ChipError(ErrorCode.BAD_LENGTH, f"{name}: {e}") from None
+
+
+def _split_header(name: str, layout, payload: bytes):
+    """A command's fixed-size header and the bulk data after it, or refuse a payload too short for it."""
+    try:
+        return split_header(layout, payload)
+    except PayloadError as e:
+        raise ChipError(ErrorCode.BAD_LENGTH, f"{name}: {e}") from None

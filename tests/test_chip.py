@@ -7,7 +7,7 @@ import pytest
 
 from nvcim import driver
 from nvcim.compiler import Target, compile_model
-from nvcim.firmware_emu.executor import effective_weights
+from nvcim.firmware_emu.contract.program_format import effective_weights
 from nvcim.firmware_emu.contract.protocol import CellQuantity, Command, ErrorCode
 from nvcim.firmware_emu.contract.registers import CHIP_ID_VALUE, OpState
 from tests.conftest import export_mlp

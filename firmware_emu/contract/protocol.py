@@ -14,17 +14,18 @@ Frame layout (little endian), documented in docs/protocol.md:
 
 The header has its own CRC so a corrupted LENGTH is caught before the receiver waits for
 a payload that never comes; after a bad header the receiver slides one byte and hunts for
-the next SYNC. An error reply's payload is ERROR_CODE (u16) followed by a UTF-8 message.
+the next SYNC. An error reply's payload is ErrorReply: ERROR_CODE (u16), then a UTF-8 message.
 """
 
 from __future__ import annotations
 
 import binascii
+import io
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
-from construct import Int8ul, Int32ul, Struct
+from construct import Construct, GreedyBytes, Int8ul, Int16ul, Int32ul, PrefixedArray, Struct
 from zlib_ng.zlib_ng import crc32  # zlib's CRC-32, computed with SIMD: 4x faster on a frame
 
 SYNC = b"\xA5\x5A"
@@ -43,17 +44,17 @@ TRAILER_SIZE = 4
 class Command(IntEnum):
     PING = 0x01          # payload echoed back
     IDENTIFY = 0x02      # -> IdentifyReply
-    REG_READ = 0x10      # u32 addr -> u32 value
-    REG_WRITE = 0x11     # u32 addr, u32 value
-    BUF_WRITE = 0x20     # u32 offset, data: copy data into the staging buffer
-    BUF_READ = 0x21      # u32 offset, u32 length -> data
+    REG_READ = 0x10      # RegReadArgs -> RegReadReply
+    REG_WRITE = 0x11     # RegWriteArgs
+    BUF_WRITE = 0x20     # BufWriteHeader, data: copy data into the staging buffer
+    BUF_READ = 0x21      # BufReadArgs -> data
     PROGRAM_LOAD = 0x30  # ProgramLoadArgs: load the code section staged in the buffer
-    PROGRAM_FETCH = 0x31  # -> u32 length, u32 crc32: the loaded code section, copied into the buffer
-    CELLS_WRITE = 0x40   # CellRegion, u8 mode, u8 masked: targets (+ mask) from the buffer
-    CELLS_READ = 0x41    # CellRegion, u8 quantity: float32 values into the buffer
-    CELLS_ERASE = 0x42   # CellRegion, u32 array count: erase that region in each array
-    RUN = 0x50           # u32 batch: inputs from the buffer, outputs into the buffer
-    INFER = 0x51         # u32 batch, inputs: RUN on them, reply with the RUN reply and the outputs
+    PROGRAM_FETCH = 0x31  # -> ProgramFetchReply: the loaded code section, copied into the buffer
+    CELLS_WRITE = 0x40   # CellsWriteArgs: targets (+ mask) from the buffer -> CellsWriteReply
+    CELLS_READ = 0x41    # CellsReadArgs: float32 values into the buffer -> CellsReadReply
+    CELLS_ERASE = 0x42   # CellsEraseArgs: erase that region in each array
+    RUN = 0x50           # RunArgs: inputs from the buffer, outputs into the buffer -> OutputShapes
+    INFER = 0x51         # RunArgs, inputs: RUN on them -> OutputShapes, outputs
     OP_RESULT = 0x60     # -> the last background operation's reply (or its error, or BUSY)
 
 
@@ -86,18 +87,64 @@ class CellQuantity(IntEnum):
     TARGET = 2       # target state of the last programming
 
 
+# Every payload, declared once: the chip and the host build and parse with the same
+# declaration. Compiled (construct's interpreter costs tens of us a parse, on every frame).
+# Bulk data after a fixed header (BUF_WRITE's data, INFER's inputs and outputs, BUF_READ's
+# reply) is not declared here: it stays raw bytes, read and written with numpy.
 CellRegion = Struct("array" / Int32ul, "row" / Int32ul, "col" / Int32ul,
                     "height" / Int32ul, "width" / Int32ul)
-CellsWriteArgs = Struct("region" / CellRegion, "mode" / Int8ul, "masked" / Int8ul)
+CellsWriteArgs = Struct("region" / CellRegion, "mode" / Int8ul, "masked" / Int8ul).compile()
 CellsWriteReply = Struct("cells" / Int32ul, "write_pulses" / Int32ul, "read_pulses" / Int32ul,
-                         "verify_failures" / Int32ul)
-CellsReadArgs = Struct("region" / CellRegion, "quantity" / Int8ul)
-CellsEraseArgs = Struct("region" / CellRegion, "arrays" / Int32ul)
+                         "verify_failures" / Int32ul).compile()
+CellsReadArgs = Struct("region" / CellRegion, "quantity" / Int8ul).compile()
+CellsReadReply = Struct("length" / Int32ul).compile()  # bytes of f32 values written to the buffer from offset 0
+CellsEraseArgs = Struct("region" / CellRegion, "arrays" / Int32ul).compile()
 ProgramLoadArgs = Struct("length" / Int32ul, "crc" / Int32ul, "weight_bits" / Int8ul, "cell_bits" / Int8ul,
-                         "array_rows" / Int32ul, "array_cols" / Int32ul)
+                         "array_rows" / Int32ul, "array_cols" / Int32ul).compile()
+ProgramFetchReply = Struct("length" / Int32ul, "crc" / Int32ul).compile()  # of the code section now in the buffer
 IdentifyReply = Struct("chip_id" / Int32ul, "version" / Int32ul, "arrays" / Int32ul,
                        "rows" / Int32ul, "cols" / Int32ul, "weight_bits" / Int8ul,
-                       "cell_bits" / Int8ul, "buffer_size" / Int32ul, "max_payload" / Int32ul)
+                       "cell_bits" / Int8ul, "buffer_size" / Int32ul, "max_payload" / Int32ul).compile()
+RegReadArgs = Struct("addr" / Int32ul).compile()
+RegReadReply = Struct("value" / Int32ul).compile()
+RegWriteArgs = Struct("addr" / Int32ul, "value" / Int32ul).compile()
+BufWriteHeader = Struct("offset" / Int32ul).compile()  # then the data
+BufReadArgs = Struct("offset" / Int32ul, "length" / Int32ul).compile()  # reply: the data
+RunArgs = Struct("batch" / Int32ul).compile()  # RUN's payload; INFER's header, then the inputs
+# RUN's reply (INFER's header, then the outputs): output count, then each output's ndim and dims
+OutputShapes = PrefixedArray(Int8ul, PrefixedArray(Int8ul, Int32ul)).compile()
+ErrorReply = Struct("code" / Int16ul, "message" / GreedyBytes).compile()  # message: UTF-8, no terminator
+
+
+class PayloadError(ValueError):
+    """A payload too short or too long for its declaration."""
+
+
+def parse_fixed(layout: Construct, payload: bytes | memoryview):
+    """Parse a payload that is exactly one fixed-size struct."""
+    if len(payload) != layout.sizeof():
+        raise PayloadError(f"payload is {len(payload)} bytes, expected {layout.sizeof()}")
+    return layout.parse(bytes(payload))
+
+
+def split_header(layout: Construct, payload: bytes | memoryview):
+    """Parse a fixed-size header; return it and a view of the bulk data after it (not copied)."""
+    size = layout.sizeof()
+    if len(payload) < size:
+        raise PayloadError(f"payload is {len(payload)} bytes, expected at least {size}")
+    view = memoryview(payload)
+    return layout.parse(bytes(view[:size])), view[size:]
+
+
+def build_output_shapes(shapes: list[tuple[int, ...]]) -> bytes:
+    return OutputShapes.build([list(shape) for shape in shapes])
+
+
+def parse_output_shapes(reply: bytes) -> tuple[list[tuple[int, ...]], int]:
+    """The shapes a RUN or INFER reply lists, and where the list ends (INFER's outputs start)."""
+    stream = io.BytesIO(reply)  # shares the bytes: nothing copied
+    shapes = OutputShapes.parse_stream(stream)
+    return [tuple(shape) for shape in shapes], stream.tell()
 
 
 class FrameError(Exception):
@@ -125,8 +172,8 @@ class Frame:
         return bool(self.flags & FLAG_ERROR)
 
     def error(self) -> tuple[int, str]:
-        code, = struct.unpack_from("<H", self.payload)
-        return code, bytes(self.payload[2:]).decode("utf-8", "replace")
+        reply = ErrorReply.parse(bytes(self.payload))
+        return reply.code, reply.message.decode("utf-8", "replace")
 
 
 def _hcrc(head) -> int:
@@ -146,7 +193,7 @@ def encode(command: int, seq: int, payload: bytes = b"", flags: int = 0, *more: 
 
 
 def error_payload(code: ErrorCode, message: str) -> bytes:
-    return struct.pack("<H", code) + message.encode("utf-8")
+    return ErrorReply.build(dict(code=code, message=message.encode("utf-8")))
 
 
 class FrameReader:
