@@ -7,10 +7,12 @@ grouped or depthwise convolution is ``group`` small layers rather than one mostl
 block-diagonal matrix. Everything else runs on the chip's digital unit.
 
 Each handler checks the node's attributes and emits instructions into the Lowering.
-Output shapes are not worked out by hand: ``Lowering.emit`` runs the executor's own op on
-a batch of one (zeros, or the constants themselves) and reads the result, so the compiler
-and the chip cannot disagree about a shape, and an op that would move the batch dimension
-is caught where it happens.
+Which opcode an ONNX operator becomes and what its attributes are come from the
+contract's op table (``contract.ops``). Output shapes are not worked out by hand:
+``Lowering.emit`` applies the table's shape rule, which runs the op's reference kernel on
+a batch of one (zeros, or the constants themselves), so the compiler and the chip cannot
+disagree about a shape, and an op that would move the batch dimension is caught where it
+happens.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from nvcim.firmware_emu import executor
+from nvcim.firmware_emu.contract.ops import OPS, PAD_MODES, by_onnx, output_shapes
 from nvcim.firmware_emu.contract.program_format import Instr, Opcode, TensorDecl
 
 from .frontend import CompileError
@@ -109,16 +111,15 @@ class Lowering:
         ins = [self.ids_for(n) for n in inputs]
         names = [outputs] if isinstance(outputs, str) else outputs
         instr = Instr(op, self.label, ins, [], layer, attrs or {})
-        with np.errstate(all="ignore"):
-            try:
-                results = executor.execute(instr, [self.probe(t) for t in ins], self._probe_weights.__getitem__)
-            except (ValueError, IndexError) as e:
-                raise self.error(str(e)) from None
-        for name, r in zip(names, results):
-            if r.ndim == 0 or r.shape[0] != 1:
+        try:
+            shapes = output_shapes(instr, [self.probe(t) for t in ins], self._probe_weights.__getitem__)
+        except (ValueError, IndexError) as e:
+            raise self.error(str(e)) from None
+        for name, shape in zip(names, shapes):
+            if not shape or shape[0] != 1:
                 raise self.error(f"output '{name}' would mix the batch dimension (dim 0) with others "
-                                 f"(shape {tuple(r.shape)} for a batch of 1); the chip keeps dim 0 as the batch")
-            instr.outputs.append(self.tensor(name, (-1, *r.shape[1:])))
+                                 f"(shape {shape} for a batch of 1); the chip keeps dim 0 as the batch")
+            instr.outputs.append(self.tensor(name, (-1, *shape[1:])))
         self.instructions.append(instr)
 
     def add_layers(self, source: str, matrices: list[np.ndarray], channel_axis: int) -> int:
@@ -261,8 +262,7 @@ def _pool(lo: Lowering, node: onnx.NodeProto) -> None:
 def _global_pool(lo: Lowering, node: onnx.NodeProto) -> None:
     if len(lo.shape(node.input[0])) < 3:
         raise lo.error("input needs spatial dimensions (N, C, ...)")
-    op = Opcode.GLOBAL_AVGPOOL if node.op_type == "GlobalAveragePool" else Opcode.GLOBAL_MAXPOOL
-    lo.emit(op, [node.input[0]], node.output[0])
+    lo.emit(_ONE_TO_ONE[node.op_type], [node.input[0]], node.output[0])
 
 
 # -- matrix products ------------------------------------------------------------------
@@ -323,7 +323,11 @@ def _batchnorm(lo: Lowering, node: onnx.NodeProto) -> None:
 
 
 # -- elementwise ----------------------------------------------------------------------
-_BINARY = {"Add": Opcode.ADD, "Sub": Opcode.SUB, "Mul": Opcode.MUL, "Div": Opcode.DIV, "PRelu": Opcode.PRELU}
+# ONNX operators that become one instruction of the opcode the op table names for them
+_BINARY = by_onnx("Add", "Sub", "Mul", "Div", "PRelu")
+_UNARY = by_onnx("Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Softplus", "Softsign", "Exp", "Neg", "Abs")
+_REDUCE = by_onnx("ReduceMean", "ReduceSum", "ReduceMax")
+_ONE_TO_ONE = by_onnx("GlobalAveragePool", "GlobalMaxPool", "Softmax", "LogSoftmax")
 
 
 def _binary(lo: Lowering, node: onnx.NodeProto) -> None:
@@ -341,25 +345,11 @@ def _sum(lo: Lowering, node: onnx.NodeProto) -> None:
         acc = out
 
 
-# op type -> (opcode, {attribute: default}) for one-input elementwise ops
-_UNARY: dict[str, tuple[Opcode, dict[str, float]]] = {
-    "Relu": (Opcode.RELU, {}),
-    "LeakyRelu": (Opcode.LEAKY_RELU, {"alpha": 0.01}),
-    "Sigmoid": (Opcode.SIGMOID, {}),
-    "Tanh": (Opcode.TANH, {}),
-    "Elu": (Opcode.ELU, {"alpha": 1.0}),
-    "Selu": (Opcode.SELU, {"alpha": 1.67326319217681884765625, "gamma": 1.05070102214813232421875}),
-    "Softplus": (Opcode.SOFTPLUS, {}),
-    "Softsign": (Opcode.SOFTSIGN, {}),
-    "Exp": (Opcode.EXP, {}),
-    "Neg": (Opcode.NEG, {}),
-    "Abs": (Opcode.ABS, {}),
-}
-
-
 def _unary(lo: Lowering, node: onnx.NodeProto) -> None:
-    op, defaults = _UNARY[node.op_type]
-    lo.emit(op, [node.input[0]], node.output[0], attrs={k: [float(lo.attr(k, v))] for k, v in defaults.items()})
+    """One-input elementwise ops; their attributes (all floats) default as ONNX's do."""
+    op = _UNARY[node.op_type]
+    attrs = {a.name: [float(lo.attr(a.name, a.onnx_default))] for a in OPS[op].attrs}
+    lo.emit(op, [node.input[0]], node.output[0], attrs=attrs)
 
 
 def _clip(lo: Lowering, node: onnx.NodeProto) -> None:
@@ -371,11 +361,7 @@ def _clip(lo: Lowering, node: onnx.NodeProto) -> None:
 def _softmax(lo: Lowering, node: onnx.NodeProto) -> None:
     x = node.input[0]
     axis = _axis(lo, lo.attr("axis", -1), len(lo.shape(x)))
-    op = Opcode.SOFTMAX if node.op_type == "Softmax" else Opcode.LOG_SOFTMAX
-    lo.emit(op, [x], node.output[0], attrs={"axis": [axis]})
-
-
-_REDUCE = {"ReduceMean": Opcode.REDUCE_MEAN, "ReduceSum": Opcode.REDUCE_SUM, "ReduceMax": Opcode.REDUCE_MAX}
+    lo.emit(_ONE_TO_ONE[node.op_type], [x], node.output[0], attrs={"axis": [axis]})
 
 
 def _reduce(lo: Lowering, node: onnx.NodeProto) -> None:
@@ -518,7 +504,7 @@ def _slice(lo: Lowering, node: onnx.NodeProto) -> None:
     lo.emit(Opcode.SLICE, [x], node.output[0], attrs=attrs)
 
 
-_PAD_MODES = {"constant": 0, "reflect": 1, "edge": 2, "wrap": 3}
+_PAD_MODES = {name: code for code, name in PAD_MODES.items()}  # ONNX mode -> PAD's mode attribute
 
 
 def _pad(lo: Lowering, node: onnx.NodeProto) -> None:

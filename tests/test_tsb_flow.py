@@ -9,7 +9,7 @@ import torch
 
 from nvcim import driver
 from nvcim.compiler import reference
-from nvcim.firmware_emu import executor
+from nvcim.firmware_emu.contract.program_format import effective_weights
 from nvcim.firmware_emu.contract.protocol import CellQuantity
 from nvcim.tools import datasets
 from nvcim.tools.chip import (FlowError, NoiseDump, chip_logits, deploy_backbone, fetch_noise, flash_tsb, program_for,
@@ -95,7 +95,7 @@ def test_tsb_flow_reflashes_only_the_tsb_cells(data, backbone, tmp_path):
         chip = chip_logits(dev, new_program, data.x_test)
         full = fetch_noise(dev, tsb_path)
         assert set(full.layers) == {"conv1.weight", "conv2.weight", "fc.weight", "tsb.weight"}
-        dumped = {layer.name: executor.effective_weights(new_program, i, lambda t: full.cells[layer.name][t])
+        dumped = {layer.name: effective_weights(new_program, i, lambda t: full.cells[layer.name][t])
                   for i, layer in enumerate(new_program.layers)}
         ref, = reference.run(new_program, [data.x_test], noise=dumped)
         np.testing.assert_allclose(chip, ref, rtol=0, atol=1e-5 * np.abs(chip).max())

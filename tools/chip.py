@@ -28,8 +28,7 @@ from onnx import numpy_helper
 from nvcim import driver
 from nvcim.compiler import CompileError, Target, compile_model, lower_model
 from nvcim.compiler.quantize import fake_quantize
-from nvcim.firmware_emu.executor import effective_weights
-from nvcim.firmware_emu.contract.program_format import Program, pack_cells
+from nvcim.firmware_emu.contract.program_format import Program, effective_weights, pack_cells
 from nvcim.firmware_emu.contract.protocol import CellQuantity, ErrorCode
 from nvcim.firmware_emu.contract.registers import Q16, DeviceModelCode
 

@@ -4,7 +4,8 @@ A program file is a fixed header, a *code* section (tensors, constants, weight l
 with their tile placement, instructions) and a *cell image* section (the target state of
 every crossbar cell the program uses, packed K bits per cell). Each section carries its
 own CRC-32, so the code can be replaced without touching the cells and vice versa.
-Field-by-field documentation: docs/program-format.md.
+Field-by-field documentation: docs/program-format.md, generated from these declarations
+and the op table (``ops``).
 
 Conventions:
 * a weight layer holds W with shape (in_features, out_features) and computes x @ W;
@@ -22,6 +23,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Callable
 
 import numpy as np
 from construct import (Const, ConstructError, Enum, Float32l, GreedyBytes, Int8sl,
@@ -37,52 +39,48 @@ class ProgramFormatError(ValueError):
 
 
 class Opcode(IntEnum):
-    """What an instruction does; attrs are named lists of ints or floats (docs/program-format.md).
-
-    Shapes follow ONNX layout with the batch first. Numbering groups the ops by unit.
-    """
+    """What an instruction does. Numbering groups the ops by unit; what each one means
+    (attributes, shape rule, reference kernel) is its row in ``ops.OPS``."""
 
     # crossbar (layer >= 0)
-    MATMUL = 1          # out = in @ W(layer) over the last axis
-    CONV = 2            # im2col convolution over layers [layer, layer+group); attrs kernel, strides,
-                        # pads (begins then ends), dilations, group
+    MATMUL = 1
+    CONV = 2
     # digital, elementwise on two inputs with numpy broadcasting
     ADD = 16
     SUB = 17
     MUL = 18
     DIV = 19
-    PRELU = 20          # out = in if in >= 0 else slope * in  (inputs: in, slope)
+    PRELU = 20
     # digital, elementwise on one input
     RELU = 32
-    LEAKY_RELU = 33     # attr alpha
-    CLIP = 34           # attrs min, max
+    LEAKY_RELU = 33
+    CLIP = 34
     SIGMOID = 35
     TANH = 36
-    ELU = 37            # attr alpha
-    SELU = 38           # attrs alpha, gamma
+    ELU = 37
+    SELU = 38
     SOFTPLUS = 39
     SOFTSIGN = 40
     EXP = 41
     NEG = 42
     ABS = 43
     # digital, windows and reductions
-    MAXPOOL = 64        # attrs kernel, strides, pads (ends include the ceil_mode extra), dilations
-    AVGPOOL = 65        # as MAXPOOL plus ceil_pads (the part of the end pads that is ceil_mode extra),
-                        # count_include_pad
+    MAXPOOL = 64
+    AVGPOOL = 65
     GLOBAL_AVGPOOL = 66
     GLOBAL_MAXPOOL = 67
-    SOFTMAX = 68        # attr axis
-    LOG_SOFTMAX = 69    # attr axis
-    REDUCE_MEAN = 70    # attrs axes, keepdims
-    REDUCE_SUM = 71     # attrs axes, keepdims
-    REDUCE_MAX = 72     # attrs axes, keepdims
+    SOFTMAX = 68
+    LOG_SOFTMAX = 69
+    REDUCE_MEAN = 70
+    REDUCE_SUM = 71
+    REDUCE_MAX = 72
     # digital, data movement
-    RESHAPE = 80        # attr shape (batch dimension as -1)
-    TRANSPOSE = 81      # attr perm
-    CONCAT = 82         # attr axis
-    SLICE = 83          # attrs starts, counts, steps (one of each per axis after the batch)
-    PAD = 84            # attrs pads (begins then ends), mode (0 constant, 1 reflect, 2 edge, 3 wrap), value
-    SPLIT = 85          # attrs axis, sizes; one output per size
+    RESHAPE = 80
+    TRANSPOSE = 81
+    CONCAT = 82
+    SLICE = 83
+    PAD = 84
+    SPLIT = 85
 
 
 String = PascalString(Int16ul, "utf8")
@@ -356,3 +354,23 @@ def unpack_cells(data: bytes, offset: int, shape: tuple[int, ...], cell_bits: in
     shifts = (np.arange(per_byte, dtype=np.uint8) * cell_bits)
     cells = (raw[:, None] >> shifts) & ((1 << cell_bits) - 1)
     return cells.ravel()[:count].reshape(shape)
+
+
+# -- cells to weights -----------------------------------------------------------------
+def effective_weights(program: Program, layer_index: int,
+                      tile_conductance: Callable[[int], np.ndarray]) -> np.ndarray:
+    """Combine the bit slices and the +/- arrays of a layer's tiles into one float matrix.
+
+    ``tile_conductance(i)`` returns tile i's cells, shape (in_count, out_count * S).
+    This is the digital shift-and-add the chip does on its partial sums; with ideal
+    converters it is exact to apply it to the weights instead of to every product.
+    """
+    layer = program.layers[layer_index]
+    s, k = program.slices, program.cell_bits
+    place = (np.float64(2.0) ** (k * np.arange(s)))
+    w = np.zeros((layer.in_features, layer.out_features), dtype=np.float64)
+    for i, tile in enumerate(layer.tiles):
+        g = tile_conductance(i).reshape(tile.in_count, tile.out_count, s)
+        w[tile.in_start:tile.in_start + tile.in_count,
+          tile.out_start:tile.out_start + tile.out_count] += tile.sign * (g @ place)
+    return (w * np.asarray(layer.scale, dtype=np.float64)).astype(np.float32)
