@@ -19,11 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from nvcim import driver  # noqa: E402
+from nvcim.firmware_emu.contract.device import DeviceSettings  # noqa: E402
 from nvcim.tools import datasets  # noqa: E402
 from nvcim.tools.chip import chip_accuracy, deploy_backbone, fetch_noise, flash_tsb  # noqa: E402
 from nvcim.tools.evaluate import monte_carlo  # noqa: E402
 from nvcim.tools.models import DEFAULT_IMAGE, count_weights  # noqa: E402
-from nvcim.tools.noise import NoiseModel  # noqa: E402
 from nvcim.tools.onnx_io import export, load_deploy  # noqa: E402
 from nvcim.tools.train import TrainConfig, train_backbone  # noqa: E402
 from nvcim.tools.tsb import TSBConfig, load_for_training, train_tsb  # noqa: E402
@@ -85,12 +85,12 @@ def main() -> None:
             _row("inference on the chip", dt, f"{len(data.x_test) / dt:.0f} images/s, accuracy {acc:.2%}")
         deploy, _ = load_deploy(onnx_path)
         t = time.perf_counter()
-        mc = monte_carlo(deploy, data.x_test, data.y_test, NoiseModel(0.3), draws=args.draws)
+        mc = monte_carlo(deploy, data.x_test, data.y_test, DeviceSettings(0.3), draws=args.draws)
         dt = time.perf_counter() - t
         _row("Monte Carlo, backbone", dt, f"{args.draws} chips x {len(data.x_test)} images: "
                                           f"{args.draws / dt:.1f} chips/s ({mc.mean:.2%})")
         t = time.perf_counter()
-        mc = monte_carlo(model, data.x_test, data.y_test, None, draws=args.draws, fixed=fixed, tsb=NoiseModel(0.03))
+        mc = monte_carlo(model, data.x_test, data.y_test, None, draws=args.draws, fixed=fixed, tsb=DeviceSettings(0.03))
         dt = time.perf_counter() - t
         _row("Monte Carlo, TSB", dt, f"{args.draws} chips: {args.draws / dt:.1f} chips/s ({mc.mean:.2%})")
 

@@ -18,16 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .contract.registers import DeviceModelCode
-
-# (s, state-0 std override or None) per preset; docs/device-model.md#state-dependent-presets.
-PRESETS: dict[DeviceModelCode, tuple[float, float | None]] = {
-    DeviceModelCode.GAUSSIAN: (1.0, None),
-    DeviceModelCode.RRAM1: (1.0, None),
-    DeviceModelCode.FEFET2: (2.0, 0.01),
-    DeviceModelCode.RRAM4: (4.0, None),
-    DeviceModelCode.FEFET6: (6.0, None),
-}
+from .contract.device import DeviceSettings
 
 VERIFY_STEP_REL = 0.2  # a corrective pulse's error std, relative to the step it takes
 VERIFY_FLOOR = 0.01    # ... plus this floor, in units of g_max
@@ -45,36 +36,15 @@ def pulse_cost(write_pulses: int, read_pulses: int) -> tuple[int, int]:
             write_pulses * WRITE_PULSE_PJ + read_pulses * READ_PULSE_PJ)
 
 
-@dataclass
-class DeviceModel:
-    """Per-chip device settings, mirrored from the DEVICE_MODEL/SIGMA/READ_NOISE registers."""
-
-    cell_bits: int = 2
-    sigma: float = 0.3
-    model: DeviceModelCode = DeviceModelCode.GAUSSIAN
-    read_noise: float = 0.0
-    clip: bool = False
-
-    @property
-    def g_max(self) -> float:
-        return float((1 << self.cell_bits) - 1)
+@dataclass(frozen=True)
+class DeviceModel(DeviceSettings):
+    """The device settings (contract.device) with what they do to cells: pulse, settle, read."""
 
     def state_sigma(self, targets: np.ndarray) -> np.ndarray | float:
-        """Relative std per cell for the given target states.
-
-        Gaussian: sigma everywhere. Presets: states whose level lies in (0.25, 0.75)
-        of g_max get s * sigma', the rest sigma', with sigma' = sigma / sqrt(0.4 s^2 + 0.6)
-        so the average variance stays sigma^2.
-        """
-        if self.model == DeviceModelCode.GAUSSIAN:
+        """Relative std per cell for the given target states (integers 0 .. g_max)."""
+        if self.uniform:
             return self.sigma
-        s, state0 = PRESETS[DeviceModelCode(self.model)]
-        base = self.sigma / np.sqrt(0.4 * s * s + 0.6)
-        frac = targets / self.g_max
-        rel = np.where((frac > 0.25) & (frac < 0.75), s * base, base).astype(np.float32)
-        if state0 is not None:
-            rel = np.where(targets == 0, np.float32(state0), rel)
-        return rel
+        return np.asarray(self.state_sigmas(), dtype=np.float32)[targets]
 
     def pulse(self, targets: np.ndarray, rng: np.random.Generator, stuck: np.ndarray | None = None) -> np.ndarray:
         """One open-loop write pulse per cell: the conductances the cells land at.

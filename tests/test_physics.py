@@ -1,11 +1,15 @@
 """Measured cell statistics on the emulated chip match the device model of docs/device-model.md."""
 
+import math
+
 import numpy as np
 import pytest
 
 from nvcim import driver
-from nvcim.firmware_emu.physics import READ_PULSE_NS, WRITE_PULSE_NS
+from nvcim.firmware_emu.contract.device import DeviceSettings
 from nvcim.firmware_emu.contract.protocol import CellQuantity
+from nvcim.firmware_emu.contract.registers import DeviceModelCode
+from nvcim.firmware_emu.physics import READ_PULSE_NS, WRITE_PULSE_NS
 
 G_MAX = 3.0
 
@@ -105,3 +109,14 @@ def test_read_noise_changes_every_read_but_not_the_cell():
         a, b = dev.read_cells(0, 0, 0, 16, 256), dev.read_cells(0, 0, 0, 16, 256)
     assert not np.array_equal(a, b)
     assert abs((a - t).std() / G_MAX - 0.05) < 0.005
+
+
+def test_preset_sigmas_per_state_follow_the_datasheet():
+    """docs/device-model.md: sigma' = sigma / sqrt(0.4 s^2 + 0.6); states in (0.25, 0.75) g_max get s * sigma'."""
+    fefet2 = DeviceSettings(0.3, "FEFET2").state_sigmas()
+    base = 0.3 / math.sqrt(2.2)
+    assert fefet2 == pytest.approx((0.01, 2 * base, 2 * base, base))  # state 0 barely moves
+    rram4 = DeviceSettings(0.3, DeviceModelCode.RRAM4, cell_bits=4).state_sigmas()
+    base = 0.3 / math.sqrt(7.0)
+    assert rram4 == pytest.approx([4 * base if 4 <= t <= 11 else base for t in range(16)])  # 4/15 .. 11/15
+    assert DeviceSettings(0.2).state_sigmas() == (0.2,) * 4

@@ -9,10 +9,15 @@ import pytest
 import torch
 from torch.func import functional_call
 
+from nvcim.firmware_emu.contract.device import DeviceSettings
 from nvcim.tools import datasets
-from nvcim.tools.evaluate import draw_weights, monte_carlo, quantized_params, split_weights
+from nvcim.tools.evaluate import (
+    draw_weights,
+    monte_carlo,
+    quantized_params,
+    split_weights,
+)
 from nvcim.tools.models import build, count_weights, tsb_fraction
-from nvcim.tools.noise import NoiseModel
 from nvcim.tools.onnx_io import export, load_deploy
 from nvcim.tools.train import TrainConfig, load_checkpoint, train_backbone
 
@@ -72,7 +77,7 @@ def test_monte_carlo_vectorised_equals_one_chip_at_a_time():
     net = build("lenet3", 1, 10).eval().add_tsb(5)
     x = torch.rand(20, 1, 28, 28).numpy()
     y = np.arange(20) % 10
-    nm, tsb_nm = NoiseModel(0.3), NoiseModel(0.03)
+    nm, tsb_nm = DeviceSettings(0.3), DeviceSettings(0.03)
     mc = monte_carlo(net, x, y, nm, draws=6, seed=4, tsb=tsb_nm)
     fixed, drawn = split_weights(net, nm, None, tsb_nm)
     assert set(drawn) == {"conv1.weight", "conv2.weight", "fc.weight", "tsb.weight"}

@@ -15,8 +15,10 @@ import numpy as np
 import torch
 from torch.func import functional_call, vmap
 
+from nvcim.firmware_emu.contract.device import DeviceSettings
+
 from .models import Net
-from .noise import NoiseModel, quantize, weight_noise
+from .noise import quantize, weight_noise
 
 
 @dataclass
@@ -71,8 +73,8 @@ def accuracy(model: Net, x: np.ndarray, y: np.ndarray, params: dict[str, torch.T
     return float((predict(model, x, params).argmax(1) == np.asarray(y)).mean())
 
 
-def monte_carlo(model: Net, x: np.ndarray, y: np.ndarray, backbone: NoiseModel | None, draws: int = 200,
-                seed: int = 0, fixed: dict[str, torch.Tensor] | None = None, tsb: NoiseModel | None = None,
+def monte_carlo(model: Net, x: np.ndarray, y: np.ndarray, backbone: DeviceSettings | None, draws: int = 200,
+                seed: int = 0, fixed: dict[str, torch.Tensor] | None = None, tsb: DeviceSettings | None = None,
                 weight_bits: int = 8, budget: int = 24_000_000) -> MonteCarlo:
     """Accuracy of ``draws`` simulated chips.
 
@@ -108,12 +110,13 @@ def monte_carlo(model: Net, x: np.ndarray, y: np.ndarray, backbone: NoiseModel |
     return MonteCarlo(correct / len(xt))
 
 
-def split_weights(model: Net, backbone: NoiseModel | None, fixed: dict[str, torch.Tensor] | None,
-                  tsb: NoiseModel | None, weight_bits: int = 8) -> tuple[dict[str, torch.Tensor], dict[str, NoiseModel]]:
+def split_weights(model: Net, backbone: DeviceSettings | None, fixed: dict[str, torch.Tensor] | None,
+                  tsb: DeviceSettings | None,
+                  weight_bits: int = 8) -> tuple[dict[str, torch.Tensor], dict[str, DeviceSettings]]:
     """(weights held fixed, weights redrawn per chip with their noise model) for a Monte Carlo run."""
     base = quantized_params(model, weight_bits)
     fixed = dict(fixed or {})
-    drawn: dict[str, NoiseModel] = {}
+    drawn: dict[str, DeviceSettings] = {}
     for n in model.weight_names():
         if n in fixed:
             continue
@@ -129,12 +132,13 @@ def split_weights(model: Net, backbone: NoiseModel | None, fixed: dict[str, torc
     return fixed, drawn
 
 
-def draw_weights(model: Net, drawn: dict[str, NoiseModel], draws: int, gen: torch.Generator,
+def draw_weights(model: Net, drawn: dict[str, DeviceSettings], draws: int, gen: torch.Generator,
                  weight_bits: int = 8) -> dict[str, torch.Tensor]:
     """``draws`` simulated chips' weights w_q + noise, stacked on a leading axis, in a fixed order."""
     params = dict(model.named_parameters())
     base = quantized_params(model, weight_bits)
-    return {n: base[n] + weight_noise(params[n].detach(), nm, gen, draws=draws) for n, nm in drawn.items()}
+    return {n: base[n] + weight_noise(params[n].detach(), device, gen, draws=draws, weight_bits=weight_bits)
+            for n, device in drawn.items()}
 
 
 def _activation_size(model: Net) -> int:

@@ -19,13 +19,13 @@ from typing import Callable
 import numpy as np
 
 from nvcim import driver
+from nvcim.firmware_emu.contract.device import DeviceSettings
 
 from . import datasets
 from .chip import (FlowError, NoiseDump, chip_accuracy, chip_settings, deploy_backbone, fetch_noise, flash_tsb,
                    program_for, settings_url)
 from .evaluate import MonteCarlo, accuracy, monte_carlo, quantized_params
 from .models import DEFAULT_IMAGE, count_weights
-from .noise import NoiseModel
 from .onnx_io import export, load_deploy
 from .train import TrainConfig, save_checkpoint, train_backbone
 from .tsb import TSBConfig, fixed_backbone, load_for_training, train_tsb
@@ -93,7 +93,7 @@ def run_flow(cfg: FlowConfig, echo: Callable[[str], None] = print, progress: boo
     echo(f"backbone {cfg.train.arch} (width {cfg.train.width}): {b_weights} crossbar weights, trained "
          f"{trained.epochs_run} of a {plan}-epoch plan with noise injection sigma={cfg.train.sigma_train} in "
          f"{trained.seconds:.1f} s -> {backbone_onnx}; ideal (8-bit) test accuracy {ideal:.2%}")
-    nm = NoiseModel(cfg.sigma, cfg.device_model)
+    nm = DeviceSettings(cfg.sigma, cfg.device_model)
     t0 = time.perf_counter()
     deployed_mc = monte_carlo(deploy_model, data.x_test, data.y_test, nm, draws=cfg.draws, seed=0)
     echo(f"deployed backbone over {cfg.draws} simulated chips (sigma={cfg.sigma}): {deployed_mc} "
@@ -130,7 +130,7 @@ def _one_chip(cfg: FlowConfig, dev: driver.Device, tag: str, seed, data: dataset
     tsb_program, report = flash_tsb(dev, backbone_onnx, tsb_onnx, dump)
     with_tsb = chip_accuracy(dev, tsb_program, data.x_test, data.y_test)
     mc = monte_carlo(model, data.x_test, data.y_test, None, draws=cfg.draws, seed=1, fixed=fixed,
-                     tsb=NoiseModel(cfg.tsb.sigma_verified))
+                     tsb=DeviceSettings(cfg.tsb.sigma_verified))
     echo(f"chip {tag} (sigma={settings['sigma']:.3f}, seed {settings['seed']}): deployed {cost.cells} cells open loop; "
          f"accuracy {deployed:.2%} -> with TSB {with_tsb:.2%} (TSB trained in {trained.seconds:.1f} s; "
          f"{report.cost.write_pulses} pulses vs {report.full_verify.write_pulses} for a full write-verify; "
@@ -222,12 +222,12 @@ def evaluate_model(model_path: Path, url: str, data: str, noise_path: Path | Non
                 raise FlowError(f"noise file {noise_path} was captured from another model than the backbone of "
                                 f"{model_path}")
             fixed = fixed_backbone(net, model_path, dump)
-            mc = monte_carlo(net, x, y, None, draws=draws, fixed=fixed, tsb=NoiseModel(sigma_verified))
+            mc = monte_carlo(net, x, y, None, draws=draws, fixed=fixed, tsb=DeviceSettings(sigma_verified))
             what = f"backbone fixed at chip seed {dump.chip['seed']}'s noise, TSB sigma={sigma_verified}"
         else:
             sig = sigma if sigma is not None else (settings["sigma"] if settings else 0.3)
             model = settings["device_model"] if settings else "GAUSSIAN"
-            mc = monte_carlo(net, x, y, NoiseModel(sig, model), draws=draws)
+            mc = monte_carlo(net, x, y, DeviceSettings(sig, model), draws=draws)
             what = f"sigma={sig:.3f} {model}"
         out["mc"] = dict(mean=mc.mean, ci95=mc.ci95, spread95=mc.spread95, draws=draws)
         echo(f"over {draws} simulated chips ({what}): {mc}")

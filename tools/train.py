@@ -12,19 +12,21 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from torch.func import functional_call
 from tqdm import tqdm
 
+from nvcim.firmware_emu.contract.device import DeviceSettings
+
 from .datasets import Split
 from .evaluate import accuracy, monte_carlo, quantized_params
 from .models import Net, build
-from .noise import NoiseModel, noisy_weight
+from .noise import noisy_weight
 
 
 @dataclass
@@ -68,8 +70,8 @@ def train_backbone(data: Split, cfg: TrainConfig, checkpoint_dir: str | Path | N
     in_ch, image = data.image_shape[0], data.image_shape[-1]
     model = build(cfg.arch, in_ch, data.num_classes, image=image, width=cfg.width, bn=cfg.bn)
     names = model.weight_names()
-    nm_train = NoiseModel(cfg.sigma_train, cfg.device_model)
-    nm_eval = NoiseModel(cfg.sigma_eval, cfg.device_model)
+    train_device = DeviceSettings(cfg.sigma_train, cfg.device_model)
+    eval_device = DeviceSettings(cfg.sigma_eval, cfg.device_model)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     steps_per_epoch = math.ceil(len(train.x_train) / cfg.batch)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
@@ -88,7 +90,7 @@ def train_backbone(data: Split, cfg: TrainConfig, checkpoint_dir: str | Path | N
         model.train()
         loss_sum, hits, seen = 0.0, 0, 0
         for idx in _batches(len(xt), cfg.batch, gen):
-            params = injected_weights(model, names, nm_train, gen)
+            params = injected_weights(model, names, train_device, gen)
             out = functional_call(model, params, (xt[idx],))
             loss = torch.nn.functional.cross_entropy(out, yt[idx])
             opt.zero_grad()
@@ -101,9 +103,9 @@ def train_backbone(data: Split, cfg: TrainConfig, checkpoint_dir: str | Path | N
             bar.update(1)
         model.eval()
         clean = accuracy(model, val.x_test, val.y_test, quantized_params(model))
-        noisy = monte_carlo(model, val.x_test, val.y_test, nm_eval, draws=cfg.val_draws, seed=cfg.seed + epoch).mean
-        row = dict(epoch=epoch, loss=loss_sum / seen, train_acc=hits / seen, val_acc=clean, val_noisy_acc=noisy,
-                   lr=sched.get_last_lr()[0], seconds=time.perf_counter() - t0)
+        noisy = monte_carlo(model, val.x_test, val.y_test, eval_device, draws=cfg.val_draws, seed=cfg.seed + epoch).mean
+        row = {"epoch": epoch, "loss": loss_sum / seen, "train_acc": hits / seen, "val_acc": clean, "val_noisy_acc": noisy,
+                   "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - t0}
         result.history.append(row)
         log(f"epoch {epoch:3d}/{run_epochs}: loss {row['loss']:.4f}  train(noisy) {row['train_acc']:.2%}  "
             f"val {clean:.2%}  val@sigma={cfg.sigma_eval} {noisy:.2%}")
@@ -127,7 +129,7 @@ def train_backbone(data: Split, cfg: TrainConfig, checkpoint_dir: str | Path | N
     return result
 
 
-def injected_weights(model: Net, names: list[str], nm: NoiseModel, gen: torch.Generator) -> dict[str, torch.Tensor]:
+def injected_weights(model: Net, names: list[str], device: DeviceSettings, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """Every crossbar weight with fresh chip noise, as the chip will hold it.
 
     A conv followed by BatchNorm is programmed folded (W * gamma / sqrt(var + eps) per output
@@ -142,11 +144,11 @@ def injected_weights(model: Net, names: list[str], nm: NoiseModel, gen: torch.Ge
         w = params[n]
         bn = folds.get(n)
         if bn is None:
-            out[n] = noisy_weight(w, nm, gen)
+            out[n] = noisy_weight(w, device, gen)
             continue
         a = (bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)).reshape(-1, *[1] * (w.dim() - 1))
         a = torch.where(a.abs() > 1e-12, a, torch.full_like(a, 1e-12))
-        folded = noisy_weight(w.detach() * a, nm, gen)
+        folded = noisy_weight(w.detach() * a, device, gen)
         out[n] = w + (folded / a - w).detach()
     return out
 
@@ -158,8 +160,8 @@ def _copy_state(model: Net) -> dict:
 def save_checkpoint(model: Net, path: str | Path, cfg: TrainConfig | None = None, info: dict | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(dict(config=model.config, state=model.state_dict(), train=asdict(cfg) if cfg else None,
-                    info=info or {}), path)
+    torch.save({"config": model.config, "state": model.state_dict(), "train": asdict(cfg) if cfg else None,
+                    "info": info or {}}, path)
     return path
 
 

@@ -10,20 +10,21 @@ sees fresh noise of write-verified devices (sigma ~ 0.03) through the chip's noi
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
 import torch
 from torch.func import functional_call
 from tqdm import tqdm
+
+from nvcim.firmware_emu.contract.device import DeviceSettings
 
 from .chip import FlowError, NoiseDump, check_tsb_width, noisy_weights
 from .datasets import Split
 from .evaluate import accuracy, quantized_params
 from .models import Net, count_weights
-from .noise import NoiseModel, noisy_weight
+from .noise import noisy_weight
 from .onnx_io import load_deploy, read_meta
 
 
@@ -83,7 +84,7 @@ def train_tsb(model: Net, fixed: dict[str, torch.Tensor], data: Split, cfg: TSBC
     w = model.tsb.weight
     w.requires_grad_(True)
     opt = torch.optim.Adam([w], lr=cfg.lr)
-    nm = NoiseModel(cfg.sigma_verified)
+    device = DeviceSettings(cfg.sigma_verified)
     xt, yt = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
     steps = -(-len(xt) // cfg.batch)
     result = TSBResult(model, fixed)
@@ -96,7 +97,7 @@ def train_tsb(model: Net, fixed: dict[str, torch.Tensor], data: Split, cfg: TSBC
         model.eval()  # no BN left in the deploy form; eval keeps every module deterministic
         loss_sum, hits, seen = 0.0, 0, 0
         for idx in torch.randperm(len(xt), generator=gen).split(cfg.batch):
-            params = dict(fixed, **{"tsb.weight": noisy_weight(w, nm, gen)})
+            params = dict(fixed, **{"tsb.weight": noisy_weight(w, device, gen)})
             out = functional_call(model, params, (xt[idx],))
             loss = torch.nn.functional.cross_entropy(out, yt[idx])
             opt.zero_grad()
@@ -107,8 +108,8 @@ def train_tsb(model: Net, fixed: dict[str, torch.Tensor], data: Split, cfg: TSBC
             seen += len(idx)
             bar.update(1)
         test = accuracy(model, data.x_test, data.y_test, dict(fixed, **{"tsb.weight": quantized_params(model)["tsb.weight"]}))
-        row = dict(epoch=epoch, loss=loss_sum / seen, train_acc=hits / seen, test_acc=test,
-                   seconds=time.perf_counter() - t0)
+        row = {"epoch": epoch, "loss": loss_sum / seen, "train_acc": hits / seen, "test_acc": test,
+                   "seconds": time.perf_counter() - t0}
         result.history.append(row)
         log(f"TSB epoch {epoch:2d}/{cfg.epochs}: loss {row['loss']:.4f}  train {row['train_acc']:.2%}  "
             f"test (chip backbone, ideal TSB) {test:.2%}")
