@@ -1,4 +1,5 @@
-"""Shared fixtures: small real ONNX models exported by torch, and a chip served on a pty."""
+"""Shared fixtures: small real ONNX models exported by torch (defined in zoo.py), and a chip
+served on a pty."""
 
 from __future__ import annotations
 
@@ -8,16 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-
-def export_mlp(path: Path, in_features: int = 64, hidden: int = 300, out: int = 10, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(in_features, hidden), torch.nn.ReLU(),
-                                torch.nn.Linear(hidden, out)).eval()
-    torch.onnx.export(model, (torch.zeros(1, in_features),), str(path), dynamo=False,
-                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
-    return path
+from zoo import export_mlp
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -10,7 +10,7 @@ from nvcim.compiler import Target, compile_model
 from nvcim.firmware_emu.contract.program_format import effective_weights
 from nvcim.firmware_emu.contract.protocol import CellQuantity, Command, ErrorCode
 from nvcim.firmware_emu.contract.registers import CHIP_ID_VALUE, OpState
-from tests.conftest import export_mlp
+from zoo import export_mlp
 
 
 def test_identity_and_capabilities():

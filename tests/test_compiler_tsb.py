@@ -11,48 +11,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from torch import nn
-from torch.nn import functional as F
 
 from nvcim import driver
 from nvcim.compiler import CompileError, Target, compile_model, quantized_model, reference
 from nvcim.firmware_emu.contract.program_format import Opcode
-from test_models import TOLERANCE, export
-
-
-class TSB(nn.Module):
-    """One c x c block applied to every channel group (channels zero-padded to a multiple of c)."""
-
-    def __init__(self, c: int, batch_as_zero: bool):
-        super().__init__()
-        self.c, self.batch_as_zero = c, batch_as_zero
-        self.weight = nn.Parameter(torch.eye(c) + 0.1 * torch.randn(c, c))
-
-    def forward(self, x):
-        n, channels, h, w = x.shape
-        groups = (channels + self.c - 1) // self.c  # not -(-a // b): TorchScript traces // as a truncating Div
-        x = F.pad(x, (0, 0, 0, 0, 0, groups * self.c - channels))
-        lead = n if self.batch_as_zero else -1  # x.shape[0] exports as Shape->Gather, folded to 0
-        y = torch.matmul(x.reshape(lead, groups, self.c, h, w).permute(0, 1, 3, 4, 2), self.weight)
-        return y.permute(0, 1, 4, 2, 3).reshape(lead, groups * self.c, h, w)[:, :channels]
-
-
-class Backbone(nn.Module):
-    """conv 6 -> [TSB] -> relu -> pool -> conv 10 -> [TSB] -> relu -> pool -> FC, on 1x12x12."""
-
-    def __init__(self, tsb: TSB | None = None):
-        super().__init__()
-        torch.manual_seed(3)
-        self.conv1 = nn.Conv2d(1, 6, 3, padding=1)
-        self.conv2 = nn.Conv2d(6, 10, 3, padding=1)
-        self.fc = nn.Linear(10 * 3 * 3, 10)
-        self.tsb = tsb
-
-    def forward(self, x):
-        t = self.tsb or (lambda v: v)
-        x = F.max_pool2d(F.relu(t(self.conv1(x))), 2)
-        x = F.max_pool2d(F.relu(t(self.conv2(x))), 2)
-        return self.fc(torch.flatten(x, 1))
+from test_models import TOLERANCE
+from zoo import TSB, Backbone, export
 
 
 SHAPE = (1, 12, 12)

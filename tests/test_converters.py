@@ -1,36 +1,17 @@
 """Finite DAC/ADC resolution: products formed tile by tile through each array's converters."""
 
-import warnings
-
 import numpy as np
 import pytest
 import torch
 
 from nvcim import driver
-
-
-class SmallCNN(torch.nn.Module):
-    """Plain and grouped convolutions plus a fully connected layer spanning several tiles."""
-
-    def __init__(self):
-        super().__init__()
-        self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
-        self.c2 = torch.nn.Conv2d(8, 8, 3, stride=2, groups=2)
-        self.fc = torch.nn.Linear(8 * 3 * 3, 70)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.c2(torch.relu(self.c1(x)))).flatten(1))
+from zoo import SmallCNN, export
 
 
 @pytest.fixture(scope="module")
 def cnn_path(tmp_path_factory):
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("cnn") / "cnn.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(SmallCNN().eval(), (torch.zeros(1, 3, 8, 8),), str(path), dynamo=False,
-                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
-    return path
+    return export(SmallCNN().eval(), tmp_path_factory.mktemp("cnn") / "cnn.onnx", (3, 8, 8), dynamo=False)
 
 
 def _run(path, options: str, x: np.ndarray) -> np.ndarray:

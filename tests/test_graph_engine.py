@@ -15,7 +15,7 @@ import pytest
 from nvcim import driver
 from nvcim.compiler import compile_model, reference
 from nvcim.firmware_emu import executor, graph_engine
-from test_models import LeNet3, export, randomised
+from zoo import LeNet3, export, randomised
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 
 from nvcim import driver
 from nvcim.firmware_emu.contract.protocol import CellQuantity
-from tests.conftest import export_mlp
+from zoo import export_mlp
 
 
 def _targets(i: int) -> np.ndarray:
