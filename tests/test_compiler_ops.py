@@ -1,6 +1,7 @@
-"""Every supported op and attribute, on small hand-built graphs: compiled, run by the
-reference executor (the chip's executor with ideal cells, both as one graph and
-interpreted) and compared with onnxruntime on ``quantized_model``. Weights on both sides are the same float32 values,
+"""Every supported op and attribute, on small hand-built graphs: compiled, run with ideal
+cells by the chip's executor (as one graph and interpreted) and by the contract's
+reference interpreter (the op table's numpy kernels), and compared with onnxruntime on
+``quantized_model``. Weights on both sides are the same float32 values,
 so only float32 summation order differs: 1e-5 of the largest output.
 """
 
@@ -13,7 +14,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from nvcim.compiler import CompileError, compile_model, quantized_model, reference
+from nvcim.compiler.lower import HANDLERS
 from nvcim.firmware_emu import executor, graph_engine
+from nvcim.firmware_emu.contract import interpreter
+from nvcim.firmware_emu.contract.ops import OPS
 from nvcim.firmware_emu.contract.program_format import Opcode
 
 RNG = np.random.default_rng(0)
@@ -36,12 +40,13 @@ def check(model: onnx.ModelProto, graph: bool = True, **shapes) -> object:
 
     Both of the chip's ways to run it are checked with the ideal weights: its graph
     (``graph``: whether the graph engine can express the program at all) and the
-    interpreter."""
+    interpreter; so are the op table's reference kernels."""
     feeds = {k: RNG.standard_normal((3, *v)).astype(np.float32) for k, v in shapes.items()}
     program = compile_model(model)
     weights = [reference.ideal_weights(program, i) for i in range(len(program.layers))]
     ordered = [feeds[program.tensors[t].name] for t in program.inputs]
-    runs = {"interpreter": executor.run(program, ordered, weights.__getitem__, engine=False)}
+    runs = {"interpreter": executor.run(program, ordered, weights.__getitem__, engine=False),
+            "reference kernels": interpreter.run(program, ordered, weights.__getitem__)}
     built = graph_engine.graph_for(program, weights.__getitem__)
     assert (built is not None) == graph
     if built is not None:
@@ -340,6 +345,20 @@ def test_newest_opset_forms():
     want = ReferenceEvaluator(quantized_model(model)).run(None, {"x": x})
     weights = [reference.ideal_weights(program, i) for i in range(len(program.layers))]
     for got in (graph_engine.graph_for(program, weights.__getitem__).run([x]),
-                executor.run(program, [x], weights.__getitem__, engine=False)):
+                executor.run(program, [x], weights.__getitem__, engine=False),
+                interpreter.run(program, [x], weights.__getitem__)):
         for g, r in zip(got, want, strict=True):
             np.testing.assert_allclose(g, r, rtol=0, atol=1e-5 * np.abs(r).max())
+
+
+def test_every_onnx_operator_the_op_table_names_is_lowered_to_its_opcode():
+    """The op table (and the program-format doc rendered from it) says which ONNX operators
+    become each opcode; the compiler must handle each of them, and every opcode must be
+    reachable from some ONNX operator."""
+    named = {name: spec.opcode for spec in OPS.values() for name in spec.onnx}
+    assert set(named) <= set(HANDLERS), sorted(set(named) - set(HANDLERS))
+    assert {spec.opcode for spec in OPS.values() if spec.onnx} == set(Opcode)
+    for name, want in [("Relu", Opcode.RELU), ("Sigmoid", Opcode.SIGMOID), ("Neg", Opcode.NEG),
+                       ("Softsign", Opcode.SOFTSIGN), ("Exp", Opcode.EXP), ("Abs", Opcode.ABS)]:
+        program = check(build([helper.make_node(name, ["x"], ["y"])], {"x": (4,)}, ["y"]), x=(4,))
+        assert [i.op for i in program.instructions] == [named[name]] == [want]
