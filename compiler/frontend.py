@@ -29,6 +29,8 @@ from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
+from . import batchnorm
+
 NATIVE_OPSET = 13                 # older models are converted up to this opset
 _BATCH = np.int64(-0x4E5643494D)  # stands for the batch size inside folded shape tensors
 _SHAPE_MOVING = {"Gather", "Unsqueeze", "Squeeze", "Concat", "Slice", "Cast", "Identity", "Reshape",
@@ -338,8 +340,7 @@ def fold_batchnorm(proto: onnx.ModelProto) -> onnx.ModelProto:
         pattrs = {a.name: helper.get_attribute_value(a) for a in prev.attribute}
         w = numpy_helper.to_array(consts[w_name]).astype(np.float64)
         gamma, beta, mean, var = (numpy_helper.to_array(consts[n]).astype(np.float64) for n in bn.input[1:5])
-        s = gamma / np.sqrt(var + attrs.get("epsilon", 1e-5))
-        channels = s.size
+        channels = gamma.size
         # BN(alpha * x @ W + beta * C) = alpha * x @ (W * s) + ((beta * C - mean) * s + B)
         if prev.op_type == "Conv":
             axis = 0
@@ -355,12 +356,11 @@ def fold_batchnorm(proto: onnx.ModelProto) -> onnx.ModelProto:
             _set_attr(prev, "beta", 1.0)
         if w.shape[axis] != channels or bias.shape != (channels,):
             continue
-        shape = [1] * w.ndim
-        shape[axis] = channels
+        w_folded, b_folded = batchnorm.fold(w, bias, gamma, beta, mean, var, attrs.get("epsilon", 1e-5), axis)
         dtype = numpy_helper.to_array(consts[w_name]).dtype
-        consts[w_name].CopyFrom(numpy_helper.from_array((w * s.reshape(shape)).astype(dtype), w_name))
+        consts[w_name].CopyFrom(numpy_helper.from_array(w_folded.astype(dtype), w_name))
         b_out = b_name or f"{w_name}/bn_bias"
-        tensor = numpy_helper.from_array(((bias - mean) * s + beta).astype(dtype), b_out)
+        tensor = numpy_helper.from_array(b_folded.astype(dtype), b_out)
         if b_name:
             consts[b_name].CopyFrom(tensor)
         else:

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from nvcim.compiler import batchnorm
+
 ARCHS = ("lenet3", "vgg8", "resnet18")
 DEFAULT_IMAGE = {"lenet3": 28, "vgg8": 32, "resnet18": 32}
 DEFAULT_TSB = {"lenet3": 5, "vgg8": 128, "resnet18": 128}  # seeds' c, before width scaling
@@ -110,10 +112,9 @@ class Net(nn.Module):
             if not isinstance(bn, nn.BatchNorm2d):
                 continue
             conv = mods[conv_name]
-            a = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
             b = conv.bias.detach() if conv.bias is not None else torch.zeros_like(bn.running_mean)
-            state[f"{conv_name}.weight"] = conv.weight.detach() * a[:, None, None, None]
-            state[f"{conv_name}.bias"] = (b - bn.running_mean) * a + bn.bias.detach()
+            state[f"{conv_name}.weight"], state[f"{conv_name}.bias"] = batchnorm.fold(
+                conv.weight.detach(), b, bn.weight.detach(), bn.bias.detach(), bn.running_mean, bn.running_var, bn.eps)
         out.load_state_dict(state)
         return out.eval()
 

@@ -21,6 +21,7 @@ import torch
 from torch.func import functional_call
 from tqdm import tqdm
 
+from nvcim.compiler import batchnorm
 from nvcim.firmware_emu.contract.device import DeviceSettings
 
 from .datasets import Split
@@ -129,7 +130,8 @@ def train_backbone(data: Split, cfg: TrainConfig, checkpoint_dir: str | Path | N
     return result
 
 
-def injected_weights(model: Net, names: list[str], device: DeviceSettings, gen: torch.Generator) -> dict[str, torch.Tensor]:
+def injected_weights(model: Net, names: list[str], device: DeviceSettings,
+                     gen: torch.Generator) -> dict[str, torch.Tensor]:
     """Every crossbar weight with fresh chip noise, as the chip will hold it.
 
     A conv followed by BatchNorm is programmed folded (W * gamma / sqrt(var + eps) per output
@@ -146,7 +148,7 @@ def injected_weights(model: Net, names: list[str], device: DeviceSettings, gen: 
         if bn is None:
             out[n] = noisy_weight(w, device, gen)
             continue
-        a = (bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)).reshape(-1, *[1] * (w.dim() - 1))
+        a = batchnorm.scale(bn.weight.detach(), bn.running_var, bn.eps).reshape(-1, *[1] * (w.dim() - 1))
         a = torch.where(a.abs() > 1e-12, a, torch.full_like(a, 1e-12))
         folded = noisy_weight(w.detach() * a, device, gen)
         out[n] = w + (folded / a - w).detach()
