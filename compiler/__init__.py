@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from nvcim.firmware_emu.contract.geometry import Geometry
 from nvcim.firmware_emu.contract.program_format import Layer, Program, Tile, pack_cells
 
 from . import frontend, lower
@@ -20,15 +20,7 @@ __all__ = ["CompileError", "CapacityError", "Target", "compile_model", "lower_mo
            "quantized_model"]
 
 
-@dataclass(frozen=True)
-class Target:
-    """The chip a program is compiled for (what IDENTIFY reports)."""
-
-    arrays: int = 256
-    rows: int = 256
-    cols: int = 256
-    weight_bits: int = 8
-    cell_bits: int = 2
+Target = Geometry  # the chip a program is compiled for: its geometry, as IDENTIFY reports it
 
 
 def lower_model(model: str | os.PathLike | onnx.ModelProto, shared: str = "common",

@@ -5,9 +5,10 @@
     dev = driver.open("emu://?seed=1&sigma=0.3")     # low-level: registers, cells, noise
 """
 
-from nvcim.firmware_emu.contract.protocol import CellMode, CellQuantity
+from nvcim.firmware_emu.contract.geometry import Geometry
+from nvcim.firmware_emu.contract.protocol import CellMode, CellQuantity, Identity, WriteStats
 
-from .device import Device, Identity, WriteStats
+from .device import Device
 from .errors import (CompileError, DeviceError, InvalidArgument, LinkError, LinkTimeout, NvcimError,
                      ProtocolError)
 from .session import NodeArg, Session, deploy, load
@@ -18,6 +19,6 @@ def open(url: str | None = None, timeout: float = 5.0) -> Device:  # noqa: A001 
     return Device.open(url, timeout=timeout)
 
 
-__all__ = ["load", "open", "Session", "Device", "Identity", "WriteStats", "NodeArg", "deploy", "CellQuantity", "CellMode",
+__all__ = ["load", "open", "Session", "Device", "Identity", "Geometry", "WriteStats", "NodeArg", "deploy", "CellQuantity", "CellMode",
            "NvcimError", "DeviceError", "LinkError", "LinkTimeout", "ProtocolError",
            "InvalidArgument", "CompileError"]

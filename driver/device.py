@@ -11,20 +11,19 @@ import os
 import time
 import types
 import zlib
-from dataclasses import dataclass
 from typing import Callable, Generic, Literal, TypeVar, overload
 
 import numpy as np
 import serial
 from tqdm import tqdm
 
-from nvcim.compiler import Target
 from nvcim.firmware_emu.contract.program_format import Program, pack_cells, parse_code
 from nvcim.firmware_emu.contract.protocol import (FLAG_ASYNC, BufReadArgs, BufWriteHeader, CellMode, CellQuantity,
                                                   CellsEraseArgs, CellsReadArgs, CellsReadReply, CellsWriteArgs,
-                                                  CellsWriteReply, Command, ErrorCode, IdentifyReply,
+                                                  CellsWriteReply, Command, ErrorCode, Identity, IdentifyReply,
                                                   ProgramFetchReply, ProgramLoadArgs, RegReadArgs, RegReadReply,
-                                                  RegWriteArgs, RunArgs, parse_output_shapes)
+                                                  RegWriteArgs, RunArgs, WriteStats, parse_fixed,
+                                                  parse_output_shapes)
 from nvcim.firmware_emu.contract.registers import BY_NAME, OpState, field, lookup
 
 from .errors import DeviceError, InvalidArgument, LinkError, LinkTimeout, OperationTimeout, ProtocolError
@@ -57,36 +56,6 @@ T = TypeVar("T")
 _STATUS_BUSY = field("STATUS", "BUSY").mask
 _CONTROL_START, _CONTROL_ABORT = field("CONTROL", "START").mask, field("CONTROL", "ABORT").mask
 _OP_COMMAND, _OP_STATE = field("OP_STATUS", "COMMAND"), field("OP_STATUS", "STATE")
-
-
-@dataclass(frozen=True)
-class Identity:
-    chip_id: int
-    version: int
-    arrays: int
-    rows: int
-    cols: int
-    weight_bits: int
-    cell_bits: int
-    buffer_size: int
-    max_payload: int
-
-    @property
-    def target(self) -> Target:
-        return Target(self.arrays, self.rows, self.cols, self.weight_bits, self.cell_bits)
-
-
-@dataclass
-class WriteStats:
-    cells: int = 0
-    write_pulses: int = 0
-    read_pulses: int = 0
-    verify_failures: int = 0
-
-    def __iadd__(self, other: "WriteStats") -> "WriteStats":
-        for k in vars(self):
-            setattr(self, k, getattr(self, k) + getattr(other, k))
-        return self
 
 
 class Operation(Generic[T]):
@@ -151,11 +120,6 @@ class Operation(Generic[T]):
             self.device.abort()
 
 
-def _write_stats(reply: bytes) -> WriteStats:
-    fields = CellsWriteReply.parse(reply)
-    return WriteStats(fields.cells, fields.write_pulses, fields.read_pulses, fields.verify_failures)
-
-
 def resolve_device(device: str | None) -> str:
     """The device to use: the argument, else $NVCIM_DEVICE, else an in-process chip."""
     return device or os.environ.get("NVCIM_DEVICE") or DEFAULT_DEVICE
@@ -191,8 +155,10 @@ class Device:
     # -- identity and registers -----------------------------------------------------
     def _identify(self) -> Identity:
         reply = self.link.transact(Command.IDENTIFY)
-        fields = IdentifyReply.parse(reply)
-        return Identity(**{k: v for k, v in fields.items() if not k.startswith("_")})
+        try:
+            return parse_fixed(IdentifyReply, reply)
+        except ValueError as e:  # a reply of the wrong size, or a geometry no chip can have
+            raise ProtocolError(f"IDENTIFY: reply not understood: {e}") from None
 
     def _address(self, register: str | int) -> int:
         if isinstance(register, int):
@@ -319,10 +285,10 @@ class Device:
         code = self.buffer_read(length)
         if zlib.crc32(code) != crc:
             raise ProtocolError(f"PROGRAM_FETCH: {length} bytes read back with a CRC mismatch")
-        ident = self.identity
-        geometry = types.SimpleNamespace(weight_bits=ident.weight_bits, cell_bits=ident.cell_bits,
-                                         array_rows=ident.rows, array_cols=ident.cols)
-        return parse_code(code, geometry)
+        g = self.identity.geometry
+        header = types.SimpleNamespace(weight_bits=g.weight_bits, cell_bits=g.cell_bits,
+                                       array_rows=g.rows, array_cols=g.cols)
+        return parse_code(code, header)
 
     @overload
     def write_cells(self, array: int, row: int, col: int, targets: np.ndarray, *, verify: bool = ...,
@@ -345,14 +311,15 @@ class Device:
             raise InvalidArgument(f"targets must be a 2-D array of cell states, got shape {targets.shape}")
         if mask is not None and np.shape(mask) != targets.shape:
             raise InvalidArgument(f"mask shape {np.shape(mask)} differs from targets shape {targets.shape}")
-        k = self.identity.cell_bits
+        geometry = self.identity.geometry
+        k = geometry.cell_bits
         if targets.size and (targets.min() < 0 or targets.max() >= 1 << k):
             raise InvalidArgument(f"cell targets must lie in 0..{(1 << k) - 1} for {k}-bit cells")
         h, w = targets.shape
-        rows_per_op = max(1, (self.identity.buffer_size * 8) // (w * (k + 1)))
+        rows_per_op = max(1, (geometry.buffer_size * 8) // (w * (k + 1)))
         if background and h > rows_per_op:
             raise InvalidArgument(f"a background write takes one staging pass: {h} rows of {w} cells do not fit "
-                                  f"the {self.identity.buffer_size}-byte buffer (at most {rows_per_op} rows)")
+                                  f"the {geometry.buffer_size}-byte buffer (at most {rows_per_op} rows)")
         total = WriteStats()
         for r0 in range(0, h, rows_per_op):
             t = targets[r0:r0 + rows_per_op]
@@ -364,14 +331,14 @@ class Device:
                                              mode=CellMode.VERIFY if verify else CellMode.OPEN_LOOP,
                                              masked=int(mask is not None)))
             if background:
-                return Operation(self, Command.CELLS_WRITE, _write_stats, self._start(Command.CELLS_WRITE, args))
-            total += _write_stats(self.link.transact(Command.CELLS_WRITE, args))
+                return Operation(self, Command.CELLS_WRITE, CellsWriteReply.parse, self._start(Command.CELLS_WRITE, args))
+            total += CellsWriteReply.parse(self.link.transact(Command.CELLS_WRITE, args))
         return total
 
     def read_cells(self, array: int, row: int, col: int, height: int, width: int,
                    quantity: CellQuantity = CellQuantity.CONDUCTANCE) -> np.ndarray:
         """Read a rectangle of cells: conductance (a real read), captured noise, or target."""
-        rows_per_op = max(1, self.identity.buffer_size // (4 * width))
+        rows_per_op = max(1, self.identity.geometry.buffer_size // (4 * width))
         parts = []
         for r0 in range(0, height, rows_per_op):
             n = min(rows_per_op, height - r0)
@@ -384,10 +351,10 @@ class Device:
     def erase(self, array: int = 0, row: int = 0, col: int = 0, height: int | None = None,
               width: int | None = None, arrays: int = 1, background: bool = False) -> Operation[None] | None:
         """Erase a region (default: whole arrays) to g = 0; ``background=True`` returns an Operation."""
-        ident = self.identity
+        g = self.identity.geometry
         args = CellsEraseArgs.build(dict(region=dict(array=array, row=row, col=col,
-                                                     height=ident.rows - row if height is None else height,
-                                                     width=ident.cols - col if width is None else width),
+                                                     height=g.rows - row if height is None else height,
+                                                     width=g.cols - col if width is None else width),
                                          arrays=arrays))
         if background:
             return Operation(self, Command.CELLS_ERASE, lambda _: None, self._start(Command.CELLS_ERASE, args))
@@ -395,7 +362,7 @@ class Device:
         return None
 
     def erase_all(self) -> None:
-        self.erase(0, arrays=self.identity.arrays)
+        self.erase(0, arrays=self.identity.geometry.arrays)
 
     # -- inference ------------------------------------------------------------------
     def run(self, feeds: list[np.ndarray],

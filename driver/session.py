@@ -17,9 +17,10 @@ from tqdm import tqdm
 
 from nvcim.compiler import lower_model, place
 from nvcim.firmware_emu.contract.program_format import Program
+from nvcim.firmware_emu.contract.protocol import WriteStats
 
 from .cache import cached_program
-from .device import Device, WriteStats
+from .device import Device
 from .errors import InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ class Session:
     def _max_batch(self, feeds: list[np.ndarray]) -> int:
         """Largest batch whose inputs and outputs fit the chip's staging buffer at once."""
         per_input = sum(f[0].nbytes for f in feeds)
-        return max(1, self.device.identity.buffer_size // max(per_input, self._output_bytes, 1))
+        return max(1, self.device.identity.geometry.buffer_size // max(per_input, self._output_bytes, 1))
 
     def _check_feed(self, input_feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         names = [i.name for i in self._inputs]
@@ -207,7 +208,7 @@ def load(onnx_path: str | os.PathLike | onnx.ModelProto, device: str | None = No
     lowered, model = lower_model(onnx_path)  # every model error surfaces before the link opens
     dev = Device.open(device, timeout=timeout)
     try:
-        target = dev.identity.target
+        target = dev.identity.geometry
         build = lambda: place(lowered, model, target)  # noqa: E731
         program = cached_program(model.SerializeToString(), target, {}, build) if cache else build()
         stats = deploy(dev, program, verify=policy == "write-verify", verify_mask=verify_mask)

@@ -27,18 +27,19 @@ import numpy as np
 
 from . import executor
 from .converters import LayerProduct, tiled_product
-from .crossbar import CellArrays, ProgramStats
+from .crossbar import CellArrays
 from .nvm_image import NvmImage
 from .physics import DeviceModel, pulse_cost
 from .contract.program_format import (Program, ProgramFormatError, effective_weights, packed_size, parse_code,
                                       unpack_cells)
 from .contract.protocol import (FLAG_ASYNC, FLAG_ERROR, FLAG_RESPONSE, MAX_PAYLOAD, BufReadArgs, BufWriteHeader,
                                 CellMode, CellQuantity, CellsEraseArgs, CellsReadArgs, CellsReadReply, CellsWriteArgs,
-                                CellsWriteReply, Command, ErrorCode, Frame, FrameError, FrameReader, IdentifyReply,
+                                CellsWriteReply, Command, ErrorCode, Frame, FrameError, FrameReader, Identity, IdentifyReply,
                                 PayloadError, ProgramFetchReply, ProgramLoadArgs, RegReadArgs, RegReadReply,
-                                RegWriteArgs, RunArgs, build_output_shapes, encode, error_payload, parse_fixed,
-                                split_header)
-from .contract.registers import (ALL_ARRAYS, BY_OFFSET, CHIP_ID_VALUE, DEFAULT_BUILD, LIMITS, Q16, REGISTERS, VERSION_VALUE, Access,
+                                RegWriteArgs, RunArgs, WriteStats, build_output_shapes, encode, error_payload,
+                                parse_fixed, split_header)
+from .contract.geometry import GEOMETRY_FIELDS, Geometry
+from .contract.registers import (ALL_ARRAYS, BY_OFFSET, CHIP_ID_VALUE, LIMITS, Q16, REGISTERS, VERSION_VALUE, Access,
                         DeviceModelCode, OpState)
 from .contract.registers import field as register_field
 
@@ -121,16 +122,11 @@ def run_to_end(steps: Steps) -> bytes:
             return stop.value
 
 
-@dataclass
-class ChipConfig:
-    """Build-time parameters of a chip (what a datasheet's ordering code fixes)."""
+@dataclass(frozen=True)
+class ChipConfig(Geometry):
+    """Build-time parameters of a chip (what a datasheet's ordering code fixes): its geometry,
+    and the power-on values of its settings."""
 
-    arrays: int = DEFAULT_BUILD["arrays"]
-    rows: int = DEFAULT_BUILD["rows"]
-    cols: int = DEFAULT_BUILD["cols"]
-    weight_bits: int = DEFAULT_BUILD["weight_bits"]
-    cell_bits: int = DEFAULT_BUILD["cell_bits"]
-    buffer_size: int = DEFAULT_BUILD["buffer_size"]
     # power-on values of the settings registers
     sigma: float = 0.3
     seed: int = 0
@@ -142,11 +138,7 @@ class ChipConfig:
     adc_bits: int = 0   # every array's column ADC (0: ideal)
 
     def __post_init__(self):
-        if self.cell_bits not in (1, 2, 4, 8) or self.weight_bits % self.cell_bits:
-            raise ValueError(f"cell_bits={self.cell_bits} must be 1, 2, 4 or 8 and divide weight_bits={self.weight_bits}")
-        for name in ("arrays", "rows", "cols"):
-            if not 0 < getattr(self, name) <= 0xFFFF:
-                raise ValueError(f"{name}={getattr(self, name)} must be in 1..65535")
+        super().__post_init__()
         for name in ("sigma", "read_noise"):
             if not 0 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 2] (units of g_max)")
@@ -188,8 +180,6 @@ class ChipConfig:
         return cls(**{**d, "model": DeviceModelCode(d["model"])})
 
 
-GEOMETRY = ("arrays", "rows", "cols", "weight_bits", "cell_bits", "buffer_size")
-
 COUNTERS = tuple(r.name[4:-3].lower() for r in REGISTERS if r.name.startswith("CNT_") and r.name.endswith("_LO"))
 
 
@@ -225,7 +215,7 @@ class Chip:
             return chip
         state = image.load()
         stored = ChipConfig.from_dict(state.config)
-        clash = [f"{k}={explicit[k]} (image has {getattr(stored, k)})" for k in GEOMETRY
+        clash = [f"{k}={explicit[k]} (image has {getattr(stored, k)})" for k in GEOMETRY_FIELDS
                  if k in explicit and explicit[k] != getattr(stored, k)]
         if clash:
             raise ValueError(f"image {path} was made for another chip geometry: {', '.join(clash)}")
@@ -537,11 +527,7 @@ class Chip:
 
     def _identify(self, payload: bytes) -> bytes:
         _expect_empty("IDENTIFY", payload)
-        c = self.config
-        return IdentifyReply.build(dict(chip_id=CHIP_ID_VALUE, version=VERSION_VALUE, arrays=c.arrays,
-                                        rows=c.rows, cols=c.cols, weight_bits=c.weight_bits,
-                                        cell_bits=c.cell_bits, buffer_size=c.buffer_size,
-                                        max_payload=MAX_PAYLOAD))
+        return IdentifyReply.build(Identity(CHIP_ID_VALUE, VERSION_VALUE, self.config.geometry, MAX_PAYLOAD))
 
     def _reg_read(self, payload: bytes) -> bytes:
         addr = _parse_args("REG_READ", RegReadArgs, payload).addr
@@ -649,7 +635,7 @@ class Chip:
         stuck = self.cells.stuck_map(r.array, regs["SEED"], regs["STUCK_RATE"] / Q16, device.g_max)
         tol, max_iter = regs["VERIFY_TOL"] / Q16, regs["VERIFY_MAX_ITER"]
         step = max(1, WRITE_CHUNK_CELLS // r.width)
-        total, rows = ProgramStats(), 0
+        total, rows = WriteStats(), 0
         try:
             yield 0
             for r0 in range(0, r.height, step):
@@ -670,8 +656,7 @@ class Chip:
                 f"{total.cells} cells selected, {total.write_pulses} write pulses, {total.read_pulses} read pulses, "
                 f"{total.verify_failures} verify failures")) from None
         self._done(IRQ_VERIFY_FAIL if total.verify_failures else 0)
-        return CellsWriteReply.build(dict(cells=total.cells, write_pulses=total.write_pulses,
-                                          read_pulses=total.read_pulses, verify_failures=total.verify_failures))
+        return CellsWriteReply.build(total)
 
     def _region_args(self, name: str, layout, payload: bytes, last_array: int = 0):
         """Parse a command's fixed-size arguments and check its cell region lies on the chip."""
@@ -683,11 +668,11 @@ class Chip:
                 raise ChipError(ErrorCode.BAD_ADDRESS, f"{name}: {where}")
         return args
 
-    def _account(self, stats: ProgramStats) -> None:
+    def _account(self, stats: WriteStats) -> None:
         self._count(stats)
         self._done(IRQ_VERIFY_FAIL if stats.verify_failures else 0)
 
-    def _count(self, stats: ProgramStats) -> None:
+    def _count(self, stats: WriteStats) -> None:
         """Add the pulses of one command (or one chunk of it) to the counters."""
         c = self.counters
         c["write_pulses"] += stats.write_pulses
@@ -709,7 +694,7 @@ class Chip:
             raise ChipError(ErrorCode.BAD_ARGUMENT, f"CELLS_READ: quantity {args.quantity} is not 0, 1 or 2")
         span = self._buffer_range(0, r.height * r.width * 4)
         values = self.cells.read(r.array, r.row, r.col, r.height, r.width, args.quantity, self.device, self.rng)
-        self._account(ProgramStats(read_pulses=r.height * r.width if args.quantity == CellQuantity.CONDUCTANCE else 0))
+        self._account(WriteStats(read_pulses=r.height * r.width if args.quantity == CellQuantity.CONDUCTANCE else 0))
         self.buffer[span] = np.ascontiguousarray(values, dtype="<f4").tobytes()
         return CellsReadReply.build(dict(length=span.stop))
 

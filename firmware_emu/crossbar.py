@@ -8,26 +8,10 @@ can reflash some cells and touch no other.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
+from .contract.protocol import WriteStats
 from .physics import DeviceModel, write_verify
-
-
-@dataclass
-class ProgramStats:
-    cells: int = 0
-    write_pulses: int = 0
-    read_pulses: int = 0
-    verify_iterations: int = 0
-    verify_failures: int = 0
-
-    def __iadd__(self, other: "ProgramStats") -> "ProgramStats":
-        """Sum the stats of a command's chunks (a write runs in row groups)."""
-        for name in vars(self):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        return self
 
 
 class CellArrays:
@@ -72,7 +56,7 @@ class CellArrays:
 
     def program(self, array: int, row: int, col: int, targets: np.ndarray, mask: np.ndarray | None,
                 verify: bool, model: DeviceModel, rng: np.random.Generator,
-                tol: float, max_iter: int, stuck: np.ndarray | None = None) -> ProgramStats:
+                tol: float, max_iter: int, stuck: np.ndarray | None = None) -> WriteStats:
         h, w = targets.shape
         sl = (array, slice(row, row + h), slice(col, col + w))
         sel = np.ones(targets.shape, dtype=bool) if mask is None else mask
@@ -82,11 +66,11 @@ class CellArrays:
         if verify:
             res = write_verify(model, t, tol, max_iter, rng, stuck_sel)
             g, seen, pulses = res.g, res.last_read, int(res.pulses.sum())
-            stats = ProgramStats(t.size, pulses, int(res.reads.sum()), pulses - t.size, int(res.failed.sum()))
+            stats = WriteStats(t.size, pulses, int(res.reads.sum()), int(res.failed.sum()))
         else:
             g = model.pulse(t, rng, stuck_sel)
             seen = model.read(g, rng)
-            stats = ProgramStats(t.size, t.size, t.size)
+            stats = WriteStats(t.size, t.size, t.size)
         captured = seen - t.astype(np.float32)
         self.g[sl][sel] = g
         self.noise[sl][sel] = captured

@@ -18,7 +18,7 @@ def test_identity_and_capabilities():
         assert dev.read_register("CHIP_ID") == CHIP_ID_VALUE
         assert dev.read_register("CAP_ARRAYS") == 8
         assert dev.read_register("CAP_GEOMETRY") == 128 | (64 << 16)
-        assert dev.identity.target == Target(8, 128, 64, 8, 2)
+        assert dev.identity.geometry == Target(8, 128, 64, 8, 2)
 
 
 def test_write_to_read_only_register_is_a_bus_error_and_changes_nothing():

@@ -25,7 +25,7 @@ def test_plain_pyserial_on_a_pty(serve):
         reply = _ask(port, Command.IDENTIFY, 1)
         assert reply.seq == 1 and not reply.is_error
         ident = IdentifyReply.parse(reply.payload)
-        assert ident.chip_id == CHIP_ID_VALUE and ident.arrays == 12
+        assert ident.chip_id == CHIP_ID_VALUE and ident.geometry.arrays == 12
         reply = _ask(port, Command.PING, 2, bytes(range(256)) * 64)
         assert reply.payload == bytes(range(256)) * 64
 
@@ -61,4 +61,4 @@ def test_bad_emu_option_names_the_option():
 def test_device_from_environment(monkeypatch):
     monkeypatch.setenv("NVCIM_DEVICE", "emu://?arrays=3")
     with driver.open() as dev:
-        assert dev.identity.arrays == 3
+        assert dev.identity.geometry.arrays == 3

@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +44,7 @@ class FlowError(ValueError):
 def chip_settings(device: driver.Device) -> dict:
     """The chip's identity, device settings and geometry, read from its registers."""
     regs = {name: device.read_register(name) for name in SETTING_REGISTERS}
-    ident = device.identity
+    ident = device.identity.geometry
     return dict(chip_id=f"0x{regs['CHIP_ID']:08X}", version=regs["VERSION"], seed=regs["SEED"],
                 sigma=regs["SIGMA"] / Q16, device_model=DeviceModelCode(regs["DEVICE_MODEL"]).name,
                 read_noise=regs["READ_NOISE"] / Q16, clip=bool(regs["CONFIG"] & 1),
@@ -65,7 +65,7 @@ def model_fingerprint(program: Program, layers: set[str] | None = None) -> str:
 
 
 def target_of(device: driver.Device) -> Target:
-    return device.identity.target
+    return device.identity.geometry
 
 
 def settings_url(url: str, **settings) -> str:
@@ -124,21 +124,16 @@ def program_for(device: driver.Device, onnx_path: str | os.PathLike) -> Program:
 
 # -- deploy -----------------------------------------------------------------------------------
 @dataclass
-class Cost:
-    """Programming cost: cells written, pulses, modelled busy time and energy (chip counters)."""
+class Cost(driver.WriteStats):
+    """Programming cost: the write statistics, and the modelled busy time and energy (chip counters)."""
 
-    cells: int = 0
-    write_pulses: int = 0
-    read_pulses: int = 0
-    verify_failures: int = 0
     busy_ns: int = 0
     energy_pj: int = 0
 
     @classmethod
     def between(cls, before: dict, after: dict, stats: driver.WriteStats) -> "Cost":
-        return cls(stats.cells, stats.write_pulses, stats.read_pulses, stats.verify_failures,
-                   after.get("busy_ns", 0) - before.get("busy_ns", 0),
-                   after.get("energy_pj", 0) - before.get("energy_pj", 0))
+        return cls(**asdict(stats), busy_ns=after.get("busy_ns", 0) - before.get("busy_ns", 0),
+                   energy_pj=after.get("energy_pj", 0) - before.get("energy_pj", 0))
 
     def __str__(self) -> str:
         return (f"{self.cells} cells, {self.write_pulses} write + {self.read_pulses} read pulses, "
@@ -335,7 +330,7 @@ def _tile_mask(program: Program, names: set[str], arrays: list[int], shape: tupl
 
 
 def _snapshot(device: driver.Device, arrays: list[int], quantities: list[CellQuantity]) -> np.ndarray:
-    ident = device.identity
+    ident = device.identity.geometry
     return np.stack([np.stack([device.read_cells(a, 0, 0, ident.rows, ident.cols, q) for a in arrays])
                      for q in quantities])
 
@@ -389,7 +384,7 @@ def flash_tsb(device: driver.Device, backbone_onnx: str | os.PathLike, tsb_onnx:
     stats = driver.deploy(device, program, verify=True, layers=set(tsb_names))
     cost = Cost.between(before, device.counters(), stats)
     after_cells = _snapshot(device, arrays, quantities)
-    ident = device.identity
+    ident = device.identity.geometry
     tsb_mask = _tile_mask(program, set(tsb_names), arrays, (ident.rows, ident.cols))
     backbone_mask = _tile_mask(program, base_names, arrays, (ident.rows, ident.cols))
     outside = ~tsb_mask

@@ -22,11 +22,14 @@ from __future__ import annotations
 import binascii
 import io
 import struct
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from enum import IntEnum
+from typing import Generic, TypeVar
 
 from construct import Construct, GreedyBytes, Int8ul, Int16ul, Int32ul, PrefixedArray, Struct
 from zlib_ng.zlib_ng import crc32  # zlib's CRC-32, computed with SIMD: 4x faster on a frame
+
+from .geometry import Geometry
 
 SYNC = b"\xA5\x5A"
 MAX_PAYLOAD = 1 << 20
@@ -87,6 +90,64 @@ class CellQuantity(IntEnum):
     TARGET = 2       # target state of the last programming
 
 
+@dataclass
+class WriteStats:
+    """What programming cells took: CELLS_WRITE's reply, the chip's count of each chunk, a deploy's total."""
+
+    cells: int = 0            # cells selected and programmed
+    write_pulses: int = 0
+    read_pulses: int = 0
+    verify_failures: int = 0  # cells write-verify left outside tolerance
+
+    @property
+    def verify_iterations(self) -> int:
+        """Corrective pulses: every programmed cell takes one pulse, write-verify the rest."""
+        return self.write_pulses - self.cells
+
+    def __iadd__(self, other: WriteStats) -> WriteStats:
+        """Sum the stats of several commands (or of one command's chunks)."""
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        return self
+
+
+@dataclass(frozen=True)
+class Identity:
+    """IDENTIFY's reply: which part this is, its geometry, and the largest payload it accepts."""
+
+    chip_id: int
+    version: int
+    geometry: Geometry
+    max_payload: int
+
+
+T = TypeVar("T")
+
+
+class Record(Generic[T]):
+    """A fixed-size payload that parses into a dataclass and is built from one.
+
+    ``nested`` names the fields that are dataclasses themselves (a sub-struct on the wire).
+    """
+
+    def __init__(self, layout: Construct, cls: type[T], **nested: type):
+        self.layout, self.cls, self.nested = layout, cls, nested
+
+    def sizeof(self) -> int:
+        return self.layout.sizeof()
+
+    def build(self, value: T) -> bytes:
+        return self.layout.build(asdict(value))
+
+    def parse(self, data: bytes) -> T:
+        parsed = self.layout.parse(data)
+        return self.cls(**{f.name: self._field(f.name, parsed[f.name]) for f in fields(self.cls)})
+
+    def _field(self, name: str, value):
+        cls = self.nested.get(name)
+        return value if cls is None else cls(**{f.name: value[f.name] for f in fields(cls)})
+
+
 # Every payload, declared once: the chip and the host build and parse with the same
 # declaration. Compiled (construct's interpreter costs tens of us a parse, on every frame).
 # Bulk data after a fixed header (BUF_WRITE's data, INFER's inputs and outputs, BUF_READ's
@@ -94,17 +155,18 @@ class CellQuantity(IntEnum):
 CellRegion = Struct("array" / Int32ul, "row" / Int32ul, "col" / Int32ul,
                     "height" / Int32ul, "width" / Int32ul)
 CellsWriteArgs = Struct("region" / CellRegion, "mode" / Int8ul, "masked" / Int8ul).compile()
-CellsWriteReply = Struct("cells" / Int32ul, "write_pulses" / Int32ul, "read_pulses" / Int32ul,
-                         "verify_failures" / Int32ul).compile()
+CellsWriteReply = Record(Struct("cells" / Int32ul, "write_pulses" / Int32ul, "read_pulses" / Int32ul,
+                                "verify_failures" / Int32ul).compile(), WriteStats)
 CellsReadArgs = Struct("region" / CellRegion, "quantity" / Int8ul).compile()
 CellsReadReply = Struct("length" / Int32ul).compile()  # bytes of f32 values written to the buffer from offset 0
 CellsEraseArgs = Struct("region" / CellRegion, "arrays" / Int32ul).compile()
 ProgramLoadArgs = Struct("length" / Int32ul, "crc" / Int32ul, "weight_bits" / Int8ul, "cell_bits" / Int8ul,
                          "array_rows" / Int32ul, "array_cols" / Int32ul).compile()
 ProgramFetchReply = Struct("length" / Int32ul, "crc" / Int32ul).compile()  # of the code section now in the buffer
-IdentifyReply = Struct("chip_id" / Int32ul, "version" / Int32ul, "arrays" / Int32ul,
-                       "rows" / Int32ul, "cols" / Int32ul, "weight_bits" / Int8ul,
-                       "cell_bits" / Int8ul, "buffer_size" / Int32ul, "max_payload" / Int32ul).compile()
+GeometryFields = Struct("arrays" / Int32ul, "rows" / Int32ul, "cols" / Int32ul, "weight_bits" / Int8ul,
+                        "cell_bits" / Int8ul, "buffer_size" / Int32ul)
+IdentifyReply = Record(Struct("chip_id" / Int32ul, "version" / Int32ul, "geometry" / GeometryFields,
+                              "max_payload" / Int32ul).compile(), Identity, geometry=Geometry)
 RegReadArgs = Struct("addr" / Int32ul).compile()
 RegReadReply = Struct("value" / Int32ul).compile()
 RegWriteArgs = Struct("addr" / Int32ul, "value" / Int32ul).compile()

@@ -10,9 +10,11 @@ Fixed-point settings use Q16.16 in units of one cell's maximum conductance g_max
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
 
+from .geometry import Geometry
 from .protocol import MAX_PAYLOAD
 
 
@@ -71,8 +73,9 @@ class OpState(int, Enum):
     FAILED = 4    # stopped by an error; OP_RESULT has it
 
 
-# The default build: CAP_* registers read these unless the chip is built otherwise.
-DEFAULT_BUILD = dict(arrays=256, rows=256, cols=256, weight_bits=8, cell_bits=2, buffer_size=64 << 20)
+# The default build: CAP_* registers read its geometry unless the chip is built otherwise.
+DEFAULT_GEOMETRY = Geometry()
+DEFAULT_BUILD = dataclasses.asdict(DEFAULT_GEOMETRY)  # the same as a dict (for code that indexes it by name)
 
 
 def _counter64(name: str, offset: int, description: str) -> tuple[Register, Register]:
@@ -81,7 +84,7 @@ def _counter64(name: str, offset: int, description: str) -> tuple[Register, Regi
             Register(f"CNT_{name}_HI", offset + 4, Access.RO, 0, f"{description}, high word."))
 
 
-_B = DEFAULT_BUILD
+_B = DEFAULT_GEOMETRY
 ALL_ARRAYS = 0xFFFFFFFF
 REGISTERS: tuple[Register, ...] = (
     Register("CHIP_ID", 0x000, Access.RO, CHIP_ID_VALUE,
@@ -91,18 +94,18 @@ REGISTERS: tuple[Register, ...] = (
         Field("MINOR", 8, 8, "minor revision"),
         Field("MAJOR", 16, 8, "major revision"),
     )),
-    Register("CAP_ARRAYS", 0x008, Access.RO, _B["arrays"], "Number of crossbar arrays (reset: default build)."),
-    Register("CAP_GEOMETRY", 0x00C, Access.RO, _B["rows"] | _B["cols"] << 16,
+    Register("CAP_ARRAYS", 0x008, Access.RO, _B.arrays, "Number of crossbar arrays (reset: default build)."),
+    Register("CAP_GEOMETRY", 0x00C, Access.RO, _B.rows | _B.cols << 16,
              "Size of one crossbar array (reset: default build).", (
         Field("ROWS", 0, 16, "word lines (inputs) per array"),
         Field("COLS", 16, 16, "bit lines (outputs) per array"),
     )),
-    Register("CAP_CELL", 0x010, Access.RO, _B["weight_bits"] | _B["cell_bits"] << 8,
+    Register("CAP_CELL", 0x010, Access.RO, _B.weight_bits | _B.cell_bits << 8,
              "Weight and cell precision the chip is built for (reset: default build).", (
         Field("WEIGHT_BITS", 0, 8, "M, bits per weight"),
         Field("CELL_BITS", 8, 8, "K, bits per cell"),
     )),
-    Register("CAP_BUFFER", 0x014, Access.RO, _B["buffer_size"], "Size of the host staging buffer in bytes."),
+    Register("CAP_BUFFER", 0x014, Access.RO, _B.buffer_size, "Size of the host staging buffer in bytes."),
     Register("CAP_MAX_PAYLOAD", 0x018, Access.RO, MAX_PAYLOAD, "Largest frame payload the chip accepts, in bytes."),
     Register("CONTROL", 0x020, Access.WO, 0, "Command strobes; reads return 0.", (
         Field("SOFT_RESET", 0, 1, "1: clear status, error and counters, return every setting to its power-on "
