@@ -2,8 +2,9 @@
 
 ``docs/registers.md`` (for people), ``docs/nvcim_regs.h`` (for firmware written in C) and
 ``docs/nvcim.svd`` (CMSIS-SVD, for debuggers and register viewers) are generated from
-``registers.REGISTERS`` and the enums of ``protocol``, so none of them can drift from
-what the chip does. ``python -m nvcim.firmware_emu.datasheet`` writes them; with ``--check``
+``registers.REGISTERS`` and the enums of ``protocol``, and ``docs/program-format.md`` from
+the program format and its op table (``program_format_doc``), so none of them can drift
+from what the chip does. ``python -m nvcim.firmware_emu.datasheet`` writes them; with ``--check``
 it writes nothing and exits non-zero naming every stale file (the tests run the same
 comparison).
 """
@@ -19,6 +20,7 @@ from typing import Callable, Iterable
 
 from .contract import protocol
 from .contract.registers import CHIP_ID_VALUE, REGISTERS, VERSION_VALUE, Access, DeviceModelCode, Register
+from .program_format_doc import render_program_format
 
 DOCS_DIR = Path(__file__).resolve().parent.parent / "docs"
 REGISTER_BITS = 32
@@ -285,6 +287,7 @@ OUTPUTS: dict[str, Callable[[], str]] = {
     "registers.md": render_markdown,
     "nvcim_regs.h": render_c_header,
     "nvcim.svd": render_svd,
+    "program-format.md": render_program_format,
 }
 
 

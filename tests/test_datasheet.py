@@ -1,4 +1,5 @@
-"""The generated datasheet (registers.md, nvcim_regs.h, nvcim.svd) matches the register map."""
+"""The generated datasheet (registers.md, nvcim_regs.h, nvcim.svd, program-format.md) matches
+the register map, the program format and its op table."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from nvcim.firmware_emu import datasheet
+from construct import Int8ul, Int16ul, Struct
+
+from nvcim.firmware_emu import datasheet, program_format_doc
+from nvcim.firmware_emu.contract.ops import OPS
 from nvcim.firmware_emu.contract.protocol import Command, ErrorCode
 from nvcim.firmware_emu.contract.registers import CHIP_ID_VALUE, REGISTERS, Access, Field, Register
 
@@ -17,6 +21,7 @@ DOCS = datasheet.DOCS_DIR
 
 
 def test_committed_datasheet_files_are_not_stale():
+    assert set(datasheet.render_all()) == {"registers.md", "nvcim_regs.h", "nvcim.svd", "program-format.md"}
     stale = [name for name, text in datasheet.render_all().items()
              if not (DOCS / name).is_file() or (DOCS / name).read_text(encoding="utf-8") != text]
     assert not stale, f"stale generated docs {stale}: run `python -m nvcim.firmware_emu.datasheet` and commit them"
@@ -103,3 +108,21 @@ def test_protocol_doc_covers_every_command_and_error_code():
     text = (DOCS / "protocol.md").read_text(encoding="utf-8")
     missing = [m.name for m in (*Command, *ErrorCode) if f"`{m.name}`" not in text]
     assert not missing, f"docs/protocol.md does not document {missing}"
+
+
+def test_program_format_doc_refuses_a_struct_whose_fields_it_does_not_document():
+    declared = Struct("kind" / Int8ul, "count" / Int16ul)
+    assert program_format_doc.fixed_struct_table(declared, {"kind": "k", "count": "c"}, "S")[2:] == [
+        "| 0 | 1 | u8 | `kind` | k |", "| 1 | 2 | u16 | `count` | c |"]
+    with pytest.raises(ValueError, match=r"S: declared fields \['kind', 'count'\] but documented \['kind'\]"):
+        program_format_doc.fixed_struct_table(declared, {"kind": "k"}, "S")
+    with pytest.raises(ValueError, match="declared fields"):
+        program_format_doc.record_table(declared, {"count": ("u16", "c"), "kind": ("u8", "k")}, "S")
+
+
+def test_program_format_doc_lists_every_opcode_with_its_number_and_attributes():
+    text = (DOCS / "program-format.md").read_text(encoding="utf-8")
+    for spec in OPS.values():
+        assert f"| {int(spec.opcode)} | {spec.name} |" in text, spec.name
+        for a in spec.attrs:
+            assert f"| {spec.name} | `{a.name}` | {a.type} |" in text, (spec.name, a.name)

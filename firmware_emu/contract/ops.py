@@ -346,7 +346,7 @@ _ROWS = (
     OpSpec(Opcode.SUB, "digital", "a, b", (), ("Sub",), _BROADCAST, "a - b", _two(np.subtract), _same("Sub")),
     OpSpec(Opcode.MUL, "digital", "a, b", (), ("Mul",), _BROADCAST, "a * b", _two(np.multiply), _same("Mul")),
     OpSpec(Opcode.DIV, "digital", "a, b", (), ("Div",), _BROADCAST, "a / b", _two(np.divide), _same("Div")),
-    OpSpec(Opcode.PRELU, "digital", "x, slope", (), ("PRelu",), _BROADCAST, "x if x >= 0 else slope * x",
+    OpSpec(Opcode.PRELU, "digital", "x, slope", (), ("PRelu",), "broadcast of x and slope", "x if x >= 0 else slope * x",
            _two(lambda x, slope: np.where(x >= 0, x, slope * x)), _same("PRelu")),
     OpSpec(Opcode.RELU, "digital", "x", (), ("Relu",), _SAME_AS_INPUT, "max(x, 0)",
            _one(lambda ins, x: np.maximum(x, np.float32(0))), _same("Relu")),
