@@ -10,7 +10,6 @@ the returned rep runs inputs given in graph-input order.
 
 from __future__ import annotations
 
-import os
 from collections import namedtuple
 from typing import Any
 
@@ -18,6 +17,7 @@ import numpy as np
 import onnx
 from onnx.backend.base import Backend, BackendRep
 
+from .default_device import resolve_device
 from .session import Session, load
 
 IDEAL_CHIP = "emu://?sigma=0"
@@ -45,7 +45,7 @@ class ChipBackend(Backend):
     @classmethod
     def prepare(cls, model: onnx.ModelProto, device: str = "CPU", **kwargs: Any) -> ChipRep:
         super().prepare(model, device, **kwargs)
-        url = kwargs.get("nvcim_device") or os.environ.get("NVCIM_DEVICE") or IDEAL_CHIP
+        url = resolve_device(kwargs.get("nvcim_device"), default=IDEAL_CHIP)
         return ChipRep(load(model, device=url, cache=False))
 
     @classmethod

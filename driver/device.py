@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import math
-import os
 import time
 import types
 import zlib
@@ -26,10 +25,9 @@ from nvcim.firmware_emu.contract.protocol import (FLAG_ASYNC, BufReadArgs, BufWr
                                                   parse_output_shapes)
 from nvcim.firmware_emu.contract.registers import BY_NAME, OpState, field, lookup
 
+from .default_device import resolve_device
 from .errors import DeviceError, InvalidArgument, LinkError, LinkTimeout, OperationTimeout, ProtocolError
 from .link import Link
-
-DEFAULT_DEVICE = "emu://"
 
 
 def _register_url_handlers() -> None:
@@ -118,11 +116,6 @@ class Operation(Generic[T]):
         """Stop the operation at the chip's next chunk boundary; finished chunks are kept."""
         if self._reply is None:
             self.device.abort()
-
-
-def resolve_device(device: str | None) -> str:
-    """The device to use: the argument, else $NVCIM_DEVICE, else an in-process chip."""
-    return device or os.environ.get("NVCIM_DEVICE") or DEFAULT_DEVICE
 
 
 class Device:

@@ -51,3 +51,23 @@ def test_run_model_with_a_weight_layer():
     y, = chip_backend.run_model(model, [x])
     step = np.abs(w).max() / 255
     assert np.abs(y - x @ w).max() <= 4 * step / 2 + 1e-6  # four weights, each within half a level
+
+
+def test_backend_chip_is_the_argument_else_the_environment_else_an_ideal_chip(monkeypatch):
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    def arrays(**kwargs) -> int:
+        rep = chip_backend.prepare(model, **kwargs)
+        try:
+            return rep.session.device.identity.geometry.arrays
+        finally:
+            rep.session.close()
+
+    monkeypatch.delenv("NVCIM_DEVICE", raising=False)
+    assert arrays() == 256
+    monkeypatch.setenv("NVCIM_DEVICE", "emu://?arrays=3")
+    assert arrays() == 3
+    assert arrays(nvcim_device="emu://?arrays=5") == 5

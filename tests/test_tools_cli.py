@@ -6,7 +6,7 @@ import json
 
 from click.testing import CliRunner
 
-from nvcim.tools.cli import main
+from nvcim.tools.cli import CHIP_IMAGE, device_url, main
 
 
 def _ok(runner, args):
@@ -52,3 +52,11 @@ def test_flow_prints_the_summary_table(tmp_path):
     assert [c["seed"] for c in summary["chips"]] == [1, 2]
     assert all(c["backbone_identical"] and c["verified_fraction"] < 0.005 for c in summary["chips"])
     assert (tmp_path / "chip-seed2").is_dir() and (tmp_path / "tsb-seed2.onnx").is_file()
+
+
+def test_chip_commands_default_to_the_environment_then_the_flow_chip_image(monkeypatch):
+    monkeypatch.delenv("NVCIM_DEVICE", raising=False)
+    assert device_url(None) == CHIP_IMAGE == "emu://?image=out/tsb/chip"
+    monkeypatch.setenv("NVCIM_DEVICE", "emu://?arrays=3")
+    assert device_url(None) == "emu://?arrays=3"
+    assert device_url("socket://127.0.0.1:5000") == "socket://127.0.0.1:5000"

@@ -15,7 +15,6 @@ Every chip command takes ``--device`` (default: $NVCIM_DEVICE, else the chip ima
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from pathlib import Path
 
@@ -24,10 +23,14 @@ import click
 from nvcim.compiler import CompileError, Target, compile_model
 
 WORKDIR = Path("out/tsb")
+CHIP_IMAGE = f"emu://?image={WORKDIR / 'chip'}"  # the flow's chip: keeps its cells between commands
 
 
-def default_device() -> str:
-    return os.environ.get("NVCIM_DEVICE") or f"emu://?image={WORKDIR / 'chip'}"
+def device_url(device: str | None) -> str:
+    """``--device``, else $NVCIM_DEVICE, else the flow's chip image."""
+    from nvcim.driver.default_device import resolve_device  # the driver loads on first use, not at CLI start
+
+    return resolve_device(device, default=CHIP_IMAGE)
 
 
 def _clear_errors(fn):
@@ -53,7 +56,7 @@ def _progress() -> bool:
 
 device_option = click.option("--device", default=None, metavar="URL",
                              help="The chip: emu://?image=DIR, emu://NAME?..., /dev/pts/N, socket://HOST:PORT "
-                                  "[default: $NVCIM_DEVICE, else emu://?image=out/tsb/chip].")
+                                  f"[default: $NVCIM_DEVICE, else {CHIP_IMAGE}].")
 data_option = click.option("--data", default="digits", show_default=True,
                            help="'digits' (scikit-learn, no download), a .npz with x/y, an MNIST IDX folder or a "
                                 "CIFAR-10 python folder.")
@@ -188,7 +191,7 @@ def deploy(model: Path, device, sigma, seed, device_model) -> None:
 
     from .chip import chip_settings, deploy_backbone, settings_url
 
-    url = settings_url(device or default_device(), sigma=sigma, seed=seed, model=device_model)
+    url = settings_url(device_url(device), sigma=sigma, seed=seed, model=device_model)
     with driver.open(url) as dev:
         program, cost = deploy_backbone(dev, model)
         s = chip_settings(dev)
@@ -212,7 +215,7 @@ def noise_fetch(model: Path, device, output: Path) -> None:
 
     from .chip import fetch_noise
 
-    with driver.open(device or default_device()) as dev:
+    with driver.open(device_url(device)) as dev:
         dump = fetch_noise(dev, model)
     dump.save(output)
     n = sum(v.size for v in dump.noise.values())
@@ -265,7 +268,7 @@ def tsb_flash(backbone, tsb_model, noise_path, device) -> None:
     from .chip import NoiseDump, flash_tsb
 
     dump = NoiseDump.load(noise_path)
-    with driver.open(device or default_device()) as dev:
+    with driver.open(device_url(device)) as dev:
         _, report = flash_tsb(dev, backbone, tsb_model, dump)
     for line in report.lines():
         click.echo(line)
@@ -286,7 +289,7 @@ def eval_cmd(model, device, data, noise_path, draws, sigma, sigma_verified, no_c
     """Accuracy on the chip itself and over N simulated chips (mean, 95 % interval)."""
     from .flow import evaluate_model
 
-    evaluate_model(model, device or default_device(), data, noise_path, draws, sigma, sigma_verified,
+    evaluate_model(model, device_url(device), data, noise_path, draws, sigma, sigma_verified,
                    chip=not no_chip, echo=click.echo)
 
 
