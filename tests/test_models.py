@@ -2,8 +2,8 @@
 
 The chip must reproduce onnxruntime on ``quantized_model`` (the same graph with the same
 8-bit weights). Both sides then hold bit-identical float32 weights, so what remains is the
-order of float32 sums (torch's kernels here, MLAS there): measured 2-3e-7 of the largest
-output for all six model/exporter pairs. The tolerance is 1e-5 of the largest output, 40x
+order of float32 sums (torch's kernels here, MLAS there): measured 0 to 3e-7 of the largest
+output for the six model/exporter pairs. The tolerance is 1e-5 of the largest output, 40x
 that, and 100x below the effect of 8-bit quantisation (1.5-2.7e-3 against the float
 model), which the test also checks is visible, so a wrong weight could not hide in it.
 Channel counts are scaled down (stated per model in tests/zoo.py) so the suite stays fast.
