@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import struct
-import time
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ from nvcim.firmware_emu.contract.program_format import pack_cells
 from nvcim.firmware_emu.contract.protocol import (FLAG_ASYNC, CellQuantity, CellsEraseArgs, CellsReadArgs, CellsWriteArgs,
                                    CellsWriteReply, Command, ErrorCode, Frame, FrameReader, encode)
 from nvcim.firmware_emu.contract.registers import BY_NAME, OpState
+from polling import poll_until
 
 ROWS, COLS = 4096, 1024
 BIG = f"arrays=1&rows={ROWS}&cols={COLS}"
@@ -87,10 +87,8 @@ def test_write_verify_aborted_right_after_the_ack_keeps_whole_chunks_and_nothing
         dev.write_register("IRQ_FLAGS", ALL_IRQ)
         counts = dev.counters()
         op = dev.write_cells(0, 0, 0, _targets(2), verify=True, background=True)
-        t0 = time.perf_counter()
         op.abort()
-        abort_s = time.perf_counter() - t0
-        assert not dev.busy and abort_s < 1.0
+        assert not dev.busy  # took effect before the write ended: progress < total and the rest untouched, below
         with pytest.raises(driver.DeviceError, match=r"CELLS_WRITE aborted after \d+ of 4096 rows") as e:
             op.wait(timeout=5)
         assert e.value.code == ErrorCode.ABORTED and e.value.command == "CELLS_WRITE (background)"
@@ -126,10 +124,7 @@ def test_driver_background_write_shows_progress_and_aborts_mid_way():
     with driver.open(url) as dev:
         op = dev.write_cells(0, 0, 0, _targets(5), verify=True, background=True)
         assert op.busy and dev.busy
-        deadline = time.monotonic() + 5
-        while op.progress[0] < 3 * CHUNK_ROWS * COLS:
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
+        poll_until(lambda: op.progress[0] >= 3 * CHUNK_ROWS * COLS, "three chunks written")
         done, total = op.progress
         assert total == ROWS * COLS and done % (CHUNK_ROWS * COLS) == 0
         op.abort()
@@ -229,10 +224,7 @@ def test_control_start_runs_in_the_background_and_its_outputs_follow(mlp_path):
         assert ack.flags & FLAG_ASYNC and ack.payload == b""  # the REG_WRITE returned before the run
         assert _value(status) & STATUS_BUSY and not _value(status) & STATUS_READY
         assert _value(progress) == 0 and _value(total) == len(x)
-        deadline = time.monotonic() + 5
-        while dev.busy:
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
+        poll_until(lambda: not dev.busy, "the CONTROL.START run finished")
         got = np.frombuffer(dev.buffer_read(expected.nbytes), dtype="<f4").reshape(expected.shape)
         assert np.array_equal(got, expected)
         assert dev.counters()["mvm_ops"] - mvm == 2 * len(x)
@@ -285,8 +277,7 @@ def test_op_result_is_idempotent_and_a_retransmission_gets_the_same_bytes():
         dev.buffer_write(small)
         args = CellsWriteArgs.build(dict(region=dict(array=0, row=0, col=0, height=64, width=COLS), mode=0, masked=0))
         raw.ask(Command.CELLS_WRITE, args, FLAG_ASYNC)
-        while dev.busy:
-            time.sleep(0.001)
+        poll_until(lambda: not dev.busy, "the 64-row write finished")
         results = {raw.ask(Command.OP_RESULT).payload for _ in range(3)}
         assert len(results) == 1
         reply = CellsWriteReply.parse(results.pop())
@@ -323,10 +314,8 @@ def test_abort_over_a_served_pty(serve):
         t = _targets(9)
         op = dev.write_cells(0, 0, 0, t, verify=True, background=True)
         assert dev.busy
-        t0 = time.perf_counter()
         op.abort()
-        abort_s = time.perf_counter() - t0
-        assert not dev.busy and abort_s < 1.0
+        assert not dev.busy  # took effect before the write ended: rows < ROWS and the rest untouched, below
         with pytest.raises(driver.DeviceError, match="CELLS_WRITE aborted after") as e:
             op.wait(timeout=5)
         assert e.value.code == ErrorCode.ABORTED

@@ -4,13 +4,13 @@ import json
 import os
 import signal
 import threading
-import time
 
 import numpy as np
 import pytest
 
 from nvcim import driver
 from nvcim.firmware_emu.contract.protocol import CellQuantity
+from polling import poll_until
 from zoo import export_mlp
 
 
@@ -72,12 +72,9 @@ def test_killed_mid_programming_restarts_from_a_consistent_image(tmp_path, serve
 
     worker = threading.Thread(target=program_all)
     worker.start()
-    deadline = time.monotonic() + 60
     manifest = image / "manifest.json"
-    while time.monotonic() < deadline:
-        if manifest.exists() and json.loads(manifest.read_text())["generation"] >= 6:
-            break
-        time.sleep(0.005)
+    poll_until(lambda: manifest.exists() and json.loads(manifest.read_text())["generation"] >= 6,
+               "six image generations committed")
     server.proc.send_signal(signal.SIGKILL)
     server.proc.wait()
     worker.join(timeout=60)
