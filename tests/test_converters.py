@@ -14,28 +14,33 @@ def cnn_path(tmp_path_factory):
     return export(SmallCNN().eval(), tmp_path_factory.mktemp("cnn") / "cnn.onnx", (3, 8, 8), dynamo=False)
 
 
-def _run(path, options: str, x: np.ndarray) -> np.ndarray:
-    with driver.load(path, device=f"emu://?sigma=0.3&seed=2&rows=32&cols=64&{options}") as sess:
+def _run(path, x: np.ndarray, dac_bits: int | None = None, adc_bits: int | None = None) -> np.ndarray:
+    """Outputs on a noisy chip of small arrays; converter bits as given (None: the URL leaves them out)."""
+    options = "".join(f"&{k}={v}" for k, v in (("dac_bits", dac_bits), ("adc_bits", adc_bits)) if v is not None)
+    with driver.load(path, device=f"emu://?sigma=0.3&seed=2&rows=32&cols=64{options}") as sess:
         assert len(sess.program.layers) == 4 and sum(len(layer.tiles) for layer in sess.program.layers) > 4
-        tiled = sess.device.link.port.chip._converter_product() is not None
-        assert tiled == ("bits=" in options and "bits=0" not in options)
+        for array in {t.array for layer in sess.program.layers for t in layer.tiles}:
+            sess.device.write_register("ARRAY_SELECT", array)
+            assert sess.device.read_register("ARRAY_CONVERTERS") == (dac_bits or 0) | (adc_bits or 0) << 8
         return sess.run(None, {"x": x})[0]
 
 
 def test_fine_converters_reproduce_the_ideal_product_tile_by_tile(cnn_path):
     x = np.random.default_rng(0).standard_normal((5, 3, 8, 8)).astype(np.float32)
-    ideal = _run(cnn_path, "dac_bits=0&adc_bits=0", x)
-    fine = _run(cnn_path, "dac_bits=16&adc_bits=24", x)
-    assert np.abs(fine - ideal).max() < 1e-3 * np.abs(ideal).max()
+    ideal = _run(cnn_path, x, dac_bits=0, adc_bits=0)
+    assert np.array_equal(ideal, _run(cnn_path, x))  # 0 bits: no converters, the same product as the default
+    fine = _run(cnn_path, x, dac_bits=16, adc_bits=24)
+    assert not np.array_equal(fine, ideal)  # formed tile by tile through the converters...
+    assert np.abs(fine - ideal).max() < 1e-3 * np.abs(ideal).max()  # ...which are fine enough not to matter
 
 
 def test_coarse_converters_cost_accuracy_and_are_deterministic(cnn_path):
     x = np.random.default_rng(1).standard_normal((5, 3, 8, 8)).astype(np.float32)
-    ideal = _run(cnn_path, "", x)
-    coarse = _run(cnn_path, "dac_bits=4&adc_bits=6", x)
+    ideal = _run(cnn_path, x)
+    coarse = _run(cnn_path, x, dac_bits=4, adc_bits=6)
     error = np.abs(coarse - ideal).max() / np.abs(ideal).max()
     assert 0.01 < error < 1.0
-    assert np.array_equal(coarse, _run(cnn_path, "dac_bits=4&adc_bits=6", x))
+    assert np.array_equal(coarse, _run(cnn_path, x, dac_bits=4, adc_bits=6))
 
 
 def test_converters_are_set_per_array():
