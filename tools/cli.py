@@ -331,5 +331,11 @@ def _seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
+# -- bring-up: identify, regs, trace, seq, inspect (tools/cli_bringup.py) -------------------------------
+from .cli_bringup import COMMANDS as _BRINGUP_COMMANDS  # noqa: E402 (after main, which they join)
+
+for _command in _BRINGUP_COMMANDS:
+    main.add_command(_command)
+
 if __name__ == "__main__":
     main(prog_name="nvcim")
