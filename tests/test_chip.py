@@ -9,7 +9,7 @@ from nvcim.firmware_emu.contract.program_format import effective_weights
 from nvcim.firmware_emu.contract.protocol import CellQuantity, Command, ErrorCode
 from nvcim.firmware_emu.contract.registers import CHIP_ID_VALUE, OpState
 from polling import poll_until
-from zoo import export_mlp
+from zoo import export, export_mlp
 
 
 def test_identity_and_capabilities():
@@ -216,9 +216,7 @@ def test_outputs_too_big_for_one_reply_go_through_the_staging_buffer(tmp_path, m
     import torch
 
     torch.manual_seed(0)
-    path = tmp_path / "wide.onnx"
-    torch.onnx.export(torch.nn.Linear(8, 256).eval(), (torch.zeros(1, 8),), str(path), dynamo=False,
-                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    path = export(torch.nn.Linear(8, 256).eval(), tmp_path / "wide.onnx", (8,), dynamo=False)
     x = np.random.default_rng(0).standard_normal((4096, 8)).astype(np.float32)
     with driver.load(path, device="emu://?sigma=0&buffer_size=8388608") as sess:
         dev = sess.device

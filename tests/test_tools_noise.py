@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import onnx
@@ -16,6 +15,7 @@ from nvcim.compiler.quantize import fake_quantize
 from nvcim.firmware_emu.contract.device import DeviceSettings
 from nvcim.tools.chip import deploy_backbone, fetch_noise
 from nvcim.tools.noise import quantize, weight_noise, weight_std_factor
+from zoo import export
 
 
 def _linear_onnx(path, n_in=200, n_out=200, seed=0):
@@ -23,10 +23,7 @@ def _linear_onnx(path, n_in=200, n_out=200, seed=0):
     layer = torch.nn.Linear(n_in, n_out, bias=False).eval()
     with torch.no_grad():
         layer.weight.copy_(torch.randn(n_out, n_in))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(layer, (torch.zeros(1, n_in),), str(path), dynamo=False, input_names=["x"],
-                          output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    export(layer, path, (n_in,), dynamo=False)
     return path, layer.weight.detach()
 
 
