@@ -1,10 +1,11 @@
 """ONNX export of the models (deploy form) and reading them back into torch.
 
 The TorchScript exporter (``dynamo=False``) is fast but emits the TSB's channel padding as
-a small constant subgraph (ConstantOfShape, Concat, Slice, Cast ...). ``fold_constants``
-evaluates every node whose inputs are all constant and stores the results as
-initializers, so the file holds the plain pattern Pad -> Reshape -> Transpose -> MatMul ->
-Transpose -> Reshape -> Slice with constant shapes, and no Constant nodes.
+a small constant subgraph (ConstantOfShape, Concat, Slice, Cast ...). The compiler's
+constant folding (``compiler.frontend.fold_constants``) evaluates every node whose inputs
+are all constant and stores the results as initializers, so the file holds the plain
+pattern Pad -> Reshape -> Transpose -> MatMul -> Transpose -> Reshape -> Slice with
+constant shapes, and no Constant nodes.
 
 The model's build config travels in the file's metadata (``nvcim.model``), so later steps
 (TSB training, evaluation) rebuild the same torch module from the ONNX file alone.
@@ -17,11 +18,11 @@ import json
 import warnings
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
-from onnx.reference import ReferenceEvaluator
+
+from nvcim.compiler.frontend import fold_constants
 
 from .models import Net, build
 
@@ -31,36 +32,6 @@ INPUT, OUTPUT = "image", "logits"
 
 class ModelFileError(ValueError):
     """An ONNX file that is not a model these tools made; names the file."""
-
-
-def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Replace every node whose inputs are all constants by initializers holding its outputs."""
-    graph = model.graph
-    consts: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
-    keep = []
-    for node in graph.node:
-        inputs = [i for i in node.input if i]
-        if node.op_type == "Constant" or (inputs and all(i in consts for i in inputs)):
-            single = onnx.helper.make_model(
-                onnx.helper.make_graph([node], "fold", [], [onnx.helper.make_tensor_value_info(o, 0, None)
-                                                           for o in node.output]),
-                opset_imports=[onnx.helper.make_opsetid("", opset)])
-            outs = ReferenceEvaluator(single).run(None, {i: consts[i] for i in inputs})
-            consts.update(zip(node.output, (np.asarray(o) for o in outs)))
-        else:
-            keep.append(node)
-    used = {i for n in keep for i in n.input} | {o.name for o in graph.output}
-    existing = {t.name for t in graph.initializer}
-    new_inits = [t for t in graph.initializer if t.name in used]
-    new_inits += [numpy_helper.from_array(consts[name], name) for name in sorted(used)
-                  if name in consts and name not in existing]
-    del graph.node[:]
-    graph.node.extend(keep)
-    del graph.initializer[:]
-    graph.initializer.extend(new_inits)
-    del graph.value_info[:]
-    return model
 
 
 def export(model: Net, path: str | Path, *, role: str, extra: dict | None = None) -> Path:
@@ -80,7 +51,7 @@ def export(model: Net, path: str | Path, *, role: str, extra: dict | None = None
     inputs = [v for v in proto.graph.input if v.name not in names]
     del proto.graph.input[:]
     proto.graph.input.extend(inputs)
-    proto = fold_constants(proto)
+    proto = fold_constants(proto, str(path))
     proto.graph.name = f"{cfg['arch']}-{role}"
     meta = dict(cfg, role=role, **(extra or {}))
     del proto.metadata_props[:]

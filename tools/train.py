@@ -91,22 +91,15 @@ def train_backbone(data: Split, cfg: TrainConfig, checkpoint_dir: str | Path | N
         model.train()
         loss_sum, hits, seen = 0.0, 0, 0
         for idx in _batches(len(xt), cfg.batch, gen):
-            params = injected_weights(model, names, train_device, gen)
-            out = functional_call(model, params, (xt[idx],))
-            loss = torch.nn.functional.cross_entropy(out, yt[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            loss, hit = train_step(model, injected_weights(model, names, train_device, gen), xt[idx], yt[idx], opt)
             sched.step()
-            loss_sum += float(loss.detach()) * len(idx)
-            hits += int((out.argmax(1) == yt[idx]).sum())
-            seen += len(idx)
+            loss_sum, hits, seen = loss_sum + loss, hits + hit, seen + len(idx)
             bar.update(1)
         model.eval()
         clean = accuracy(model, val.x_test, val.y_test, quantized_params(model))
         noisy = monte_carlo(model, val.x_test, val.y_test, eval_device, draws=cfg.val_draws, seed=cfg.seed + epoch).mean
-        row = {"epoch": epoch, "loss": loss_sum / seen, "train_acc": hits / seen, "val_acc": clean, "val_noisy_acc": noisy,
-                   "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - t0}
+        row = {"epoch": epoch, "loss": loss_sum / seen, "train_acc": hits / seen, "val_acc": clean,
+               "val_noisy_acc": noisy, "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - t0}
         result.history.append(row)
         log(f"epoch {epoch:3d}/{run_epochs}: loss {row['loss']:.4f}  train(noisy) {row['train_acc']:.2%}  "
             f"val {clean:.2%}  val@sigma={cfg.sigma_eval} {noisy:.2%}")
@@ -128,6 +121,17 @@ def train_backbone(data: Split, cfg: TrainConfig, checkpoint_dir: str | Path | N
     result.epochs_run = epoch
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def train_step(model: Net, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+               opt: torch.optim.Optimizer) -> tuple[float, int]:
+    """One optimiser step on the batch (x, y) with ``params`` swapped in; (summed loss, correct predictions)."""
+    out = functional_call(model, params, (x,))
+    loss = torch.nn.functional.cross_entropy(out, y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return float(loss.detach()) * len(y), int((out.argmax(1) == y).sum())
 
 
 def injected_weights(model: Net, names: list[str], device: DeviceSettings,
@@ -163,7 +167,7 @@ def save_checkpoint(model: Net, path: str | Path, cfg: TrainConfig | None = None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"config": model.config, "state": model.state_dict(), "train": asdict(cfg) if cfg else None,
-                    "info": info or {}}, path)
+                "info": info or {}}, path)
     return path
 
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.func import functional_call
 from tqdm import tqdm
 
 from nvcim.firmware_emu.contract.device import DeviceSettings
@@ -26,6 +25,7 @@ from .evaluate import accuracy, quantized_params
 from .models import Net, count_weights
 from .noise import noisy_weight
 from .onnx_io import load_deploy, read_meta
+from .train import train_step
 
 
 @dataclass
@@ -98,18 +98,12 @@ def train_tsb(model: Net, fixed: dict[str, torch.Tensor], data: Split, cfg: TSBC
         loss_sum, hits, seen = 0.0, 0, 0
         for idx in torch.randperm(len(xt), generator=gen).split(cfg.batch):
             params = dict(fixed, **{"tsb.weight": noisy_weight(w, device, gen)})
-            out = functional_call(model, params, (xt[idx],))
-            loss = torch.nn.functional.cross_entropy(out, yt[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            loss_sum += float(loss.detach()) * len(idx)
-            hits += int((out.argmax(1) == yt[idx]).sum())
-            seen += len(idx)
+            loss, hit = train_step(model, params, xt[idx], yt[idx], opt)
+            loss_sum, hits, seen = loss_sum + loss, hits + hit, seen + len(idx)
             bar.update(1)
         test = accuracy(model, data.x_test, data.y_test, dict(fixed, **{"tsb.weight": quantized_params(model)["tsb.weight"]}))
         row = {"epoch": epoch, "loss": loss_sum / seen, "train_acc": hits / seen, "test_acc": test,
-                   "seconds": time.perf_counter() - t0}
+               "seconds": time.perf_counter() - t0}
         result.history.append(row)
         log(f"TSB epoch {epoch:2d}/{cfg.epochs}: loss {row['loss']:.4f}  train {row['train_acc']:.2%}  "
             f"test (chip backbone, ideal TSB) {test:.2%}")
