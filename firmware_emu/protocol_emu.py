@@ -60,7 +60,9 @@ def chip_for_url(url: str) -> Chip:
 class Serial(SerialBase):
     """A serial port whose far end is an in-process emulated chip."""
 
-    chip: Chip
+    chip: Chip                    # the chip this port reaches
+    faults_to_chip: LinkFaults    # the fault injectors of each direction (rate 0: a clean link)
+    faults_from_chip: LinkFaults
     replies_inline = True  # the reply is complete when write() returns: the link need not wait for more
 
     def open(self) -> None:
@@ -72,7 +74,7 @@ class Serial(SerialBase):
         options = link_options(self._port)
         try:
             rate, seed = float(options.get("link_faults", 0)), int(options.get("link_seed", 0))
-            self._to_chip, self._from_chip = LinkFaults(rate, seed), LinkFaults(rate, seed + 1)
+            self.faults_to_chip, self.faults_from_chip = LinkFaults(rate, seed), LinkFaults(rate, seed + 1)
         except ValueError as e:
             raise SerialException(f"{self._port}: link_faults/link_seed: {e}") from None
         self._rx = bytearray()
@@ -99,7 +101,7 @@ class Serial(SerialBase):
     def write(self, data) -> int:
         self._require_open()
         data = bytes(data)
-        self._rx += self._from_chip(self.chip.feed(self._to_chip(data)))
+        self._rx += self.faults_from_chip(self.chip.feed(self.faults_to_chip(data)))
         return len(data)
 
     def reset_input_buffer(self) -> None:

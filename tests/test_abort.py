@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from nvcim import driver
-from nvcim.firmware_emu.chip import RUN_SLICE, WRITE_CHUNK_CELLS
+from nvcim.firmware_emu.cell_commands import WRITE_CHUNK_CELLS
+from nvcim.firmware_emu.run_commands import RUN_SLICE
 from nvcim.firmware_emu.contract.program_format import pack_cells
 from nvcim.firmware_emu.contract.protocol import (FLAG_ASYNC, CellQuantity, CellsEraseArgs, CellsReadArgs, CellsWriteArgs,
                                    CellsWriteReply, Command, ErrorCode, Frame, FrameReader, encode)

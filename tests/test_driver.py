@@ -39,7 +39,7 @@ def test_noisy_link_gives_results_identical_to_a_clean_link(mlp_path, batch):
     with driver.load(mlp_path, device=noisy_url, policy="write-verify") as sess:
         noisy = sess.run(None, {"x": batch})[0]
         port = sess.device.link.port
-        assert port._to_chip.injected > 50 and port._from_chip.injected > 0
+        assert port.faults_to_chip.injected > 50 and port.faults_from_chip.injected > 0
         assert sess.device.link.retransmissions > 50
         assert sess.device.counters()["write_pulses"] == clean_counters["write_pulses"]
     assert np.array_equal(clean, noisy)

@@ -1,0 +1,74 @@
+"""``ChipConfig``: what an emulated chip is built with, as a datasheet's ordering code fixes it.
+
+Its geometry (the contract's ``Geometry``) and the power-on values of its settings
+registers; parsed from ``emu://`` URL options and ``serve`` flags, stored in the
+non-volatile image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .contract.geometry import Geometry
+from .contract.registers import DeviceModelCode
+
+MAX_DAC_BITS, MAX_ADC_BITS = 16, 24
+
+
+@dataclass(frozen=True)
+class ChipConfig(Geometry):
+    """Build-time parameters of a chip (what a datasheet's ordering code fixes): its geometry,
+    and the power-on values of its settings."""
+
+    # power-on values of the settings registers
+    sigma: float = 0.3
+    seed: int = 0
+    model: DeviceModelCode = DeviceModelCode.GAUSSIAN
+    read_noise: float = 0.0
+    clip: bool = False
+    stuck_rate: float = 0.0
+    dac_bits: int = 0   # every array's input DAC (0: ideal)
+    adc_bits: int = 0   # every array's column ADC (0: ideal)
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("sigma", "read_noise"):
+            if not 0 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 2] (units of g_max)")
+        if not 0 <= self.stuck_rate <= 1:
+            raise ValueError(f"stuck_rate={self.stuck_rate} must be in [0, 1]")
+        if not (0 <= self.dac_bits <= MAX_DAC_BITS and 0 <= self.adc_bits <= MAX_ADC_BITS):
+            raise ValueError(f"dac_bits={self.dac_bits} / adc_bits={self.adc_bits} must be in "
+                             f"0..{MAX_DAC_BITS} / 0..{MAX_ADC_BITS} (0: ideal)")
+
+    @classmethod
+    def parse_options(cls, options: dict[str, str]) -> dict:
+        """Typed values of text options (URL query or command line), naming any bad one."""
+        fields = [f for f in cls.__dataclass_fields__]
+        kwargs: dict = {}
+        for key, text in options.items():
+            if key not in fields:
+                raise ValueError(f"unknown chip option '{key}' (known: {', '.join(fields)}, image)")
+            try:
+                if key == "model":
+                    kwargs[key] = DeviceModelCode[text.upper()]
+                elif key in ("sigma", "read_noise", "stuck_rate"):
+                    kwargs[key] = float(text)
+                elif key == "clip":
+                    kwargs[key] = {"0": False, "1": True, "false": False, "true": True}[text.lower()]
+                else:
+                    kwargs[key] = int(text, 0)
+            except (KeyError, ValueError):
+                choices = {"model": ", ".join(m.name for m in DeviceModelCode), "clip": "0 or 1"}.get(key, "a number")
+                raise ValueError(f"chip option {key}={text!r} is not valid (expected {choices})") from None
+        return kwargs
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["model"] = int(self.model)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ChipConfig:
+        return cls(**{**d, "model": DeviceModelCode(d["model"])})

@@ -1,0 +1,60 @@
+"""What of a chip survives a power cycle: powering up from its ``NvmImage``, committing to it.
+
+The image (``nvm_image``) is the file format; this is the chip's side of it. A chip with
+an image commits the arrays and program a command changed before the command's reply is
+sent (a background operation when it ends), and a chip powered up from an image gets
+back its geometry, settings, cells, program and random generator state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+from .commands import parse_program
+from .config import ChipConfig
+from .contract.geometry import GEOMETRY_FIELDS
+from .nvm_image import NvmImage
+
+if TYPE_CHECKING:
+    from .chip import Chip
+
+
+def power_up(chip_class: type[Chip], path: str, explicit: dict) -> Chip:
+    """A chip powered up from the non-volatile image at ``path`` (created if absent).
+
+    The image keeps the chip's geometry and settings; ``explicit`` settings (from
+    ChipConfig.parse_options) override the settings, but not an existing geometry.
+    """
+    image = NvmImage(path)
+    if not image.exists():
+        chip = chip_class(ChipConfig(**explicit), image)
+        commit(chip, set(), program_changed=False)
+        return chip
+    state = image.load()
+    stored = ChipConfig.from_dict(state.config)
+    clash = [f"{k}={explicit[k]} (image has {getattr(stored, k)})" for k in GEOMETRY_FIELDS
+             if k in explicit and explicit[k] != getattr(stored, k)]
+    if clash:
+        raise ValueError(f"image {path} was made for another chip geometry: {', '.join(clash)}")
+    config = dataclasses.replace(stored, **explicit)
+    chip = chip_class(config, image)
+    cells = chip.cells
+    for index, (g, target, noise) in state.arrays.items():
+        cells.g[index], cells.target[index], cells.noise[index] = g, target, noise
+    cells.generation += 1
+    if state.program_code is not None:
+        chip.program_code = state.program_code
+        chip.program = parse_program(config, state.program_code)
+    if state.rng_state is not None and config.seed == stored.seed:
+        chip.registers.rng.bit_generator.state = state.rng_state
+    return chip
+
+
+def commit(chip: Chip, arrays: set[int], program_changed: bool) -> None:
+    """Persist what the last command changed to the chip's image, atomically."""
+    cells = chip.cells
+    planes = {a: ((cells.g[a], cells.target[a], cells.noise[a]) if cells.target[a].any() or cells.g[a].any()
+                  else None) for a in sorted(arrays)}
+    chip.image.commit(chip.config.to_dict(), planes, chip.program_code if program_changed else False,
+                      chip.registers.rng.bit_generator.state)
