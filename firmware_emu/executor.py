@@ -145,8 +145,7 @@ def _conv(ins: Instr, args: list[np.ndarray], weights: WeightProvider,
     if product is not None:
         return _conv_tiled(ins, x, rows, product)
     kernel_t = _kernel(ins, matrices)
-    positions = np.prod([(n + pads[i] + pads[nd + i] - (k - 1) * d - 1) // s + 1
-                         for i, (n, k, s, d) in enumerate(zip(x.shape[2:], kernel, strides, dilations))])
+    positions = np.prod(ops.window_positions(ins, x.shape[2:]))
     functional = _torch().nn.functional
     conv = getattr(functional, f"conv{nd}d")
     symmetric = pads[:nd] == pads[nd:]

@@ -54,8 +54,9 @@ def check(model: onnx.ModelProto, graph: bool = True, **shapes) -> object:
     want = ort.InferenceSession(quantized_model(model).SerializeToString()).run(None, feeds)
     for how, got in runs.items():
         assert len(got) == len(want), how
-        for g, w in zip(got, want):
+        for tid, g, w in zip(program.outputs, got, want):
             assert g.shape == w.shape, how
+            assert program.tensors[tid].shape == (-1, *w.shape[1:]), "declared shape (the compiler's shape rule)"
             np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * max(1.0, float(np.abs(w).max())), err_msg=how)
     return program
 

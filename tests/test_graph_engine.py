@@ -62,7 +62,7 @@ def test_graph_is_reused_between_runs_and_rebuilt_after_reprogramming(lenet):
 def test_sessions_are_freed_with_their_program(mlp_path):
     program = compile_model(mlp_path)
     weights = [reference.ideal_weights(program, i) for i in range(len(program.layers))]
-    gc.collect()  # graphs of earlier tests' chips, waiting in reference cycles, go first
+    gc.collect()  # entries of earlier tests' programs go first: only this program's is counted
     graph_engine.graph_for(program, weights.__getitem__)
     held = len(graph_engine._graphs)
     del program, weights
