@@ -1,58 +1,290 @@
-"""Crossbar products through finite-resolution converters, tile by tile.
+"""Crossbar products through the arrays' converters and read noise, all tiles of a layer at once.
 
-With ideal converters a layer's tiles combine exactly into one effective matrix
-(executor.effective_weights), and the executor multiplies by that. A real array sees its
-inputs through a DAC and delivers each column's partial sum through an ADC, so with
-either converter set to a finite resolution the product must be formed per tile:
+With ideal converters and no read noise a layer's tiles combine exactly into one effective
+matrix (``effective_weights``) and the executor multiplies by that. A real array sees its
+inputs through a DAC, adds read noise to every column current and delivers each column
+through an ADC; this module forms that product for every tile of a layer in one batched
+matrix product. The model (every setting is per array, registers ARRAY_SELECT /
+ARRAY_CONVERTERS / ARRAY_DAC_FS / ARRAY_ADC_FS):
 
-* DAC, b bits: each input vector is quantised symmetrically to 2^(b-1) - 1 levels of its
-  own largest magnitude (a per-vector full scale, as a bit-serial input driver sets it);
-* ADC, b bits: each tile's column sums are quantised symmetrically to 2^(b-1) - 1 levels
-  of the largest magnitude that tile produces in this call (an ideal auto-ranging ADC);
-* the digital unit then shifts, adds slices and subtracts the negative tiles as usual.
+* DAC, b bits, sign included: a tile's input rows x are driven as
+  u = rint(clip(x / dac_fs, -1, 1) * L) / L with L = 2^(b-1) - 1 (L = 1 for b = 1).
+  ``dac_fs`` is the array's input full scale; 0 means per vector: each input vector is
+  scaled by its own largest |x| over the tile's rows, as a bit-serial input driver sets it
+  (it depends on that vector only, so never on the batch). 0 bits: u = x / dac_fs, exact.
+* Read noise: reading a cell returns g + N(0, (read_noise * g_max)^2), fresh on every
+  product. On a column sum that is exactly one Gaussian of std read_noise * ||u_rows||_2
+  (in the normalised units below), drawn per column, per slice, per tile.
+* ADC, b bits: column j's normalised sum s_j = sum_i u_i g_ij / g_max (plus its noise) is
+  clipped to [-adc_fs, adc_fs] and rounded to 2^(b-1) - 1 levels of adc_fs. ``adc_fs`` is
+  the array's ADC full scale; 0 means the weight bound: the largest |s| any input in the
+  DAC range can produce on the array's used columns, max_j sum_i |g_ij| / g_max over the
+  program's tiles on that array. It is fixed once the cells are programmed, never taken
+  from the current batch, so a sample's output is the same alone or in any batch.
+  0 bits: s passes exactly.
+* The digital unit rescales each column by dac_fs (or the vector's own scale) * g_max,
+  shift-adds the S slices with place values 2^(jK), subtracts negative tiles and
+  multiplies by the layer's scale.
 
-0 bits means ideal. Settings are per array (registers ARRAY_SELECT / ARRAY_CONVERTERS).
+Positive and negative tiles are read by separate ADCs, each by its own array's: the
+compiler places the two signs of a block on independent arrays and positions, and each
+array's converter registers then mean exactly what they say. (A differential read,
+I+ - I- into one ADC per column pair, would halve the multiply-adds but needs the two
+tiles wired as column pairs, which this chip's layout does not promise.)
+
+Speed: tiles that see the same input (same rows of x, same DAC) form one group; every
+group's cells are stacked into one zero-padded (groups, rows, columns) tensor, prepared
+once per programming, so a layer is one batched matrix product, one noise draw per
+column sum, one rounding pass and one shift-and-add - no Python loop per tile.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 
 from .contract.program_format import Program
 
 LayerProduct = Callable[[int, np.ndarray], np.ndarray]  # (layer, x (P, in)) -> (P, out)
+TileConductance = Callable[[int, int], np.ndarray]       # (layer, tile) -> (in_count, out_count * S)
 
 
-def quantise(x: np.ndarray, bits: int, axis: int | None) -> np.ndarray:
-    """Symmetric uniform quantisation to ``bits`` (sign included), full scale = max |x| along ``axis``."""
-    if bits <= 0:
-        return x
-    top = float((1 << (bits - 1)) - 1) if bits > 1 else 1.0
-    full = np.abs(x).max(axis=axis, keepdims=axis is not None)
-    step = np.where(full > 0, full / top, 1.0).astype(np.float32)
-    return (np.rint(x / step) * step).astype(np.float32)
+def _torch():
+    import torch  # deferred: a chip that never runs a program does not pay for the import
+
+    return torch
 
 
-def tiled_product(program: Program, conductance: Callable[[int, int], np.ndarray],
-                  dac_bits: np.ndarray, adc_bits: np.ndarray) -> LayerProduct:
-    """A layer product that runs every tile through its array's converters.
+def levels(bits: int) -> int:
+    """Largest level of a symmetric ``bits``-bit converter (sign included): 2^(b-1) - 1, 1 for b = 1."""
+    return max(1, (1 << (bits - 1)) - 1) if bits > 0 else 0
 
-    ``conductance(layer, tile)`` returns the tile's cells (in_count, out_count * S);
-    ``dac_bits`` / ``adc_bits`` hold each array's resolution.
+
+@dataclass(frozen=True)
+class ConverterSettings:
+    """Every array's converters: resolution (0 = ideal) and full scale (0 = automatic, see module doc)."""
+
+    dac_bits: np.ndarray  # (arrays,) input DAC bits
+    adc_bits: np.ndarray  # (arrays,) column ADC bits
+    dac_fs: np.ndarray    # (arrays,) input full scale in input units; 0: per vector
+    adc_fs: np.ndarray    # (arrays,) ADC full scale, normalised column sum; 0: weight bound
+
+    @classmethod
+    def uniform(cls, arrays: int, dac_bits: int = 0, adc_bits: int = 0, dac_fs: float = 0.0,
+                adc_fs: float = 0.0) -> "ConverterSettings":
+        return cls(np.full(arrays, dac_bits, np.int64), np.full(arrays, adc_bits, np.int64),
+                   np.full(arrays, dac_fs, np.float64), np.full(arrays, adc_fs, np.float64))
+
+
+class NoiseStream:
+    """Independent random generators for the read noise of one run, in a fixed order.
+
+    Seeded from a numpy SeedSequence: the same sequence gives the same generators in the
+    same order, hence the same noise; every ``generator()`` call is a fresh substream.
     """
-    s, k = program.slices, program.cell_bits
-    place = (2.0 ** (k * np.arange(s))).astype(np.float32)
+
+    def __init__(self, seed: np.random.SeedSequence | int | Sequence[int]):
+        self._seq = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+
+    def generator(self):
+        child, = self._seq.spawn(1)
+        return _torch().Generator().manual_seed(int(child.generate_state(1, np.uint64)[0] >> 1))
+
+
+class LayerConverters:
+    """One layer's tiles prepared for products through their converters.
+
+    ``cells(i)`` is tile i's conductance (in_count, out_count * S); ``settings`` the
+    per-array converters; ``adc_bound`` each array's weight bound (used where adc_fs is 0).
+    """
+
+    def __init__(self, program: Program, layer_index: int, cells: Callable[[int], np.ndarray],
+                 settings: ConverterSettings, adc_bound: np.ndarray):
+        torch = _torch()
+        layer = program.layers[layer_index]
+        s, k = program.slices, program.cell_bits
+        self.g_max = float((1 << k) - 1)
+        self.slices = s
+        self.out_features = layer.out_features
+        self.in_features = layer.in_features
+        self.scale = torch.from_numpy(np.ascontiguousarray(np.broadcast_to(
+            np.asarray(layer.scale, np.float32), (layer.out_features,))))
+        self.place = torch.from_numpy((2.0 ** (k * np.arange(s))).astype(np.float32))
+        groups: dict[tuple, list[int]] = {}
+        for i, t in enumerate(layer.tiles):
+            a = t.array
+            key = (t.in_start, t.in_count, int(settings.dac_bits[a]), float(settings.dac_fs[a]))
+            groups.setdefault(key, []).append(i)
+        keys = sorted(groups)
+        self.groups = len(keys)
+        rows = max((key[1] for key in keys), default=0)
+        width = max((sum(layer.tiles[i].out_count for i in groups[key]) for key in keys), default=0)
+        n = self.groups
+        g_all = np.zeros((n, rows, width * s), np.float32)
+        gather = np.full((n, rows), layer.in_features, np.int64)     # index in_features: a zero column
+        col_scale = np.zeros((n, width * s), np.float32)              # 1 / ADC step (normalised sum units)
+        post = np.zeros((n, width), np.float32)                       # sign * ADC step * g_max
+        adc_top = np.full((n, 1, width * s), np.nan, np.float32)      # largest ADC level per column (0: ideal)
+        out_index = np.full((n, width), layer.out_features, np.int64)  # output of each column group
+        self.dac_top = np.zeros(n, np.float32)                        # largest DAC level per group (0: ideal)
+        self.dac_fs = np.zeros(n, np.float32)                         # fixed full scale (0: per vector)
+        for gi, key in enumerate(keys):
+            in_start, in_count, dac_bits, dac_fs = key
+            gather[gi, :in_count] = np.arange(in_start, in_start + in_count)
+            dac_top = levels(dac_bits)
+            self.dac_top[gi], self.dac_fs[gi] = dac_top, dac_fs
+            c = 0
+            for i in sorted(groups[key], key=lambda i: (layer.tiles[i].sign, layer.tiles[i].out_start)):
+                t = layer.tiles[i]
+                a = t.array
+                bits = int(settings.adc_bits[a])
+                fs = float(settings.adc_fs[a]) or float(adc_bound[a])
+                top = levels(bits)
+                step = fs / top if bits else 1.0
+                cols = slice(c * s, (c + t.out_count) * s)
+                inv = 1.0 / step if step > 0 else 0.0
+                g_all[gi, :in_count, cols] = cells(i) * np.float32(inv / (self.g_max * (dac_top or 1)))
+                col_scale[gi, cols] = inv
+                adc_top[gi, 0, cols] = top
+                post[gi, c:c + t.out_count] = t.sign * step * self.g_max
+                out_index[gi, c:c + t.out_count] = np.arange(t.out_start, t.out_start + t.out_count)
+                c += t.out_count
+        self.cells = torch.from_numpy(g_all)
+        self.gather = torch.from_numpy(gather)
+        self.col_scale = torch.from_numpy(col_scale)
+        self.post = torch.from_numpy(post)
+        finite = adc_top > 0
+        finite[np.isnan(adc_top)] = finite.any()                      # padding columns (cells 0) follow the rest
+        adc_top[np.isnan(adc_top)] = 1
+        self.adc_all_finite = bool(finite.all())
+        self.adc_any_finite = bool(finite.any())
+        self.adc_top = torch.from_numpy(np.where(finite, adc_top, np.float32(np.inf)))
+        self.adc_finite = torch.from_numpy(finite)
+        self.per_vector = bool((self.dac_fs == 0).any())
+        # the outputs: one sum over groups when every group maps its columns to the same outputs
+        self.same_outputs = bool((out_index == out_index[:1]).all())
+        self.out_index = torch.from_numpy(out_index[0] if self.same_outputs else out_index.reshape(-1))
+
+    def inputs(self, x):
+        """The DAC's drive of every group (groups, P, rows), in levels for a finite DAC, and the
+        input scale it was divided by: (groups, P, 1) per vector, else (groups, 1, 1)."""
+        torch = _torch()
+        padded = torch.nn.functional.pad(x, (0, 1))                     # column in_features reads 0
+        u = padded[:, self.gather].permute(1, 0, 2).contiguous()       # (groups, P, rows)
+        scale = torch.from_numpy(self.dac_fs).view(-1, 1, 1)
+        if self.per_vector:
+            vec = u.abs().amax(dim=2, keepdim=True)
+            scale = torch.where(scale > 0, scale, torch.where(vec > 0, vec, torch.ones_like(vec)))
+        u.div_(scale)
+        top = torch.from_numpy(self.dac_top).view(-1, 1, 1)
+        if (self.dac_top > 0).all():
+            u.clamp_(-1, 1).mul_(top).round_()                           # integer levels
+        elif (self.dac_top > 0).any():
+            q = (u.clamp(-1, 1) * top).round_()
+            u = torch.where(top > 0, q, u)
+        return u, scale
+
+    def product(self, x: np.ndarray, read_noise: float = 0.0, generator=None) -> np.ndarray:
+        """The layer's output (P, out) for inputs x (P, in), through the converters."""
+        torch = _torch()
+        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        u, in_scale = self.inputs(xt)
+        if read_noise > 0:
+            top = torch.from_numpy(np.where(self.dac_top > 0, self.dac_top, 1)).view(-1, 1, 1)
+            sigma = torch.linalg.vector_norm(u, dim=2, keepdim=True).mul_(read_noise / top)   # (groups, P, 1)
+            noise = torch.empty(u.shape[0], u.shape[1], self.cells.shape[2])
+            noise.normal_(generator=generator).mul_(sigma).mul_(self.col_scale.unsqueeze(1))
+            sums = torch.baddbmm(noise, u, self.cells, out=noise)
+        else:
+            sums = torch.bmm(u, self.cells)                              # ADC input in steps
+        if self.adc_all_finite:
+            sums.round_()
+            torch.minimum(sums, self.adc_top, out=sums)
+            torch.maximum(sums, -self.adc_top, out=sums)
+        elif self.adc_any_finite:                                         # some arrays' ADCs ideal
+            torch.where(self.adc_finite, sums.round(), sums, out=sums)
+            torch.minimum(sums, self.adc_top, out=sums)
+            torch.maximum(sums, -self.adc_top, out=sums)
+        n, p = sums.shape[0], sums.shape[1]
+        cols = torch.matmul(sums.view(n, p, -1, self.slices), self.place)   # (groups, P, width)
+        cols.mul_(self.post.unsqueeze(1)).mul_(in_scale)
+        y = torch.zeros(p, self.out_features + 1)
+        if self.same_outputs:
+            y.index_add_(1, self.out_index, cols.sum(0))
+        else:
+            y.index_add_(1, self.out_index, cols.permute(1, 0, 2).reshape(p, -1))
+        return y[:, :self.out_features].mul_(self.scale).numpy()
+
+
+def weight_bounds(program: Program, conductance: TileConductance, arrays: int) -> np.ndarray:
+    """Each array's ADC weight bound: max over the program's tiles on it of max_j sum_i |g_ij| / g_max."""
+    g_max = float((1 << program.cell_bits) - 1)
+    bound = np.zeros(arrays, np.float64)
+    for li, layer in enumerate(program.layers):
+        for i, t in enumerate(layer.tiles):
+            g = conductance(li, i)
+            if g.size:
+                bound[t.array] = max(bound[t.array], float(np.abs(g).sum(axis=0, dtype=np.float64).max()) / g_max)
+    return bound
+
+
+def tiled_product(program: Program, conductance: TileConductance, dac_bits: np.ndarray, adc_bits: np.ndarray,
+                  dac_fs: np.ndarray | None = None, adc_fs: np.ndarray | None = None,
+                  read_noise: float = 0.0, noise: NoiseStream | None = None) -> LayerProduct:
+    """A layer product that runs every tile through its array's converters (and read noise).
+
+    ``conductance(layer, tile)`` returns the tile's cells (in_count, out_count * S); the
+    other arguments hold each array's settings. Layers are prepared on first use.
+    """
+    arrays = len(dac_bits)
+    settings = ConverterSettings(np.asarray(dac_bits), np.asarray(adc_bits),
+                                 np.zeros(arrays) if dac_fs is None else np.asarray(dac_fs),
+                                 np.zeros(arrays) if adc_fs is None else np.asarray(adc_fs))
+    bound = weight_bounds(program, conductance, arrays)
+    prepared: dict[int, LayerConverters] = {}
 
     def product(layer_index: int, x: np.ndarray) -> np.ndarray:
-        layer = program.layers[layer_index]
-        y = np.zeros((x.shape[0], layer.out_features), dtype=np.float32)
-        for i, tile in enumerate(layer.tiles):
-            xin = quantise(x[:, tile.in_start:tile.in_start + tile.in_count], int(dac_bits[tile.array]), axis=1)
-            sums = quantise(xin @ conductance(layer_index, i), int(adc_bits[tile.array]), axis=None)
-            y[:, tile.out_start:tile.out_start + tile.out_count] += \
-                tile.sign * (sums.reshape(len(x), tile.out_count, s) @ place)
-        return y * np.asarray(layer.scale, dtype=np.float32)
+        plan = prepared.get(layer_index)
+        if plan is None:
+            plan = prepared[layer_index] = LayerConverters(
+                program, layer_index, lambda i: conductance(layer_index, i), settings, bound)
+        generator = noise.generator() if read_noise > 0 and noise is not None else None
+        if read_noise > 0 and generator is None:
+            raise ValueError("read noise needs a NoiseStream")
+        return plan.product(x, read_noise, generator)
 
     return product
+
+
+class ReadNoiseMap:
+    """Read noise of a layer read through ideal converters, collapsed to one Gaussian per output.
+
+    With ideal converters every column sum's noise passes linearly to the output, so the
+    noise on output o is Gaussian with variance
+        (scale_o * read_noise * g_max)^2 * sum over tiles t covering o of sum_j 4^(jK) * ||x_rows(t)||^2
+    (each tile read, positive and negative alike, adds its own). ``rows`` (in, R) sums x^2
+    over each distinct row block of the tiles, ``cover`` (R, out) counts the tiles of each
+    row block over each output times sum_j 4^(jK); std = scale * read_noise * g_max * sqrt(x^2 @ rows @ cover).
+    """
+
+    def __init__(self, program: Program, layer_index: int):
+        layer = program.layers[layer_index]
+        k, s = program.cell_bits, program.slices
+        self.g_max = float((1 << k) - 1)
+        blocks = sorted({(t.in_start, t.in_count) for t in layer.tiles})
+        where = {b: i for i, b in enumerate(blocks)}
+        self.rows = np.zeros((layer.in_features, len(blocks)), np.float32)
+        for i, (start, count) in enumerate(blocks):
+            self.rows[start:start + count, i] = 1
+        places = float(sum(4.0 ** (j * k) for j in range(s)))
+        self.cover = np.zeros((len(blocks), layer.out_features), np.float32)
+        for t in layer.tiles:
+            self.cover[where[(t.in_start, t.in_count)], t.out_start:t.out_start + t.out_count] += places
+        self.scale = np.broadcast_to(np.asarray(layer.scale, np.float32), (layer.out_features,))
+
+    def std(self, x: np.ndarray, read_noise: float) -> np.ndarray:
+        """Per-output noise std (P, out) for inputs x (P, in)."""
+        variance = (np.square(x, dtype=np.float32) @ self.rows) @ self.cover
+        return np.sqrt(variance) * (self.scale * np.float32(read_noise * self.g_max))

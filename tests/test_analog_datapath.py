@@ -1,0 +1,200 @@
+"""The analog datapath of one layer: converters and read noise against a per-tile reference.
+
+The reference below is written from the model's statement (docs/device-model.md#dac-and-adc),
+one tile at a time in float64 with plain loops; the code under test stacks all tiles into
+one batched float32 product. They must agree to float rounding (a rare element may land
+one ADC step apart where a column sum sits on a rounding boundary).
+"""
+
+import numpy as np
+import pytest
+
+from nvcim.firmware_emu.contract.program_format import Layer, Program, Tile
+from nvcim.firmware_emu.converters import (ConverterSettings, LayerConverters, NoiseStream, ReadNoiseMap,
+                                           tiled_product, weight_bounds)
+
+K, M = 2, 8
+S = M // K
+G_MAX = 3.0
+PLACE = 4.0 ** np.arange(S)
+
+
+def _layer(in_features: int, out_features: int, rows: int, units: int, seed: int,
+           skip: set[tuple[int, int, int]] = frozenset(), arrays: int = 6, scale=0.01):
+    """A layer tiled as the compiler tiles it, blocks spread over ``arrays`` arrays; returns
+    the program and each tile's conductance (targets plus programming error)."""
+    rng = np.random.default_rng(seed)
+    tiles, cells = [], []
+    n = 0
+    for sign in (1, -1):
+        for i in range(0, in_features, rows):
+            for o in range(0, out_features, units):
+                if (sign, i, o) in skip:
+                    continue
+                ni, no = min(rows, in_features - i), min(units, out_features - o)
+                tiles.append(Tile(sign, n % arrays, 0, 0, i, ni, o, no))
+                target = rng.integers(0, 4, (ni, no * S)).astype(np.float32)
+                cells.append(target + rng.normal(0, 0.1, target.shape).astype(np.float32))
+                n += 1
+    layer = Layer("fc", in_features, out_features, scale, tiles)
+    program = Program(M, K, rows, units * S, [], {}, [layer], [], [], [])
+    return program, cells
+
+
+def _reference(program, cells, settings, x, noise=None):
+    """Per tile, float64: DAC, column sums (+ noise), ADC, shift-add, sign, scale."""
+    layer = program.layers[0]
+    bound = np.zeros(len(settings.dac_bits))
+    for t, g in zip(layer.tiles, cells):
+        bound[t.array] = max(bound[t.array], np.abs(g.astype(np.float64)).sum(axis=0).max() / G_MAX)
+    y = np.zeros((len(x), layer.out_features))
+    for i, (t, g) in enumerate(zip(layer.tiles, cells)):
+        a = t.array
+        xr = x[:, t.in_start:t.in_start + t.in_count].astype(np.float64)
+        fs = settings.dac_fs[a] if settings.dac_fs[a] > 0 else np.abs(xr).max(axis=1, keepdims=True)
+        fs = np.where(fs > 0, fs, 1.0)
+        u = xr / fs
+        if settings.dac_bits[a]:
+            top = max(1, 2 ** (int(settings.dac_bits[a]) - 1) - 1)
+            u = np.rint(np.clip(u, -1, 1) * top) / top
+        s = u @ g.astype(np.float64) / G_MAX
+        if noise is not None:
+            s = s + noise(i, u)
+        if settings.adc_bits[a]:
+            full = settings.adc_fs[a] if settings.adc_fs[a] > 0 else bound[a]
+            top = max(1, 2 ** (int(settings.adc_bits[a]) - 1) - 1)
+            s = np.rint(np.clip(s, -full, full) / full * top) * full / top
+        partial = (s * fs * G_MAX).reshape(len(x), t.out_count, S) @ PLACE
+        y[:, t.out_start:t.out_start + t.out_count] += t.sign * partial
+    return y * np.broadcast_to(layer.scale, (layer.out_features,))
+
+
+def _plan(program, cells, settings):
+    def conductance(layer, i):
+        return cells[i]
+    bound = weight_bounds(program, conductance, len(settings.dac_bits))
+    return LayerConverters(program, 0, lambda i: cells[i], settings, bound)
+
+
+def _agree(got, want, step):
+    """Equal to float rounding: everywhere within 1e-4 relative of the range, except a few
+    elements at most a couple of ADC steps (``step``, in output units) apart."""
+    off = np.abs(got - want) > 1e-4 * np.abs(want).max()
+    assert off.mean() < 0.01, f"{off.mean():.2%} of outputs disagree"
+    assert np.abs(got - want).max() <= 2.01 * step
+
+
+@pytest.mark.parametrize("dac, adc", [(4, 6), (6, 4), (8, 8), (1, 2), (0, 6), (6, 0), (16, 24)])
+def test_converters_match_the_per_tile_reference(dac, adc):
+    program, cells = _layer(600, 150, 256, 64, seed=dac * 31 + adc, skip={(-1, 256, 64), (1, 512, 0)})
+    settings = ConverterSettings.uniform(6, dac, adc)
+    settings.adc_bits[3] = max(adc - 2, 0) if adc else 0      # one array coarser than the rest
+    x = np.random.default_rng(7).standard_normal((40, 600)).astype(np.float32)
+    got = _plan(program, cells, settings).product(x)
+    want = _reference(program, cells, settings, x)
+    bound = max(np.abs(g).sum(axis=0).max() for g in cells) / G_MAX
+    step = 0.01 * G_MAX * np.abs(x).max() * 64 * bound / (max(1, 2 ** (max(adc - 2, 1) - 1) - 1) if adc else 1e4)
+    _agree(got, want, step)
+
+
+def test_fixed_full_scales_clip_and_match_the_reference():
+    program, cells = _layer(300, 70, 128, 32, seed=3)
+    settings = ConverterSettings.uniform(6, 6, 7, dac_fs=1.5, adc_fs=4.0)
+    settings.dac_fs[1], settings.adc_fs[2] = 0.0, 0.0        # per-vector DAC and weight-bound ADC on some arrays
+    x = 2 * np.random.default_rng(8).standard_normal((30, 300)).astype(np.float32)
+    got = _plan(program, cells, settings).product(x)
+    want = _reference(program, cells, settings, x)
+    _agree(got, want, 0.01 * G_MAX * 1.5 * 64 * 4.0 / 63)
+    # the clip acts: a larger DAC range changes the result
+    wider = ConverterSettings.uniform(6, 6, 7, dac_fs=50.0, adc_fs=4.0)
+    assert not np.allclose(_plan(program, cells, wider).product(x), got)
+
+
+def test_ideal_converters_give_the_effective_matrix_product():
+    program, cells = _layer(300, 100, 128, 32, seed=4)
+    x = np.random.default_rng(9).standard_normal((20, 300)).astype(np.float32)
+    layer = program.layers[0]
+    w = np.zeros((300, 100))
+    for t, g in zip(layer.tiles, cells):
+        w[t.in_start:t.in_start + t.in_count, t.out_start:t.out_start + t.out_count] += \
+            t.sign * g.reshape(t.in_count, t.out_count, S) @ PLACE
+    got = _plan(program, cells, ConverterSettings.uniform(6)).product(x)
+    np.testing.assert_allclose(got, x @ w * 0.01, rtol=1e-4, atol=1e-4 * np.abs(x @ w * 0.01).max())
+
+
+@pytest.mark.parametrize("dac, adc", [(4, 4), (6, 6)])
+def test_a_sample_gives_the_same_output_alone_or_in_a_batch(dac, adc):
+    program, cells = _layer(600, 150, 256, 64, seed=5)
+    plan = _plan(program, cells, ConverterSettings.uniform(6, dac, adc))
+    x = np.random.default_rng(10).standard_normal((256, 600)).astype(np.float32)
+    x[17] *= 40                                               # an outlier in the batch must not move the others
+    batch = plan.product(x)
+    for i in (0, 17, 255):
+        assert np.array_equal(plan.product(x[i:i + 1])[0], batch[i])
+
+
+def _noise_per_cell(rng, sigma, cells):
+    """Reference read noise: every cell read draws its own Gaussian (std sigma * g_max)."""
+    def noise(i, u):
+        g = cells[i]
+        cell_noise = rng.normal(0, sigma * G_MAX, (u.shape[0], *g.shape))
+        return np.einsum("pi,pij->pj", u, cell_noise) / G_MAX
+    return noise
+
+
+def test_read_noise_matches_per_cell_reads_and_the_one_draw_formula():
+    program, cells = _layer(40, 12, 16, 4, seed=6, skip={(-1, 16, 4)})
+    settings = ConverterSettings.uniform(6)
+    plan = _plan(program, cells, settings)
+    x = np.random.default_rng(11).standard_normal((3, 40)).astype(np.float32)
+    draws = 4000
+    xs = np.repeat(x, draws, axis=0)
+    clean = plan.product(xs)
+    sigma = 0.05
+    noisy = plan.product(xs, sigma, NoiseStream(1).generator())
+    measured = (noisy - clean).reshape(3, draws, 12).std(axis=1)
+    # reference: per-cell noise, many draws of the slow model
+    rng = np.random.default_rng(12)
+    ref = np.stack([_reference(program, cells, settings, x, _noise_per_cell(rng, sigma, cells))
+                    for _ in range(1500)])
+    ref_std = (ref - _reference(program, cells, settings, x)).std(axis=0)
+    formula = ReadNoiseMap(program, 0).std(x, sigma)
+    assert np.abs(measured / formula - 1).max() < 0.08      # 4000 draws: ~1.1 % standard error per element
+    assert abs(np.mean(measured / formula) - 1) < 0.02
+    assert np.abs(ref_std / formula - 1).max() < 0.12       # 1500 draws: ~1.8 %
+    assert abs(np.mean(ref_std / formula) - 1) < 0.03
+
+
+def test_read_noise_passes_through_finite_converters_and_a_seed_reproduces_it():
+    program, cells = _layer(600, 150, 256, 64, seed=7)
+    plan = _plan(program, cells, ConverterSettings.uniform(6, 8, 8))
+    x = np.random.default_rng(13).standard_normal((64, 600)).astype(np.float32)
+    clean = plan.product(x)
+    a = plan.product(x, 0.2, NoiseStream(5).generator())
+    b = plan.product(x, 0.2, NoiseStream(5).generator())
+    stream = NoiseStream(5)
+    first, second = plan.product(x, 0.2, stream.generator()), plan.product(x, 0.2, stream.generator())
+    assert np.array_equal(a, b) and np.array_equal(a, first)
+    assert not np.array_equal(first, second) and not np.array_equal(a, clean)
+    # noise of about one ADC step passes 8-bit converters at the size the ideal path gives it,
+    # plus a little of the rounding it now straddles
+    formula = ReadNoiseMap(program, 0).std(x, 0.2)
+    ratio = (a - clean).std() / np.sqrt(np.mean(formula ** 2))
+    assert 1.0 < ratio < 1.2
+
+
+def test_tiled_product_prepares_each_layer_once_and_needs_a_stream_for_noise():
+    program, cells = _layer(300, 70, 128, 32, seed=8)
+    calls = []
+
+    def conductance(layer, i):
+        calls.append(i)
+        return cells[i]
+
+    product = tiled_product(program, conductance, np.full(6, 6), np.full(6, 6))
+    x = np.random.default_rng(14).standard_normal((5, 300)).astype(np.float32)
+    first = product(0, x)
+    seen = len(calls)
+    assert np.array_equal(product(0, x), first) and len(calls) == seen
+    with pytest.raises(ValueError, match="NoiseStream"):
+        tiled_product(program, conductance, np.full(6, 6), np.full(6, 6), read_noise=0.1)(0, x)
