@@ -66,6 +66,7 @@
 #define NVCIM_CELL_QUANTITY_CONDUCTANCE          0u
 #define NVCIM_CELL_QUANTITY_NOISE                1u
 #define NVCIM_CELL_QUANTITY_TARGET               2u
+#define NVCIM_CELL_QUANTITY_PROGRAM_TIME         3u
 
 /* DEVICE_MODEL register values */
 #define NVCIM_MODEL_GAUSSIAN                     0u
@@ -213,6 +214,9 @@
 #define NVCIM_CONFIG_CLIP_SHIFT                  0u  /* 1: programmed conductances are clipped to [0, g_max] */
 #define NVCIM_CONFIG_CLIP_WIDTH                  1u
 #define NVCIM_CONFIG_CLIP_MASK                   0x00000001u
+#define NVCIM_CONFIG_PER_CELL_STATE_SHIFT        1u  /* what a DEVICE_MODEL preset's middle band (0.25..0.75) is tested on: 0 the magnitude of the weight a cell belongs to, level/(2^M-1) over its M/K cells (U-SWIM's model); 1 each cell's own state t/g_max */
+#define NVCIM_CONFIG_PER_CELL_STATE_WIDTH        1u
+#define NVCIM_CONFIG_PER_CELL_STATE_MASK         0x00000002u
 
 /* STUCK_RATE (RW): Fraction of cells stuck at 0 or g_max (half each), Q16.16 (<= 1.0); the map is fixed by SEED. */
 #define NVCIM_STUCK_RATE_OFFSET                  0x05Cu
@@ -249,6 +253,10 @@
 /* OP_TOTAL (RO): Units of the whole running or last background operation (same unit as OP_PROGRESS). */
 #define NVCIM_OP_TOTAL_OFFSET                    0x078u
 #define NVCIM_OP_TOTAL_RESET                     0x00000000u
+
+/* CLOCK (RW): Retention clock, seconds: cells are stamped with it when programmed and drift by the DEVICE_MODEL preset's power law as it advances; only moves forward (a smaller value is BAD_ARGUMENT); non-volatile, kept by SOFT_RESET. */
+#define NVCIM_CLOCK_OFFSET                       0x0C0u
+#define NVCIM_CLOCK_RESET                        0x00000000u
 
 /* CNT_WRITE_PULSES_LO (RO): Write pulses issued since reset, low word. */
 #define NVCIM_CNT_WRITE_PULSES_LO_OFFSET         0x100u

@@ -188,6 +188,27 @@ class Device:
         cells and the loaded program are non-volatile and stay."""
         self.write_register("CONTROL", 1)
 
+    @property
+    def clock(self) -> int:
+        """The chip's retention clock (CLOCK), seconds: cells drift with the time it shows since they were programmed."""
+        return self.read_register("CLOCK")
+
+    def advance_time(self, seconds: int) -> int:
+        """Let ``seconds`` pass for the cells (a shelf, a deployment's lifetime); returns the new clock.
+
+        Inference and conductance reads then see the drift the device preset predicts
+        (docs/device-model.md#drift); reprogramming a cell restarts its drift.
+        """
+        if not isinstance(seconds, int) or seconds < 0:
+            raise InvalidArgument(f"advance_time({seconds!r}): seconds must be a whole number >= 0 (time only "
+                                  f"moves forward)")
+        now = self.clock + seconds
+        if now > 0xFFFFFFFF:
+            raise InvalidArgument(f"advance_time({seconds}): the clock would pass 2^32 - 1 s (136 years); it shows "
+                                  f"{now - seconds}")
+        self.write_register("CLOCK", now)
+        return now
+
     # -- background operations -------------------------------------------------------
     @property
     def busy(self) -> bool:

@@ -74,7 +74,8 @@ def _write_steps(chip: Chip, r, targets: np.ndarray, mask: np.ndarray | None, ve
         for r0 in range(0, r.height, step):
             stats = chip.cells.program(r.array, r.row + r0, r.col, targets[r0:r0 + step],
                                        None if mask is None else mask[r0:r0 + step], verify=verify,
-                                       model=device, rng=registers.rng, tol=tol, max_iter=max_iter, stuck=stuck)
+                                       model=device, rng=registers.rng, tol=tol, max_iter=max_iter, stuck=stuck,
+                                       clock=regs["CLOCK"])
             registers.count(stats)
             total += stats
             rows = min(r.height, r0 + step)
@@ -96,10 +97,12 @@ def cells_read(chip: Chip, payload: bytes) -> bytes:
     args = region_args(chip, "CELLS_READ", CellsReadArgs, payload)
     r = args.region
     if args.quantity not in CellQuantity._value2member_map_:
-        raise ChipError(ErrorCode.BAD_ARGUMENT, f"CELLS_READ: quantity {args.quantity} is not 0, 1 or 2")
+        raise ChipError(ErrorCode.BAD_ARGUMENT, f"CELLS_READ: quantity {args.quantity} is not one of "
+                        f"{', '.join(f'{q.value} ({q.name})' for q in CellQuantity)}")
     span = buffer_range(chip, 0, r.height * r.width * 4)
     registers = chip.registers
-    values = chip.cells.read(r.array, r.row, r.col, r.height, r.width, args.quantity, registers.device, registers.rng)
+    values = chip.cells.read(r.array, r.row, r.col, r.height, r.width, args.quantity, registers.device, registers.rng,
+                             registers.aging)
     registers.account(WriteStats(read_pulses=r.height * r.width if args.quantity == CellQuantity.CONDUCTANCE else 0))
     chip.buffer[span] = np.ascontiguousarray(values, dtype="<f4").tobytes()
     return CellsReadReply.build(dict(length=span.stop))

@@ -29,6 +29,7 @@ from .contract.protocol import FLAG_ASYNC, Command, ErrorCode, Frame
 from .contract.registers import OpState
 from .converters import LayerProduct
 from .crossbar import CellArrays
+from .drift import Aging
 from .errors import ChipError
 from .frame_server import FrameServer
 from .layer_weights import LayerWeights
@@ -69,7 +70,7 @@ class Chip:
         self.buffer = bytearray(c.buffer_size)
         self.image = image
         self.handlers: dict[int, Handler] = dict(HANDLERS)
-        self.weights = LayerWeights(self.cells)
+        self.weights = LayerWeights(self.cells, _weak(self._aging))
         self.program_code: bytes | None = None
         self.program = None
         self.registers = RegisterFile(c, _weak(self._live_status), _weak(self._control), _weak(self._guard))
@@ -114,6 +115,9 @@ class Chip:
 
     def write_register(self, addr: int, value: int) -> None:
         self.registers.write(addr, value)
+
+    def _aging(self) -> Aging:
+        return self.registers.aging
 
     def _live_status(self) -> int:
         return (STATUS_BUSY if self.busy else STATUS_READY) | (STATUS_PROGRAM_LOADED if self.program is not None else 0)
@@ -175,12 +179,14 @@ class Chip:
     def _serve(self, frame: Frame) -> tuple[bytes, bool]:
         """One request frame: run it, commit what it changed, clear STATUS.ERROR; (payload, started)."""
         code_before, operation_before, was_busy = self.program_code, self.operations.operation, self.busy
+        clock_before = self.registers.regs["CLOCK"]
         payload = self.execute(frame.command, frame.payload, frame.flags)
         started = self.operations.operation is not operation_before and self.busy
         ended_here = was_busy and not self.busy  # CONTROL.ABORT: its ABORTED error stays in STATUS.ERROR
         if not self.busy:  # a background operation persists its cells when it ends
             program_changed = self.program_code is not code_before
-            if self.image is not None and (self.cells.dirty or program_changed):
+            clock_moved = self.registers.regs["CLOCK"] != clock_before  # the clock is non-volatile too
+            if self.image is not None and (self.cells.dirty or program_changed or clock_moved):
                 persistence.commit(self, self.cells.dirty, program_changed)
             self.cells.dirty = set()
         if not ended_here:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from .contract.geometry import Geometry
 from .contract.registers import DeviceModelCode
+from .contract.variation import VariationMode
 
 MAX_DAC_BITS, MAX_ADC_BITS = 16, 24
 
@@ -27,6 +28,7 @@ class ChipConfig(Geometry):
     model: DeviceModelCode = DeviceModelCode.GAUSSIAN
     read_noise: float = 0.0
     clip: bool = False
+    variation: VariationMode = VariationMode.WEIGHT_MAGNITUDE  # CONFIG.PER_CELL_STATE; option "weight" / "cell"
     stuck_rate: float = 0.0
     dac_bits: int = 0   # every array's input DAC (0: ideal)
     adc_bits: int = 0   # every array's column ADC (0: ideal)
@@ -57,18 +59,24 @@ class ChipConfig(Geometry):
                     kwargs[key] = float(text)
                 elif key == "clip":
                     kwargs[key] = {"0": False, "1": True, "false": False, "true": True}[text.lower()]
+                elif key == "variation":
+                    kwargs[key] = {"weight": VariationMode.WEIGHT_MAGNITUDE, "cell": VariationMode.CELL_STATE,
+                                   "0": VariationMode.WEIGHT_MAGNITUDE, "1": VariationMode.CELL_STATE}[text.lower()]
                 else:
                     kwargs[key] = int(text, 0)
             except (KeyError, ValueError):
-                choices = {"model": ", ".join(m.name for m in DeviceModelCode), "clip": "0 or 1"}.get(key, "a number")
+                choices = {"model": ", ".join(m.name for m in DeviceModelCode), "clip": "0 or 1",
+                           "variation": "weight or cell"}.get(key, "a number")
                 raise ValueError(f"chip option {key}={text!r} is not valid (expected {choices})") from None
         return kwargs
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["model"] = int(self.model)
+        d["variation"] = int(self.variation)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> ChipConfig:
-        return cls(**{**d, "model": DeviceModelCode(d["model"])})
+        return cls(**{**d, "model": DeviceModelCode(d["model"]),
+                      "variation": VariationMode(d.get("variation", VariationMode.WEIGHT_MAGNITUDE))})

@@ -1,16 +1,19 @@
-"""The NVM cell arrays: conductance, last target and captured noise of every cell.
+"""The NVM cell arrays: conductance, last target, captured noise and age of every cell.
 
 Erased cells hold g = 0 and are never pulsed. Programming a region either pulses every
 cell once and captures its deviation with a read right after the write (open loop), or
 runs the write-verify loop; a mask restricts either to a subset of the region so a host
-can reflash some cells and touch no other.
+can reflash some cells and touch no other. Programmed cells are stamped with the chip
+clock, and read (and multiplied by) as they have drifted since (``drift``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .contract.protocol import WriteStats
+from .contract.protocol import CellQuantity, WriteStats
+from .contract.variation import VariationMode, region_levels
+from .drift import Aging, CellAges
 from .physics import DeviceModel, write_verify
 
 
@@ -25,6 +28,7 @@ class CellArrays:
         self.target = np.zeros(self.shape, dtype=np.uint8)
         self.generation = 0  # bumps on every change, so cached weights know when to refresh
         self.dirty: set[int] = set()  # arrays changed since the owner last persisted them
+        self.ages = CellAges(self.shape)
         self._stuck: dict[tuple, np.ndarray] = {}
 
     def check_region(self, array: int, row: int, col: int, height: int, width: int) -> str | None:
@@ -56,37 +60,48 @@ class CellArrays:
 
     def program(self, array: int, row: int, col: int, targets: np.ndarray, mask: np.ndarray | None,
                 verify: bool, model: DeviceModel, rng: np.random.Generator,
-                tol: float, max_iter: int, stuck: np.ndarray | None = None) -> WriteStats:
+                tol: float, max_iter: int, stuck: np.ndarray | None = None, clock: int = 0) -> WriteStats:
+        """Program the (masked) region and stamp its cells with ``clock``."""
         h, w = targets.shape
         sl = (array, slice(row, row + h), slice(col, col + w))
         sel = np.ones(targets.shape, dtype=bool) if mask is None else mask
         t = targets[sel]
         stuck_sel = None if stuck is None else stuck[sl[1:]][sel]
+        levels = None
+        if not model.uniform and model.variation == VariationMode.WEIGHT_MAGNITUDE:
+            levels = region_levels(self.target[array], row, col, targets, model.slices, model.cell_bits)[sel]
         # read-after-write: the last read of each cell is its captured deviation
         if verify:
-            res = write_verify(model, t, tol, max_iter, rng, stuck_sel)
+            res = write_verify(model, t, tol, max_iter, rng, stuck_sel, levels)
             g, seen, pulses = res.g, res.last_read, int(res.pulses.sum())
             stats = WriteStats(t.size, pulses, int(res.reads.sum()), int(res.failed.sum()))
         else:
-            g = model.pulse(t, rng, stuck_sel)
+            g = model.pulse(t, rng, stuck_sel, levels)
             seen = model.read(g, rng)
             stats = WriteStats(t.size, t.size, t.size)
         captured = seen - t.astype(np.float32)
         self.g[sl][sel] = g
         self.noise[sl][sel] = captured
         self.target[sl][sel] = t
+        self.ages.stamp(array, sl[1], sl[2], None if mask is None else sel, clock)
         self.generation += 1
         self.dirty.add(array)
         return stats
 
+    def conductance(self, array: int, aging: Aging) -> np.ndarray:
+        """One array's conductances as they read under ``aging`` (read only: may be a cached drifted plane)."""
+        return self.ages.conductance(self.g[array], array, aging, self.generation)
+
     def read(self, array: int, row: int, col: int, height: int, width: int, quantity: int,
-             model: DeviceModel, rng: np.random.Generator) -> np.ndarray:
-        sl = (array, slice(row, row + height), slice(col, col + width))
-        if quantity == 0:
-            return model.read(self.g[sl], rng)
-        if quantity == 1:
-            return self.noise[sl].copy()
-        return self.target[sl].astype(np.float32)
+             model: DeviceModel, rng: np.random.Generator, aging: Aging = Aging()) -> np.ndarray:
+        rows, cols = slice(row, row + height), slice(col, col + width)
+        if quantity == CellQuantity.CONDUCTANCE:
+            return model.read(self.conductance(array, aging)[rows, cols], rng)
+        if quantity == CellQuantity.NOISE:
+            return self.noise[array, rows, cols].copy()
+        if quantity == CellQuantity.PROGRAM_TIME:
+            return self.ages.programmed_at[array, rows, cols].astype(np.float32)
+        return self.target[array, rows, cols].astype(np.float32)
 
     def erase(self, first: int, count: int, row: int, col: int, height: int, width: int) -> None:
         """Reset a region of ``count`` consecutive arrays to the erased state g = 0."""

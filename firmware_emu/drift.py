@@ -11,9 +11,19 @@ has aged (clock at the stamp of every programmed cell) or the preset does not dr
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
-from .contract.retention import Retention
+from .contract.retention import NO_DRIFT, Retention
+
+
+class Aging(NamedTuple):
+    """What cells are read under: the clock now, the seed that fixed their exponents, the preset's law."""
+
+    clock: int = 0
+    seed: int = 0
+    retention: Retention = NO_DRIFT
 
 class CellAges:
     """Programming time of every cell, and the conductances cells read after drifting."""
@@ -53,16 +63,16 @@ class CellAges:
             self._z[key] = rng.standard_normal(self.shape[1:], dtype=np.float32)
         return self._z[key]
 
-    def conductance(self, g: np.ndarray, array: int, clock: int, seed: int, retention: Retention,
-                    generation: int) -> np.ndarray:
-        """The whole plane ``g`` (array ``array``'s programmed conductances) as it reads at ``clock``.
+    def conductance(self, g: np.ndarray, array: int, aging: Aging, generation: int) -> np.ndarray:
+        """The whole plane ``g`` (array ``array``'s programmed conductances) as it reads under ``aging``.
 
         Returns ``g`` itself when nothing has drifted; otherwise a cached drifted copy, which
         callers must not modify.
         """
+        clock, seed, retention = aging
         if not retention.drifts or not self.aged(array, clock):
             return g
-        key = (array, generation, clock, seed, retention)
+        key = (array, generation, *aging)
         plane = self._planes.get(key)
         if plane is None:
             # planes of another clock, generation or preset are stale: at most one per array is kept

@@ -1,8 +1,8 @@
 """The chip's non-volatile image on disk: cells, noise dump and loaded program survive a power cycle.
 
 The image is a directory. ``manifest.json`` names the files that make up the current
-state: one ``.npz`` per non-erased array (conductance, target, captured noise) and the
-loaded program's code. Every update writes new files under new names, then swaps the
+state: one ``.npz`` per non-erased array (conductance, target, captured noise, programming
+time) and the loaded program's code; it also holds the retention clock. Every update writes new files under new names, then swaps the
 manifest with an atomic rename. A process killed at any moment therefore leaves either
 the old manifest or the new one, each pointing at complete files: never a torn image.
 Files the manifest no longer names are removed after the swap, or at the next load.
@@ -28,9 +28,11 @@ class ImageError(ValueError):
 @dataclass
 class ImageState:
     config: dict
-    arrays: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)  # g, target, noise
+    # g, target, noise, programming time (zeros in an image written before cells were stamped)
+    arrays: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
     program_code: bytes | None = None
     rng_state: dict | None = None
+    clock: int = 0  # CLOCK, seconds
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
@@ -59,7 +61,8 @@ class NvmImage:
             raise ImageError(f"{manifest_path}: image version {manifest.get('version')}, expected {IMAGE_VERSION}")
         self.generation = manifest["generation"]
         self._files = dict(manifest["files"])
-        state = ImageState(config=manifest["config"], rng_state=manifest.get("rng_state"))
+        state = ImageState(config=manifest["config"], rng_state=manifest.get("rng_state"),
+                           clock=manifest.get("clock", 0))
         for key, name in self._files.items():
             file = self.path / name
             try:
@@ -67,18 +70,20 @@ class NvmImage:
                     state.program_code = file.read_bytes()
                 else:
                     with np.load(file) as z:
-                        state.arrays[int(key.split(":")[1])] = (z["g"], z["target"], z["noise"])
+                        stamps = z["programmed_at"] if "programmed_at" in z.files else np.zeros(z["g"].shape, np.uint32)
+                        state.arrays[int(key.split(":")[1])] = (z["g"], z["target"], z["noise"], stamps)
             except (OSError, KeyError, ValueError) as e:
                 raise ImageError(f"{file}: image file named by the manifest is unreadable ({e})") from None
         self._remove_unreferenced()
         return state
 
-    def commit(self, config: dict, arrays: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray] | None],
-               program_code: bytes | None | bool, rng_state: dict) -> None:
+    def commit(self, config: dict, arrays: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None],
+               program_code: bytes | None | bool, rng_state: dict, clock: int = 0) -> None:
         """Write the changed parts and swap the manifest.
 
-        ``arrays`` maps each changed array to its (g, target, noise) planes, or None when it
-        is now erased; ``program_code`` is the new code, or False when it did not change.
+        ``arrays`` maps each changed array to its (g, target, noise, programming time) planes,
+        or None when it is now erased; ``program_code`` is the new code, or False when it did
+        not change; ``clock`` is the retention clock now.
         """
         self.path.mkdir(parents=True, exist_ok=True)
         gen = self.generation + 1
@@ -89,9 +94,9 @@ class NvmImage:
                 files.pop(key, None)
                 continue
             name = f"array{index:05d}.{gen}.npz"
-            g, target, noise = planes
+            g, target, noise, programmed_at = planes
             with open(self.path / name, "wb") as f:
-                np.savez(f, g=g, target=target, noise=noise)
+                np.savez(f, g=g, target=target, noise=noise, programmed_at=programmed_at)
                 f.flush()
                 os.fsync(f.fileno())
             files[key] = name
@@ -102,7 +107,8 @@ class NvmImage:
                 name = f"program.{gen}.bin"
                 _fsync_write(self.path / name, program_code)
                 files["program"] = name
-        manifest = dict(version=IMAGE_VERSION, generation=gen, config=config, files=files, rng_state=rng_state)
+        manifest = dict(version=IMAGE_VERSION, generation=gen, config=config, files=files, rng_state=rng_state,
+                        clock=clock)
         tmp = self.path / (MANIFEST + ".tmp")
         _fsync_write(tmp, json.dumps(manifest, indent=1).encode())
         os.replace(tmp, self.path / MANIFEST)

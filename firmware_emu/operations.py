@@ -28,10 +28,11 @@ SERVED_WHILE_BUSY = frozenset({Command.PING, Command.IDENTIFY, Command.REG_READ,
 # Settings each background operation reads: a REG_WRITE to them is refused with BUSY while it runs.
 SETTINGS_IN_USE: dict[Command, frozenset[str]] = {
     Command.CELLS_WRITE: frozenset({"DEVICE_MODEL", "SIGMA", "READ_NOISE", "SEED", "VERIFY_TOL", "VERIFY_MAX_ITER",
-                                    "CONFIG", "STUCK_RATE"}),
+                                    "CONFIG", "STUCK_RATE", "CLOCK"}),
     Command.CELLS_ERASE: frozenset(),
-    Command.RUN: frozenset({"ARRAY_CONVERTERS"}),
-    Command.INFER: frozenset({"ARRAY_CONVERTERS"}),
+    # a run reads the cells as they have drifted: at CLOCK, by the preset's law, with SEED's exponents
+    Command.RUN: frozenset({"ARRAY_CONVERTERS", "CLOCK", "DEVICE_MODEL", "SEED"}),
+    Command.INFER: frozenset({"ARRAY_CONVERTERS", "CLOCK", "DEVICE_MODEL", "SEED"}),
 }
 UNITS = {Command.CELLS_WRITE: "cells", Command.CELLS_ERASE: "rows", Command.RUN: "samples", Command.INFER: "samples"}
 

@@ -3,7 +3,8 @@
 The image (``nvm_image``) is the file format; this is the chip's side of it. A chip with
 an image commits the arrays and program a command changed before the command's reply is
 sent (a background operation when it ends), and a chip powered up from an image gets
-back its geometry, settings, cells, program and random generator state.
+back its geometry, settings, cells (with their programming times), program, random generator
+state and retention clock.
 """
 
 from __future__ import annotations
@@ -40,9 +41,11 @@ def power_up(chip_class: type[Chip], path: str, explicit: dict) -> Chip:
     config = dataclasses.replace(stored, **explicit)
     chip = chip_class(config, image)
     cells = chip.cells
-    for index, (g, target, noise) in state.arrays.items():
+    for index, (g, target, noise, programmed_at) in state.arrays.items():
         cells.g[index], cells.target[index], cells.noise[index] = g, target, noise
+        cells.ages.restore(index, programmed_at)
     cells.generation += 1
+    chip.registers.regs["CLOCK"] = state.clock
     if state.program_code is not None:
         chip.program_code = state.program_code
         chip.program = parse_program(config, state.program_code)
@@ -54,7 +57,7 @@ def power_up(chip_class: type[Chip], path: str, explicit: dict) -> Chip:
 def commit(chip: Chip, arrays: set[int], program_changed: bool) -> None:
     """Persist what the last command changed to the chip's image, atomically."""
     cells = chip.cells
-    planes = {a: ((cells.g[a], cells.target[a], cells.noise[a]) if cells.target[a].any() or cells.g[a].any()
-                  else None) for a in sorted(arrays)}
+    planes = {a: ((cells.g[a], cells.target[a], cells.noise[a], cells.ages.programmed_at[a])
+                  if cells.target[a].any() or cells.g[a].any() else None) for a in sorted(arrays)}
     chip.image.commit(chip.config.to_dict(), planes, chip.program_code if program_changed else False,
-                      chip.registers.rng.bit_generator.state)
+                      chip.registers.rng.bit_generator.state, chip.registers.regs["CLOCK"])

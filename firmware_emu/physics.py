@@ -40,20 +40,16 @@ def pulse_cost(write_pulses: int, read_pulses: int) -> tuple[int, int]:
 class DeviceModel(DeviceSettings):
     """The device settings (contract.device) with what they do to cells: pulse, settle, read."""
 
-    def state_sigma(self, targets: np.ndarray) -> np.ndarray | float:
-        """Relative std per cell for the given target states (integers 0 .. g_max)."""
-        if self.uniform:
-            return self.sigma
-        return np.asarray(self.state_sigmas(), dtype=np.float32)[targets]
-
-    def pulse(self, targets: np.ndarray, rng: np.random.Generator, stuck: np.ndarray | None = None) -> np.ndarray:
+    def pulse(self, targets: np.ndarray, rng: np.random.Generator, stuck: np.ndarray | None = None,
+              levels: np.ndarray | None = None) -> np.ndarray:
         """One open-loop write pulse per cell: the conductances the cells land at.
 
         ``stuck``: per cell, NaN for a healthy cell, else the conductance it is stuck at.
+        ``levels``: per cell, the level of its weight (the per-weight-magnitude presets need it).
         """
         t = targets.astype(np.float32)
         noise = rng.standard_normal(t.shape, dtype=np.float32)
-        return self.settle(t + noise * np.float32(self.g_max) * self.state_sigma(targets), stuck)
+        return self.settle(t + noise * np.float32(self.g_max) * self.cell_sigmas(targets, levels), stuck)
 
     def settle(self, g: np.ndarray, stuck: np.ndarray | None) -> np.ndarray:
         """Apply the device's limits to freshly pulsed conductances: clipping, stuck cells."""
@@ -80,7 +76,8 @@ class VerifyResult:
 
 
 def write_verify(model: DeviceModel, targets: np.ndarray, tol: float, max_iter: int,
-                 rng: np.random.Generator, stuck: np.ndarray | None = None) -> VerifyResult:
+                 rng: np.random.Generator, stuck: np.ndarray | None = None,
+                 levels: np.ndarray | None = None) -> VerifyResult:
     """Program cells with write-verify; vectorised over the cells still out of tolerance.
 
     Each round reads every pending cell (one read pulse each) and re-pulses those
@@ -88,7 +85,7 @@ def write_verify(model: DeviceModel, targets: np.ndarray, tol: float, max_iter: 
     """
     g_max = np.float32(model.g_max)
     t = targets.astype(np.float32).ravel()
-    g = model.pulse(targets, rng, stuck).ravel()
+    g = model.pulse(targets, rng, stuck, levels).ravel()
     stuck = None if stuck is None else stuck.ravel()
     pulses = np.ones(t.shape, dtype=np.int32)
     reads = np.zeros(t.shape, dtype=np.int32)

@@ -17,6 +17,9 @@ from .config import MAX_ADC_BITS, MAX_DAC_BITS, ChipConfig
 from .contract.protocol import MAX_PAYLOAD, ErrorCode, WriteStats
 from .contract.registers import ALL_ARRAYS, BY_OFFSET, LIMITS, Q16, REGISTERS, Access, DeviceModelCode
 from .contract.registers import field as register_field
+from .contract.device import PRESETS
+from .contract.variation import VariationMode
+from .drift import Aging
 from .errors import ChipError
 from .physics import DeviceModel, pulse_cost
 
@@ -25,6 +28,7 @@ CONTROL_SOFT_RESET, CONTROL_START, CONTROL_ABORT = (
     register_field("CONTROL", f).mask for f in ("SOFT_RESET", "START", "ABORT"))
 STATUS_READY, STATUS_BUSY, STATUS_PROGRAM_LOADED, STATUS_ERROR, STATUS_BUS_ERROR = (
     register_field("STATUS", f).mask for f in ("READY", "BUSY", "PROGRAM_LOADED", "ERROR", "BUS_ERROR"))
+CONFIG_CLIP, CONFIG_PER_CELL_STATE = (register_field("CONFIG", f).mask for f in ("CLIP", "PER_CELL_STATE"))
 IRQ_DONE, IRQ_ERROR, IRQ_VERIFY_FAIL, IRQ_ABORTED = (
     register_field("IRQ_FLAGS", f).mask for f in ("DONE", "ERROR", "VERIFY_FAIL", "ABORTED"))
 STATUS_LIVE = STATUS_READY | STATUS_BUSY | STATUS_PROGRAM_LOADED  # computed on every read, never stored
@@ -47,14 +51,18 @@ class RegisterFile:
         self.power_on()
 
     def power_on(self) -> None:
-        """Every register, counter and converter to its power-on value; reseed."""
+        """Every register, counter and converter to its power-on value; reseed. CLOCK, the
+        cells' retention clock, is non-volatile: it keeps its value."""
         c = self.config
+        clock = self.regs["CLOCK"] if hasattr(self, "regs") else 0
         self.regs = {r.name: r.reset for r in REGISTERS}
+        self.regs["CLOCK"] = clock
         self.regs.update(
             CAP_ARRAYS=c.arrays, CAP_GEOMETRY=c.rows | (c.cols << 16),
             CAP_CELL=c.weight_bits | (c.cell_bits << 8), CAP_BUFFER=c.buffer_size,
             CAP_MAX_PAYLOAD=MAX_PAYLOAD, SIGMA=round(c.sigma * Q16), SEED=c.seed & 0xFFFFFFFF,
-            DEVICE_MODEL=int(c.model), READ_NOISE=round(c.read_noise * Q16), CONFIG=int(c.clip),
+            DEVICE_MODEL=int(c.model), READ_NOISE=round(c.read_noise * Q16),
+            CONFIG=CONFIG_CLIP * int(c.clip) | CONFIG_PER_CELL_STATE * int(c.variation),
             STUCK_RATE=round(c.stuck_rate * Q16), ARRAY_CONVERTERS=c.dac_bits | c.adc_bits << 8)
         self.dac_bits = np.full(c.arrays, c.dac_bits, dtype=np.uint8)
         self.adc_bits = np.full(c.arrays, c.adc_bits, dtype=np.uint8)
@@ -69,9 +77,17 @@ class RegisterFile:
     @property
     def device(self) -> DeviceModel:
         """The cell model the settings registers describe now."""
+        config = self.regs["CONFIG"]
         return DeviceModel(cell_bits=self.config.cell_bits, sigma=self.regs["SIGMA"] / Q16,
                            model=DeviceModelCode(self.regs["DEVICE_MODEL"]),
-                           read_noise=self.regs["READ_NOISE"] / Q16, clip=bool(self.regs["CONFIG"] & 1))
+                           read_noise=self.regs["READ_NOISE"] / Q16, clip=bool(config & CONFIG_CLIP),
+                           variation=VariationMode(bool(config & CONFIG_PER_CELL_STATE)),
+                           weight_bits=self.config.weight_bits)
+
+    @property
+    def aging(self) -> Aging:
+        """What the cells are read under now: CLOCK, and the drift SEED and DEVICE_MODEL fix."""
+        return Aging(self.regs["CLOCK"], self.regs["SEED"], PRESETS[DeviceModelCode(self.regs["DEVICE_MODEL"])].retention)
 
     # -- REG_READ / REG_WRITE ----------------------------------------------------------
     def read(self, addr: int) -> int:
@@ -129,6 +145,8 @@ class RegisterFile:
             problem = f"exceeds the maximum {LIMITS[name]}"
         elif name in ("VERIFY_TOL", "RUN_BATCH") and value == 0:
             problem = "must be > 0"
+        elif name == "CLOCK" and value < self.regs["CLOCK"]:
+            problem = f"is before the clock's value {self.regs['CLOCK']} (the retention clock only moves forward)"
         elif name == "ARRAY_SELECT" and value != ALL_ARRAYS and value >= self.config.arrays:
             problem = f"is not an array (chip has {self.config.arrays}; 0xFFFFFFFF selects all)"
         if problem:

@@ -8,7 +8,7 @@ import pytest
 from nvcim.firmware_emu.contract.registers import DeviceModelCode
 from nvcim.firmware_emu.contract.device import PRESETS
 from nvcim.firmware_emu.contract.retention import Retention
-from nvcim.firmware_emu.drift import CellAges
+from nvcim.firmware_emu.drift import Aging, CellAges
 
 DAY = 86400
 
@@ -17,7 +17,7 @@ def _aged_plane(retention: Retention, seconds: int, seed: int = 7, programmed_at
     ages = CellAges((2, 256, 256))
     g = np.full((256, 256), 2.0, dtype=np.float32)
     ages.stamp(1, slice(0, 256), slice(0, 256), None, programmed_at)
-    return ages, g, ages.conductance(g, 1, programmed_at + seconds, seed, retention, generation=1)
+    return ages, g, ages.conductance(g, 1, Aging(programmed_at + seconds, seed, retention), 1)
 
 
 def test_mean_conductance_follows_the_power_law():
@@ -61,7 +61,7 @@ def test_a_cell_programmed_later_drifts_from_its_own_stamp():
     g = np.ones((4, 8), dtype=np.float32)
     ages.stamp(0, slice(0, 4), slice(0, 8), None, 0)
     ages.stamp(0, slice(1, 2), slice(0, 8), (np.arange(8) < 4)[None], 1000)  # half a row reprogrammed at t = 1000
-    now = ages.conductance(g, 0, 1000, 0, r, generation=2)
+    now = ages.conductance(g, 0, Aging(1000, 0, r), 2)
     assert now[1, :4] == pytest.approx(1.0)
     assert now[0] == pytest.approx(np.full(8, (1 + 1000 / r.t0_s) ** -0.05))
 
@@ -71,10 +71,10 @@ def test_drifted_planes_are_cached_per_clock_and_read_only():
     ages = CellAges((1, 8, 8))
     g = np.ones((8, 8), dtype=np.float32)
     ages.stamp(0, slice(0, 8), slice(0, 8), None, 0)
-    first = ages.conductance(g, 0, 100, 0, r, generation=1)
-    assert ages.conductance(g, 0, 100, 0, r, generation=1) is first
-    assert ages.conductance(g, 0, 200, 0, r, generation=1) is not first
-    assert ages.conductance(g, 0, 200, 0, r, generation=2) is not first
+    first = ages.conductance(g, 0, Aging(100, 0, r), 1)
+    assert ages.conductance(g, 0, Aging(100, 0, r), 1) is first
+    assert ages.conductance(g, 0, Aging(200, 0, r), 1) is not first
+    assert ages.conductance(g, 0, Aging(200, 0, r), 2) is not first
     with pytest.raises(ValueError):
         first[0, 0] = 0
 
@@ -91,3 +91,103 @@ def test_every_preset_states_its_basis_and_only_gaussian_keeps_its_conductance()
         retention = PRESETS[code].retention
         assert retention.basis, code
         assert retention.drifts == (code != DeviceModelCode.GAUSSIAN), code
+
+
+# -- on the chip: the clock, reads and runs after time, persistence ------------------------------------------
+from nvcim import driver  # noqa: E402
+from nvcim.driver import CellQuantity, DeviceError, InvalidArgument  # noqa: E402
+
+YEAR = 365 * DAY
+
+
+def _expected_mean_factor(retention: Retention, seconds: float) -> float:
+    """E[(1 + t/t0)^-nu] for nu = max(N(mean, std^2), 0), by quadrature over the normal (independent of the chip)."""
+    z = np.linspace(-8, 8, 200001)
+    weight = np.exp(-z * z / 2)
+    nu = np.maximum(retention.nu_mean + retention.nu_std * z, 0)
+    return float((weight * (1 + seconds / retention.t0_s) ** -nu).sum() / weight.sum())
+
+
+@pytest.mark.parametrize("model", ["RRAM4", "FEFET6"])
+def test_conductance_read_later_follows_the_presets_power_law(model):
+    targets = np.full((256, 256), 3, np.uint8)
+    retention = PRESETS[DeviceModelCode[model]].retention
+    with driver.open(f"emu://?sigma=0&seed=21&model={model}") as dev:
+        dev.write_cells(0, 0, 0, targets)
+        assert np.array_equal(dev.read_cells(0, 0, 0, 256, 256), targets.astype(np.float32))  # no time, no change
+        for seconds in (DAY, 10 * YEAR):
+            dev.advance_time(seconds - dev.clock)
+            ratio = dev.read_cells(0, 0, 0, 256, 256) / 3
+            assert ratio.mean() == pytest.approx(_expected_mean_factor(retention, seconds), abs=1e-3)
+            assert (ratio <= 1).all()
+        assert np.array_equal(dev.read_cells(0, 0, 0, 256, 256, CellQuantity.TARGET), targets)
+        assert not dev.read_cells(0, 0, 0, 256, 256, CellQuantity.NOISE).any()  # the capture is the programming's
+
+
+def test_same_seed_same_drift_and_gaussian_keeps_its_cells():
+    targets = np.random.default_rng(0).integers(0, 4, (64, 256)).astype(np.uint8)
+    reads = {}
+    for key, url in (("a", "emu://?seed=5&model=RRAM4"), ("b", "emu://?seed=5&model=RRAM4"),
+                     ("c", "emu://?seed=6&model=RRAM4"), ("g", "emu://?seed=5")):
+        with driver.open(url) as dev:
+            dev.write_cells(0, 0, 0, targets)
+            before = dev.read_cells(0, 0, 0, 64, 256)
+            dev.advance_time(YEAR)
+            reads[key] = (before, dev.read_cells(0, 0, 0, 64, 256))
+    assert np.array_equal(reads["a"][1], reads["b"][1])
+    assert not np.array_equal(reads["a"][1], reads["a"][0])
+    assert not np.array_equal(reads["a"][1] / reads["a"][0], reads["c"][1] / reads["c"][0])
+    assert np.array_equal(reads["g"][0], reads["g"][1])  # GAUSSIAN: no drift at any time
+
+
+def test_the_clock_only_moves_forward_survives_reset_and_power_cycles(tmp_path):
+    url = f"emu://?image={tmp_path / 'chip'}&model=FEFET2&sigma=0"
+    month = 30 * DAY
+    with driver.open(url) as dev:
+        assert dev.clock == 0
+        dev.write_cells(0, 0, 0, np.full((128, 256), 2, np.uint8))
+        assert dev.advance_time(month) == month
+        with pytest.raises(DeviceError, match="only moves forward"):
+            dev.write_register("CLOCK", 10)
+        with pytest.raises(InvalidArgument):
+            dev.advance_time(-1)
+        dev.reset()
+        assert dev.clock == month
+        dev.write_cells(0, 64, 0, np.full((64, 256), 2, np.uint8))  # rows 64.. reprogrammed a month later
+        dev.advance_time(DAY)
+        aged = dev.read_cells(0, 0, 0, 128, 256)
+    with driver.open(url) as dev:
+        assert dev.clock == month + DAY
+        stamps = dev.read_cells(0, 0, 0, 128, 256, CellQuantity.PROGRAM_TIME)
+        assert (stamps[:64] == 0).all() and (stamps[64:] == month).all()
+        assert np.array_equal(dev.read_cells(0, 0, 0, 128, 256), aged)
+    retention = PRESETS[DeviceModelCode.FEFET2].retention
+    for rows, age in ((slice(0, 64), month + DAY), (slice(64, 128), DAY)):  # each drifted from its own programming
+        assert aged[rows].mean() / 2 == pytest.approx(_expected_mean_factor(retention, age), abs=0.003)
+
+
+def _mlp(tmp_path):
+    from zoo import export_mlp
+
+    path = export_mlp(tmp_path / "mlp.onnx", in_features=64, hidden=64, out=10)
+    x = np.random.default_rng(1).standard_normal((32, 64)).astype(np.float32)
+    return path, x
+
+
+def test_inference_sees_drift_and_write_verify_after_drift_restores(tmp_path):
+    path, x = _mlp(tmp_path)
+    url = "emu://?seed=3&model=FEFET6&sigma=0.3"
+    with driver.load(path, url, policy="write-verify") as session:
+        name = session.get_inputs()[0].name
+        fresh = session.run(None, {name: x})[0]
+        dev = session.device
+        dev.advance_time(10 * YEAR)
+        aged = session.run(None, {name: x})[0]
+        assert np.array_equal(session.run(None, {name: x})[0], aged)  # the same clock, the same outputs
+        # outputs shrink with the conductances (about 0.7 of their size after ten years on FeFET)
+        shrink = np.abs(aged).mean() / np.abs(fresh).mean()
+        assert 0.5 < shrink < 0.9
+        driver.deploy(dev, session.program, verify=True)  # reprogrammed at the later clock: drift restarts
+        restored = session.run(None, {name: x})[0]
+    # back within write-verify's own noise of the fresh outputs: a small part of what ten years moved them
+    assert np.abs(restored - fresh).mean() < 0.3 * np.abs(aged - fresh).mean()

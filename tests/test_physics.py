@@ -35,7 +35,7 @@ def test_gaussian_open_loop_std_is_sigma_of_g_max():
 @pytest.mark.parametrize("model,s", [("RRAM1", 1), ("RRAM4", 4), ("FEFET6", 6)])
 def test_state_dependent_presets_scale_the_middle_states(model, s):
     t = _states()
-    g, _, _ = _program(f"emu://?sigma=0.3&seed=2&model={model}", t)
+    g, _, _ = _program(f"emu://?sigma=0.3&seed=2&model={model}&variation=cell", t)  # the per-cell-state rule
     base = 0.3 / np.sqrt(0.4 * s * s + 0.6)
     err = (g - t) / G_MAX
     middle = (t == 1) | (t == 2)  # levels 1/3 and 2/3 of g_max lie in (0.25, 0.75)
@@ -45,7 +45,7 @@ def test_state_dependent_presets_scale_the_middle_states(model, s):
 
 def test_fefet2_state_zero_barely_moves():
     t = _states()
-    g, _, _ = _program("emu://?sigma=0.3&seed=3&model=FEFET2", t)
+    g, _, _ = _program("emu://?sigma=0.3&seed=3&model=FEFET2&variation=cell", t)
     err = (g - t) / G_MAX
     assert abs(err[t == 0].std() / 0.01 - 1) < 0.05
     assert err[(t == 1) | (t == 2)].std() > 0.3

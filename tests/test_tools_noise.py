@@ -29,20 +29,17 @@ def _linear_onnx(path, n_in=200, n_out=200, seed=0):
 
 # docs/device-model.md#state-dependent-presets, written out for K = 2 (middle states 1 and 2)
 PRESET_S = {"GAUSSIAN": 1.0, "RRAM4": 4.0, "FEFET2": 2.0}
-STATE0_STD = {"FEFET2": 0.01}
 
 
 def _predicted_std(w: torch.Tensor, sigma: float, model: str) -> torch.Tensor:
-    """Per-weight noise std the documented model predicts from the weight's 8-bit level and 2-bit slices."""
+    """Per-weight noise std the documented model predicts: the preset's band tested on the weight's
+    8-bit level (U-SWIM's rule, the chip's default), all four 2-bit cells of a weight alike."""
     _, level, _sign, scale = quantize(w, 8)
-    shifts = 2 * torch.arange(4)
-    states = (level.to(torch.int64)[..., None] >> shifts) & 3
     s = PRESET_S[model]
     base = sigma / math.sqrt(0.4 * s * s + 0.6)
-    rel = torch.where((states == 1) | (states == 2), s * base, base)
-    rel = torch.where(states == 0, STATE0_STD.get(model, base), rel)
-    var = ((rel * 3.0 * 2.0 ** shifts) ** 2).sum(-1)
-    return torch.where(level > 0, scale * var.sqrt(), torch.zeros_like(var))
+    rel = torch.where((level / 255 > 0.25) & (level / 255 < 0.75), s * base, base)
+    std = scale * rel * 3.0 * math.sqrt(1 + 16 + 256 + 4096)
+    return torch.where(level > 0, std, torch.zeros_like(std))
 
 
 def test_quantisation_matches_the_compiler():

@@ -8,11 +8,12 @@ Per weight tensor W (M = 8-bit weights, K = 2-bit cells, S = M/K slices, g_max =
 exactly as the emulated chip programs it: only weights with level > 0 are pulsed (all S
 cells of such a weight, zero-state slices included), on their own sign's array; the other
 side and level-0 weights stay erased and carry no noise. sigma_j is the device model's
-per-state sigma, read from the same settings type the chip uses
-(firmware_emu.contract.device.DeviceSettings.state_sigmas): constant for GAUSSIAN and RRAM1,
-state dependent for FEFET2 / RRAM4 / FEFET6. For the constant case the S slice Gaussians
-sum to one Gaussian of std g_max * sigma * sqrt(sum_j 4^(jK)), which is sampled directly
-(the same distribution with S times fewer draws). Quantisation is the compiler's own.
+sigma, read from the same settings type the chip uses (firmware_emu.contract.device.DeviceSettings):
+constant for GAUSSIAN and RRAM1; for FEFET2 / RRAM4 / FEFET6 set by the weight's magnitude
+(the default) or by each cell's state (``variation``). When all S cells of a weight share one
+sigma (a constant, or the per-weight rule) the S slice Gaussians sum to one Gaussian of std
+g_max * sigma * sqrt(sum_j 4^(jK)), which is sampled directly (the same distribution with S
+times fewer draws). Quantisation is the compiler's own.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from nvcim.compiler.quantize import quantize as quantize_levels
 from nvcim.firmware_emu.contract.device import DeviceSettings
 from nvcim.firmware_emu.contract.registers import DEFAULT_BUILD
+from nvcim.firmware_emu.contract.variation import VariationMode
 
 WEIGHT_BITS = DEFAULT_BUILD["weight_bits"]
 
@@ -64,6 +66,11 @@ def weight_noise(w: torch.Tensor, device: DeviceSettings, generator: torch.Gener
         if device.uniform:
             z = torch.randn(shape, generator=generator, dtype=w.dtype, device=w.device)
             sumg = z * (device.g_max * device.sigma * math.sqrt(_place_sum(device, weight_bits)))
+        elif device.variation == VariationMode.WEIGHT_MAGNITUDE:
+            # all S cells of a weight share its band's std: one Gaussian per weight, as for a uniform device
+            rel = torch.as_tensor(device.weight_sigma(level.to(torch.int64).cpu().numpy()), device=w.device)
+            z = torch.randn(shape, generator=generator, dtype=w.dtype, device=w.device)
+            sumg = z * rel.to(w.dtype) * (device.g_max * math.sqrt(_place_sum(device, weight_bits)))
         else:
             slices = weight_bits // device.cell_bits
             shifts = device.cell_bits * torch.arange(slices, device=w.device)

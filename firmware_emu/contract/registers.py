@@ -141,6 +141,9 @@ REGISTERS: tuple[Register, ...] = (
     Register("VERIFY_MAX_ITER", 0x054, Access.RW, 16, "Write-verify iteration limit per cell (0..255)."),
     Register("CONFIG", 0x058, Access.RW, 0, "Cell model options.", (
         Field("CLIP", 0, 1, "1: programmed conductances are clipped to [0, g_max]"),
+        Field("PER_CELL_STATE", 1, 1, "what a DEVICE_MODEL preset's middle band (0.25..0.75) is tested on: 0 the "
+                                      "magnitude of the weight a cell belongs to, level/(2^M-1) over its M/K cells "
+                                      "(U-SWIM's model); 1 each cell's own state t/g_max"),
     )),
     Register("STUCK_RATE", 0x05C, Access.RW, 0,
              "Fraction of cells stuck at 0 or g_max (half each), Q16.16 (<= 1.0); the map is fixed by SEED."),
@@ -159,6 +162,10 @@ REGISTERS: tuple[Register, ...] = (
              "(CELLS_WRITE: region cells, CELLS_ERASE: array rows, RUN: samples); grows chunk by chunk."),
     Register("OP_TOTAL", 0x078, Access.RO, 0, "Units of the whole running or last background operation "
              "(same unit as OP_PROGRESS)."),
+    Register("CLOCK", 0x0C0, Access.RW, 0,
+             "Retention clock, seconds: cells are stamped with it when programmed and drift by the DEVICE_MODEL "
+             "preset's power law as it advances; only moves forward (a smaller value is BAD_ARGUMENT); "
+             "non-volatile, kept by SOFT_RESET."),
     *_counter64("WRITE_PULSES", 0x100, "Write pulses issued since reset"),
     *_counter64("READ_PULSES", 0x108, "Read pulses issued since reset"),
     *_counter64("VERIFY_ITERS", 0x110, "Write-verify corrective pulses since reset"),
