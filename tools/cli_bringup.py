@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 COMMANDS: list[click.Command] = []
+IN_PROCESS_CHIP = "in-process"  # a fallback meaning the driver's fresh in-process chip
 
 
 def _command(cmd: click.Command) -> click.Command:
@@ -22,11 +23,17 @@ def _command(cmd: click.Command) -> click.Command:
 
 
 def _device_url(device: str | None, fallback: str | None = None) -> str:
-    """--device, else $NVCIM_DEVICE, else ``fallback`` (a sequence file's own), else the flow's chip image."""
-    from nvcim.driver.default_device import resolve_device
+    """--device, else $NVCIM_DEVICE, else ``fallback``, else the flow's chip image.
+
+    Commands that program cells fall back to a fresh in-process chip (or a sequence
+    file's own device), never to the flow's image, whose deployed model they would overwrite.
+    """
+    from nvcim.driver.default_device import IN_PROCESS_CHIP as FRESH_CHIP, resolve_device
 
     from .cli import CHIP_IMAGE
 
+    if fallback == IN_PROCESS_CHIP:
+        fallback = FRESH_CHIP
     return resolve_device(device, default=fallback or CHIP_IMAGE)
 
 
@@ -240,24 +247,31 @@ def seq() -> None:
 def seq_run(paths, device, trace, out, quiet) -> None:
     """Run sequence files in order on one chip; stops at the first failing step (exit status 1).
 
-    The chip: --device, else $NVCIM_DEVICE, else the file's own device:, else the flow's chip image.
+    The chip: --device, else $NVCIM_DEVICE, else the file's own device:, else a fresh in-process chip.
     """
     from . import sequence
 
     loaded = [sequence.load(p) for p in paths]  # every file checked before the chip is touched
-    failed = False
-    for s in loaded:
-        url = _device_url(device, s.device)
-        if not quiet:
-            click.echo(f"{s.path}: {s.name} (on {url})")
-        with _open(url, trace) as dev:
+    urls = [_device_url(device, s.device or IN_PROCESS_CHIP) for s in loaded]
+    if trace not in (None, "-") and len(set(urls)) > 1:
+        raise click.ClickException(f"--trace {trace}: one trace file records one link, and these files name "
+                                   f"{len(set(urls))} devices ({', '.join(sorted(set(urls)))}); give --device")
+    dev, opened = None, None
+    try:
+        for s, url in zip(loaded, urls):
+            if url != opened:  # consecutive files on the same device share one link (and one chip)
+                if dev is not None:
+                    dev.close()
+                dev, opened = _open(url, trace), url
+            if not quiet:
+                click.echo(f"{s.path}: {s.name} (on {url})")
             report = sequence.run(s, dev, out, echo=None if quiet else click.echo)
-        click.echo(report.summary())
-        if not report.passed:
-            failed = True
-            break
-    if failed:
-        raise SystemExit(1)
+            click.echo(report.summary())
+            if not report.passed:
+                raise SystemExit(1)
+    finally:
+        if dev is not None:
+            dev.close()
 
 
 @seq.command("check")
@@ -349,7 +363,10 @@ def inspect_cells(device, trace, arrays, region, out: Path) -> None:
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("out/inspect"), show_default=True)
 @_one_line_errors
 def inspect_verify(device, trace, array, region, target_seed, out: Path) -> None:
-    """Write-verify iterations per cell, by a probe that (re)programs the region (see inspect_chip)."""
+    """Write-verify iterations per cell, by a probe that (re)programs the region (see inspect_chip).
+
+    The chip: --device, else $NVCIM_DEVICE, else a fresh in-process chip.
+    """
     import numpy as np
 
     from nvcim.firmware_emu.contract.registers import Q16
@@ -357,7 +374,7 @@ def inspect_verify(device, trace, array, region, target_seed, out: Path) -> None
     from . import inspect_chip as ic
     from .regs import identity_fields
 
-    with _open(device, trace) as dev:
+    with _open(device, trace, IN_PROCESS_CHIP) as dev:
         r = _region(dev, region)
         levels = 1 << identity_fields(dev)["cell_bits"]
         targets = np.random.default_rng(target_seed).integers(0, levels, size=(r.rows, r.cols))

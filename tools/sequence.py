@@ -55,7 +55,7 @@ Steps (one action key each; `name:` labels a step, `expect_error: CODE` makes a 
   read: REG[.FIELD]   expect: V|[LO,HI]   mask: M
   write: {REG: V, REG.FIELD: V, ...}      in order; V an integer, an enum name, or a fraction for Q16.16
   wait: REG[.FIELD]   equals: V   mask: M   timeout: S (default 5)   poll: S (default 0.001)
-  erase: {array, row, col, rows, cols, arrays, background}        default: all of array 0
+  erase: {array, row, col, rows, cols, arrays: N|all, background}   default: all of array 0
   cells_write: {array, row, col, rows, cols, targets, verify, background}   expect: {cells|write_pulses|
                read_pulses|verify_failures: V|[LO,HI]}; targets: LEVEL, [[...], ...] or {random: SEED}
   cells_read: {array, row, col, rows, cols, quantity}   expect: {mean|std|min|max|abs_max: V|[LO,HI]}
@@ -66,6 +66,8 @@ Steps (one action key each; `name:` labels a step, `expect_error: CODE` makes a 
   reset:                     CONTROL.SOFT_RESET
   sleep: SECONDS
   repeat: N   as: VAR   steps: [...]       loop; ${VAR * 8} in a value is computed per iteration
+Cell values (targets, conductance, noise) are in cell-state units: g_max = 2^K - 1 (3 for 2-bit cells).
+A region's rows and cols default to the rest of the array from row and col.
 """
 
 
@@ -406,7 +408,7 @@ def _run_read(runner: Runner, value, options) -> str:
     ref = _ref(value)
     want, mask = _read_expectation(ref, options)
     got = regs.read(runner.dev, ref)
-    shown = f"{ref.name} = 0x{got:X}" + (f" ({d})" if (d := regs.describe_value(ref, got)) else "")
+    shown = f"{ref.name} = 0x{got:X}" + (f" {d}" if (d := regs.describe_value(ref, got)) else "")
     if want is not None:
         masked = got & mask
         lo, hi = want
@@ -486,17 +488,26 @@ def _flag(value: dict, key: str) -> bool:
     return v
 
 
+def _array_count(value: dict, runner: Runner | None) -> int | None:
+    """``arrays``: a count, or ``all`` (every array from ``array`` on; None until the chip is known)."""
+    count = value.get("arrays", 1)
+    if count == "all":
+        return None if runner is None else runner.identity()["arrays"] - _number(value.get("array", 0), "array",
+                                                                                 integer=True)
+    return _number(count, "arrays (a count or all)", integer=True, minimum=1)
+
+
 def _check_erase(value, options):
     value = _mapping(value, "erase", REGION_KEYS + ("arrays", "background"))
     _region(None, value)
-    _number(value.get("arrays", 1), "arrays", integer=True, minimum=1)
+    _array_count(value, None)
     _flag(value, "background")
 
 
 def _run_erase(runner: Runner, value, options) -> str:
     value = _mapping(value, "erase", REGION_KEYS + ("arrays", "background"))
     r = _region(runner, value)
-    arrays = _number(value.get("arrays", 1), "arrays", integer=True, minimum=1)
+    arrays = _array_count(value, runner)
     op = runner.dev.erase(r["array"], r["row"], r["col"], r["rows"], r["cols"], arrays=arrays,
                           background=_flag(value, "background"))
     where = f"array {r['array']}" if arrays == 1 else f"arrays {r['array']}..{r['array'] + arrays - 1}"
