@@ -14,8 +14,18 @@ from __future__ import annotations
 from construct import Const, FormatField, Struct
 
 from .contract.ops import OPS, Attr, OpSpec
-from .contract.program_format import (FORMAT_VERSION, HEADER_SIZE, MAGIC, CodeStruct, ConstantStruct,
-                                      HeaderStruct, InstrStruct, LayerStruct, TensorStruct, TileStruct)
+from .contract.program_format import (
+    FORMAT_VERSION,
+    HEADER_SIZE,
+    MAGIC,
+    CodeStruct,
+    ConstantStruct,
+    HeaderStruct,
+    InstrStruct,
+    LayerStruct,
+    TensorStruct,
+    TileStruct,
+)
 
 SOURCES = "firmware_emu/contract/program_format.py and firmware_emu/contract/ops.py"
 _PRIMITIVES = {"<B": "u8", "<H": "u16", "<L": "u32", "<b": "i8", "<l": "i32", "<q": "i64", "<f": "f32"}
@@ -64,13 +74,13 @@ _CONSTANT = {
     "data": ("u32 byte count, then bytes", "float32 little-endian, C order, `prod(shape)` values"),
 }
 _LAYER = {
-    "name": ("String", "the initializer the weight came from: `conv1.weight`; a grouped convolution's groups are "
-                       "`W/group0`, `W/group1`, ...; with `shared=\"separate\"` a weight used by several nodes gets "
-                       "one copy per node, `W@node`"),
+    "name": ("String", ("the initializer the weight came from: `conv1.weight`; a grouped convolution's groups are "
+                        "`W/group0`, `W/group1`, ...; with `shared=\"separate\"` a weight used by several nodes gets "
+                        "one copy per node, `W@node`")),
     "in_features": ("u32", "rows of W (crossbar inputs)"),
     "out_features": ("u32", "columns of W (outputs)"),
-    "scales": ("u32 byte count, then float32 LE", "weight value of one level: 1 value (per-tensor quantisation, "
-                                                  "the default) or `out_features` values (`per_channel=True`)"),
+    "scales": ("u32 byte count, then float32 LE", ("weight value of one level: 1 value (per-tensor quantisation, "
+                                                   "the default) or `out_features` values (`per_channel=True`)")),
     "tiles": ("u32 count, then `TileStruct` each", "where the blocks of W live"),
 }
 _INSTR = {
@@ -102,7 +112,7 @@ def fixed_struct_table(struct: Struct, meanings: dict[str, str], what: str) -> l
         elif isinstance(inner, FormatField):
             kind = _PRIMITIVES[inner.fmtstr]
         else:
-            raise ValueError(f"{what}.{sc.name}: not a fixed-size primitive")
+            raise TypeError(f"{what}.{sc.name}: not a fixed-size primitive")
         rows.append(f"| {offset} | {sc.sizeof()} | {kind} | `{sc.name}` | {meanings[sc.name]} |")
         offset += sc.sizeof()
     return rows

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import nvcim.firmware_emu.contract as contract
+from nvcim.firmware_emu import contract
 
 ALLOWED = {"nvcim.firmware_emu", "nvcim.firmware_emu.contract"}  # package __init__s that import nothing
 
@@ -17,7 +17,7 @@ ALLOWED = {"nvcim.firmware_emu", "nvcim.firmware_emu.contract"}  # package __ini
 def _firmware_modules_loaded(code: str) -> list[str]:
     """The nvcim.firmware_emu modules loaded after running ``code`` in a fresh interpreter."""
     probe = code + "\nimport json, sys\nprint(json.dumps(sorted(m for m in sys.modules if m.startswith('nvcim.firmware_emu'))))\n"
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", probe], check=False, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 

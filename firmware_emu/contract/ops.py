@@ -14,8 +14,9 @@ provider); the crossbar kernels multiply by a layer's effective weight matrix (s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -228,7 +229,7 @@ def _slice(ins: Instr, x: np.ndarray) -> np.ndarray:
 
 
 def _reduce_args(ins: Instr) -> dict:
-    return dict(axis=tuple(ins.attrs["axes"]), keepdims=bool(ins.attrs["keepdims"][0]))
+    return {"axis": tuple(ins.attrs["axes"]), "keepdims": bool(ins.attrs["keepdims"][0])}
 
 
 def _selu(ins: Instr, x: np.ndarray) -> np.ndarray:
@@ -358,7 +359,7 @@ _ROWS = (
     OpSpec(Opcode.MATMUL, "crossbar", "x", (), ("Gemm", "MatMul"), "(*x[:-1], out_features)",
            "`x @ W(layer)` over the last axis of x", _matmul, _matmul_graph),
     OpSpec(Opcode.CONV, "crossbar", "x (N, C, *S)", (*_WINDOW, Attr("group", "int", "number of channel groups")),
-           ("Conv",), f"(N, C_out, *O), C_out = group * out_features; O as for MAXPOOL",
+           ("Conv",), "(N, C_out, *O), C_out = group * out_features; O as for MAXPOOL",
            "convolution as im2col: each output position's window (rows in (channel, kernel offset) order) "
            "times W of layer `layer + g` for group g; `group` consecutive layers of shape "
            "(C/group * prod(kernel), C_out/group)", _conv, _conv_graph, shape_rule=_conv_shape),

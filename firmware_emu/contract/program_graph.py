@@ -82,7 +82,7 @@ class ProgramGraph:
         options.intra_op_num_threads = os.cpu_count() or 1
         try:
             self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime refuses a form the checker accepted
+        except Exception as e:  # noqa: BLE001 - onnxruntime refuses a form the checker accepted
             raise NoGraphForm(f"onnxruntime refused the program's graph: {e}") from None
         self._inputs = [tensor_name(t) for t in program.inputs]
 
