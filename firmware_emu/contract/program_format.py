@@ -23,6 +23,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass, field
 from enum import IntEnum
+from functools import lru_cache
 from typing import Callable
 
 import numpy as np
@@ -334,12 +335,16 @@ def pack_cells(targets: np.ndarray, cell_bits: int) -> bytes:
     """Pack K-bit cell states, 8/K per byte, first cell in the least significant bits."""
     per_byte = 8 // cell_bits
     flat = np.ascontiguousarray(targets, dtype=np.uint8).ravel()
+    if cell_bits == 1:
+        return np.packbits(flat, bitorder="little").tobytes()
     pad = (-flat.size) % per_byte
     if pad:
         flat = np.concatenate([flat, np.zeros(pad, np.uint8)])
-    groups = flat.reshape(-1, per_byte).astype(np.uint16)
-    shifts = (np.arange(per_byte, dtype=np.uint16) * cell_bits)
-    return (groups << shifts).sum(axis=1).astype(np.uint8).tobytes()
+    groups = flat.reshape(-1, per_byte)
+    packed = groups[:, 0].copy()
+    for i in range(1, per_byte):  # one pass per position in the byte, not one per cell
+        packed |= groups[:, i] << np.uint8(i * cell_bits)
+    return packed.tobytes()
 
 
 def packed_size(count: int, cell_bits: int) -> int:
@@ -347,13 +352,24 @@ def packed_size(count: int, cell_bits: int) -> int:
     return -(-count // per_byte)
 
 
+@lru_cache(maxsize=None)
+def _unpack_table(cell_bits: int) -> np.ndarray:
+    """Per byte value, its 8/K cells as the bytes of one little-endian integer (first cell lowest)."""
+    per_byte = 8 // cell_bits
+    byte = np.arange(256, dtype=np.uint64)
+    cells = sum(((byte >> np.uint64(i * cell_bits)) & np.uint64((1 << cell_bits) - 1)) << np.uint64(8 * i)
+                for i in range(per_byte))
+    return cells.astype(f"<u{per_byte}")
+
+
 def unpack_cells(data: bytes, offset: int, shape: tuple[int, ...], cell_bits: int) -> np.ndarray:
     count = int(np.prod(shape))
-    per_byte = 8 // cell_bits
     raw = np.frombuffer(data, dtype=np.uint8, count=packed_size(count, cell_bits), offset=offset)
-    shifts = (np.arange(per_byte, dtype=np.uint8) * cell_bits)
-    cells = (raw[:, None] >> shifts) & ((1 << cell_bits) - 1)
-    return cells.ravel()[:count].reshape(shape)
+    if cell_bits == 1:
+        cells = np.unpackbits(raw, count=count, bitorder="little")
+    else:  # one table look-up per byte gives all its cells at once
+        cells = _unpack_table(cell_bits).take(raw).view(np.uint8)[:count]
+    return cells.reshape(shape)
 
 
 # -- cells to weights -----------------------------------------------------------------
