@@ -24,6 +24,7 @@ import io
 import struct
 from dataclasses import asdict, dataclass, fields
 from enum import IntEnum
+from functools import lru_cache
 from typing import Generic, TypeVar
 
 from construct import Construct, GreedyBytes, Int8ul, Int16ul, Int32ul, PrefixedArray, Struct
@@ -183,16 +184,22 @@ class PayloadError(ValueError):
     """A payload too short or too long for its declaration."""
 
 
+@lru_cache(maxsize=None)
+def _size(layout: Construct) -> int:
+    """A fixed-size struct's size (construct recomputes it on every sizeof(): ~100 us a frame)."""
+    return layout.sizeof()
+
+
 def parse_fixed(layout: Construct, payload: bytes | memoryview):
     """Parse a payload that is exactly one fixed-size struct."""
-    if len(payload) != layout.sizeof():
-        raise PayloadError(f"payload is {len(payload)} bytes, expected {layout.sizeof()}")
+    if len(payload) != _size(layout):
+        raise PayloadError(f"payload is {len(payload)} bytes, expected {_size(layout)}")
     return layout.parse(bytes(payload))
 
 
 def split_header(layout: Construct, payload: bytes | memoryview):
     """Parse a fixed-size header; return it and a view of the bulk data after it (not copied)."""
-    size = layout.sizeof()
+    size = _size(layout)
     if len(payload) < size:
         raise PayloadError(f"payload is {len(payload)} bytes, expected at least {size}")
     view = memoryview(payload)
