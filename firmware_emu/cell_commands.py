@@ -125,7 +125,7 @@ def _erase_steps(chip: Chip, r, count: int) -> Steps:
         for array in range(r.array, r.array + count):
             for r0 in range(0, r.height, step):
                 rows = min(step, r.height - r0)
-                chip.cells.erase(array, 1, r.row + r0, r.col, rows, r.width)
+                chip.cells.erase(array, 1, r.row + r0, r.col, rows, r.width, chip.registers.regs["CLOCK"])
                 done += rows
                 if done < total:
                     yield done

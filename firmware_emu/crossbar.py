@@ -103,11 +103,12 @@ class CellArrays:
             return self.ages.programmed_at[array, rows, cols].astype(np.float32)
         return self.target[array, rows, cols].astype(np.float32)
 
-    def erase(self, first: int, count: int, row: int, col: int, height: int, width: int) -> None:
-        """Reset a region of ``count`` consecutive arrays to the erased state g = 0."""
+    def erase(self, first: int, count: int, row: int, col: int, height: int, width: int, clock: int = 0) -> None:
+        """Reset a region of ``count`` consecutive arrays to the erased state g = 0, stamped with ``clock``."""
         sl = (slice(first, first + count), slice(row, row + height), slice(col, col + width))
         self.g[sl] = 0
         self.noise[sl] = 0
         self.target[sl] = 0
+        self.ages.programmed_at[sl] = clock
         self.generation += 1
         self.dirty.update(range(first, first + count))

@@ -29,7 +29,7 @@ SERVED_WHILE_BUSY = frozenset({Command.PING, Command.IDENTIFY, Command.REG_READ,
 SETTINGS_IN_USE: dict[Command, frozenset[str]] = {
     Command.CELLS_WRITE: frozenset({"DEVICE_MODEL", "SIGMA", "READ_NOISE", "SEED", "VERIFY_TOL", "VERIFY_MAX_ITER",
                                     "CONFIG", "STUCK_RATE", "CLOCK"}),
-    Command.CELLS_ERASE: frozenset(),
+    Command.CELLS_ERASE: frozenset({"CLOCK"}),  # erased cells are stamped with it
     # a run reads the cells as they have drifted: at CLOCK, by the preset's law, with SEED's exponents
     Command.RUN: frozenset({"ARRAY_CONVERTERS", "CLOCK", "DEVICE_MODEL", "SEED"}),
     Command.INFER: frozenset({"ARRAY_CONVERTERS", "CLOCK", "DEVICE_MODEL", "SEED"}),

@@ -191,3 +191,43 @@ def test_inference_sees_drift_and_write_verify_after_drift_restores(tmp_path):
         restored = session.run(None, {name: x})[0]
     # back within write-verify's own noise of the fresh outputs: a small part of what ten years moved them
     assert np.abs(restored - fresh).mean() < 0.3 * np.abs(aged - fresh).mean()
+
+
+# -- tools: the noise dump's time, evaluation after a given age ----------------------------------------------
+def test_noise_dump_records_the_clock_and_each_tiles_programming_time(tmp_path):
+    from zoo import export_mlp
+
+    from nvcim.tools.chip import NoiseDump, deploy_backbone, fetch_noise
+
+    path = export_mlp(tmp_path / "mlp.onnx", in_features=64, hidden=64, out=10)
+    with driver.open("emu://?seed=4&model=RRAM4") as dev:
+        dev.advance_time(1000)
+        deploy_backbone(dev, path)
+        captured = fetch_noise(dev, path)
+        dev.advance_time(DAY)
+        later = fetch_noise(dev, path)
+    assert captured.clock == 1000 and later.clock == 1000 + DAY
+    assert later.programmed_at.keys() == later.cells.keys()
+    assert all((t == 1000).all() for tiles in later.programmed_at.values() for t in tiles)
+    assert later.digest() == captured.digest()  # the dump is the programming's capture, drift or not
+    loaded = NoiseDump.load(later.save(tmp_path / "noise.npz"))
+    assert loaded.clock == later.clock
+    assert all(np.array_equal(a, b) for layer in later.programmed_at
+               for a, b in zip(loaded.programmed_at[layer], later.programmed_at[layer]))
+
+
+def test_eval_after_an_age_on_a_chip_image(tmp_path):
+    from click.testing import CliRunner
+
+    from nvcim.tools.cli import main
+
+    runner = CliRunner()
+    chip, bb = f"emu://?image={tmp_path / 'chip'}&model=FEFET6", tmp_path / "backbone.onnx"
+    for args in (["train", "--epochs", 1, "--stop-fraction", 1, "-o", bb], ["deploy", bb, "--device", chip]):
+        assert runner.invoke(main, [str(a) for a in args]).exit_code == 0
+    out = runner.invoke(main, ["eval", str(bb), "--device", chip, "--draws", "0", "--age", "10y"]).output
+    assert "10y later: clock 315360000 s" in out, out
+    bad = runner.invoke(main, ["eval", str(bb), "--device", chip, "--draws", "0", "--age", "ten years"])
+    assert bad.exit_code != 0 and "age 'ten years'" in bad.output
+    with driver.open(chip) as dev:
+        assert dev.clock == 10 * YEAR  # the image keeps the later clock

@@ -46,11 +46,13 @@ def test_step_by_step_on_a_chip_image(tmp_path):
 
 def test_flow_prints_the_summary_table(tmp_path):
     out = _ok(CliRunner(), ["flow", "--workdir", tmp_path, "--epochs", 2, "--stop-fraction", 1, "--seeds", "1,2",
-                            "--tsb-epochs", 1, "--draws", 4])
+                            "--tsb-epochs", 1, "--draws", 4, "--age", "1d"])
     assert "gap ratio" in out and "with TSB" in out and out.count("identical") >= 2
+    assert "with TSB after 1d of drift (GAUSSIAN)" in out  # GAUSSIAN keeps its cells: the same accuracy
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [c["seed"] for c in summary["chips"]] == [1, 2]
     assert all(c["backbone_identical"] and c["verified_fraction"] < 0.005 for c in summary["chips"])
+    assert summary["age_s"] == 86400 and all(c["tsb_aged"] == c["tsb"] for c in summary["chips"])
     assert (tmp_path / "chip-seed2").is_dir() and (tmp_path / "tsb-seed2.onnx").is_file()
 
 

@@ -31,9 +31,12 @@ from nvcim.compiler.quantize import fake_quantize
 from nvcim.firmware_emu.contract.program_format import Program, effective_weights, pack_cells
 from nvcim.firmware_emu.contract.protocol import CellQuantity, ErrorCode
 from nvcim.firmware_emu.contract.registers import Q16, DeviceModelCode
+from nvcim.firmware_emu.contract.registers import field as register_field
 
 NOISE_FORMAT = 2
-SETTING_REGISTERS = ("CHIP_ID", "VERSION", "SEED", "SIGMA", "DEVICE_MODEL", "READ_NOISE", "CONFIG", "STUCK_RATE")
+SETTING_REGISTERS = ("CHIP_ID", "VERSION", "SEED", "SIGMA", "DEVICE_MODEL", "READ_NOISE", "CONFIG", "STUCK_RATE",
+                     "CLOCK")
+CONFIG_PER_CELL_STATE = register_field("CONFIG", "PER_CELL_STATE").mask
 
 
 class FlowError(ValueError):
@@ -42,11 +45,12 @@ class FlowError(ValueError):
 
 # -- identity ---------------------------------------------------------------------------
 def chip_settings(device: driver.Device) -> dict:
-    """The chip's identity, device settings and geometry, read from its registers."""
+    """The chip's identity, device settings, retention clock and geometry, read from its registers."""
     regs = {name: device.read_register(name) for name in SETTING_REGISTERS}
     ident = device.identity.geometry
     return dict(chip_id=f"0x{regs['CHIP_ID']:08X}", version=regs["VERSION"], seed=regs["SEED"],
                 sigma=regs["SIGMA"] / Q16, device_model=DeviceModelCode(regs["DEVICE_MODEL"]).name,
+                variation="cell" if regs["CONFIG"] & CONFIG_PER_CELL_STATE else "weight", clock=regs["CLOCK"],
                 read_noise=regs["READ_NOISE"] / Q16, clip=bool(regs["CONFIG"] & 1),
                 stuck_rate=regs["STUCK_RATE"] / Q16, arrays=ident.arrays, rows=ident.rows, cols=ident.cols,
                 weight_bits=ident.weight_bits, cell_bits=ident.cell_bits)
@@ -187,7 +191,13 @@ def weight_layout(model: onnx.ModelProto | str | os.PathLike) -> dict[str, tuple
 
 @dataclass
 class NoiseDump:
-    """Per-weight programming noise of one model on one chip, with both identities."""
+    """Per-weight programming noise of one model on one chip, with both identities and its time.
+
+    The noise is what the read right after programming saw; ``chip["clock"]`` is the chip's
+    retention clock when the dump was taken and ``programmed_at`` each tile's cells'
+    programming times on that clock (docs/device-model.md#drift): the cells have drifted
+    for the difference since.
+    """
 
     chip: dict
     model_fingerprint: str
@@ -197,6 +207,12 @@ class NoiseDump:
     cells: dict[str, list[np.ndarray]] = field(default_factory=dict)  # chip layer -> per-tile cell noise
     source: str = ""                      # the file it was loaded from
     model: str = ""                       # the ONNX file it was captured for
+    programmed_at: dict[str, list[np.ndarray]] = field(default_factory=dict)  # chip layer -> per-tile CLOCK stamps
+
+    @property
+    def clock(self) -> int:
+        """The chip's retention clock (seconds) when the dump was taken (0 for a dump that predates the clock)."""
+        return int(self.chip.get("clock", 0))
 
     def digest(self) -> str:
         h = hashlib.sha256()
@@ -214,6 +230,8 @@ class NoiseDump:
         arrays = {f"noise/{k}": v for k, v in self.noise.items()}
         for layer, tiles in self.cells.items():
             arrays.update({f"cells/{layer}/{i}": c for i, c in enumerate(tiles)})
+        for layer, tiles in self.programmed_at.items():
+            arrays.update({f"programmed/{layer}/{i}": t for i, t in enumerate(tiles)})
         with open(path, "wb") as f:
             np.savez_compressed(f, meta=np.array(json.dumps(meta, sort_keys=True)), **arrays)
         return path
@@ -228,12 +246,14 @@ class NoiseDump:
                 meta = json.loads(str(f["meta"]))
                 noise = {k[6:]: f[k] for k in f.files if k.startswith("noise/")}
                 cells = {layer: [f[f"cells/{layer}/{i}"] for i in range(n)] for layer, n in meta["tiles"].items()}
+                programmed = {layer: [f[f"programmed/{layer}/{i}"] for i in range(n)]
+                              for layer, n in meta["tiles"].items() if f"programmed/{layer}/0" in f.files}
         except (OSError, ValueError, KeyError) as e:
             raise FlowError(f"{path}: not a noise file written by `nvcim noise fetch` ({e})") from None
         if meta.get("format") != NOISE_FORMAT:
             raise FlowError(f"{path}: noise file format {meta.get('format')}, expected {NOISE_FORMAT}")
         dump = cls(meta["chip"], meta["model_fingerprint"], meta["onnx_sha256"], noise, meta["layers"], cells,
-                   str(path), meta.get("model", ""))
+                   str(path), meta.get("model", ""), programmed)
         if dump.digest() != meta["digest"]:
             raise FlowError(f"{path}: noise file is corrupt (its cell noise does not match its digest)")
         return dump
@@ -249,7 +269,7 @@ class NoiseDump:
 
     def check_chip(self, settings: dict) -> None:
         """Raise unless ``settings`` (chip_settings of a device) are the chip this dump came from."""
-        keys = ("chip_id", "seed", "sigma", "device_model", "read_noise", "clip", "stuck_rate",
+        keys = ("chip_id", "seed", "sigma", "device_model", "variation", "read_noise", "clip", "stuck_rate",
                 "arrays", "rows", "cols", "weight_bits", "cell_bits")
         diff = [f"{k}={settings.get(k)} (noise file: {self.chip.get(k)})" for k in keys
                 if settings.get(k) != self.chip.get(k)]
@@ -262,10 +282,13 @@ def fetch_noise(device: driver.Device, onnx_path: str | os.PathLike) -> NoiseDum
     expected = program_for(device, onnx_path)
     layout = weight_layout(onnx_path)
     s = expected.slices
-    noise, layers, cells = {}, {}, {}
+    noise, layers, cells, programmed = {}, {}, {}, {}
     for li, layer in enumerate(expected.layers):
         tiles = [device.read_cells(t.array, t.row, t.col, t.in_count, t.out_count * s, CellQuantity.NOISE)
                  for t in layer.tiles]
+        programmed[layer.name] = [
+            device.read_cells(t.array, t.row, t.col, t.in_count, t.out_count * s, CellQuantity.PROGRAM_TIME)
+            for t in layer.tiles]
         matrix = effective_weights(expected, li, lambda i: tiles[i])
         src, shape, flat = layout[layer.name]
         w = noise.setdefault(src, np.zeros(shape, np.float32)).reshape(-1)  # a view: groups fill their parts
@@ -274,7 +297,7 @@ def fetch_noise(device: driver.Device, onnx_path: str | os.PathLike) -> NoiseDum
         layers[layer.name] = src
         cells[layer.name] = tiles
     return NoiseDump(chip_settings(device), model_fingerprint(expected), _sha256(onnx_path), noise, layers, cells,
-                     model=str(onnx_path))
+                     model=str(onnx_path), programmed_at=programmed)
 
 
 def noisy_weights(onnx_path: str | os.PathLike, dump: NoiseDump, weight_bits: int = 8) -> dict[str, np.ndarray]:
@@ -339,7 +362,7 @@ def full_verify_cost(settings: dict, program: Program) -> Cost:
     """What writing every cell of ``program`` with write-verify costs, measured on a fresh chip with these settings."""
     keys = ("seed", "sigma", "read_noise", "stuck_rate", "arrays", "rows", "cols", "weight_bits", "cell_bits")
     opts = {k: settings[k] for k in keys}
-    opts.update(model=settings["device_model"], clip=int(settings["clip"]))
+    opts.update(model=settings["device_model"], clip=int(settings["clip"]), variation=settings["variation"])
     with driver.open("emu://?" + urllib.parse.urlencode(opts)) as scratch:
         before = scratch.counters()
         stats = driver.deploy(scratch, program, verify=True)

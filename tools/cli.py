@@ -62,6 +62,20 @@ data_option = click.option("--data", default="digits", show_default=True,
                                 "CIFAR-10 python folder.")
 
 
+def age_option(what: str):
+    """--age SPAN: seconds, or a number with a unit s/m/h/d/w/y (1d, 10y); docs/device-model.md#drift."""
+    def parse(ctx, param, value):
+        from .flow import parse_age
+
+        try:
+            return parse_age(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+
+    return click.option("--age", default="0", show_default=True, callback=parse,
+                        help=f"Time span (3600, 12h, 1d, 10y): {what}.")
+
+
 @click.group()
 @click.version_option(package_name="nvcim")
 def main() -> None:
@@ -284,13 +298,14 @@ def tsb_flash(backbone, tsb_model, noise_path, device) -> None:
 @click.option("--sigma", type=float, default=None, help="Monte Carlo sigma of the backbone [default: the chip's].")
 @click.option("--sigma-verified", type=float, default=0.03, show_default=True)
 @click.option("--no-chip", is_flag=True, help="Only the Monte Carlo simulation; do not touch a chip.")
+@age_option("first let the chip's retention clock run this long (cells drift; the chip keeps the later clock)")
 @_clear_errors
-def eval_cmd(model, device, data, noise_path, draws, sigma, sigma_verified, no_chip) -> None:
+def eval_cmd(model, device, data, noise_path, draws, sigma, sigma_verified, no_chip, age) -> None:
     """Accuracy on the chip itself and over N simulated chips (mean, 95 % interval)."""
     from .flow import evaluate_model
 
     evaluate_model(model, device_url(device), data, noise_path, draws, sigma, sigma_verified,
-                   chip=not no_chip, echo=click.echo)
+                   chip=not no_chip, echo=click.echo, age_s=age)
 
 
 @main.command()
@@ -306,15 +321,16 @@ def eval_cmd(model, device, data, noise_path, draws, sigma, sigma_verified, no_c
 @click.option("--tsb-lr", type=float, default=1e-2, show_default=True)
 @click.option("--sigma-verified", type=float, default=0.03, show_default=True)
 @click.option("--draws", type=int, default=200, show_default=True, help="Monte Carlo chips.")
+@age_option("also measure each reflashed chip after this long of drift")
 @_clear_errors
 def flow(workdir, arch, width, bn, image, epochs, stop_fraction, patience, lr, sigma_train, seed, data, sigma,
-         device_model, seeds, device, c, tsb_epochs, tsb_lr, sigma_verified, draws) -> None:
+         device_model, seeds, device, c, tsb_epochs, tsb_lr, sigma_verified, draws, age) -> None:
     """The whole flow: train, deploy, fetch noise, train TSB, reflash, evaluate; prints the summary table."""
     from .flow import FlowConfig, run_flow
     from .tsb import TSBConfig
 
     cfg = FlowConfig(workdir=workdir, data=data, image=image, sigma=sigma, device_model=device_model.upper(),
-                     chip_seeds=_seeds(seeds), device=device, draws=draws,
+                     chip_seeds=_seeds(seeds), device=device, draws=draws, age_s=age,
                      train=_train_config(arch, width, bn, epochs, stop_fraction, patience, lr, sigma_train, seed,
                                          sigma, device_model.upper()),
                      tsb=TSBConfig(c, tsb_epochs, tsb_lr, sigma_verified=sigma_verified, seed=seed))

@@ -20,6 +20,7 @@ import numpy as np
 
 from nvcim import driver
 from nvcim.firmware_emu.contract.device import DeviceSettings
+from nvcim.firmware_emu.contract.variation import VariationMode
 
 from . import datasets
 from .chip import (FlowError, NoiseDump, chip_accuracy, chip_settings, deploy_backbone, fetch_noise, flash_tsb,
@@ -41,6 +42,7 @@ class FlowConfig:
     chip_seeds: tuple[int, ...] = (1, 2, 3, 4, 5)
     device: str | None = None          # one chip given by URL instead of fresh emulated chips per seed
     draws: int = 200                   # Monte Carlo chips
+    age_s: int = 0                     # also measure the reflashed chip after this many seconds of drift (0: not)
     train: TrainConfig = field(default_factory=TrainConfig)
     tsb: TSBConfig = field(default_factory=TSBConfig)
 
@@ -59,6 +61,7 @@ class ChipRow:
     tsb_seconds: float
     identical: bool
     backbone_cells: int
+    aged: float | None = None          # with TSB, after cfg.age_s seconds of drift
 
 
 def chip_url(cfg: FlowConfig, seed: int) -> str:
@@ -129,15 +132,20 @@ def _one_chip(cfg: FlowConfig, dev: driver.Device, tag: str, seed, data: dataset
                       extra=dict(backbone_fingerprint=dump.model_fingerprint, noise_digest=dump.digest()))
     tsb_program, report = flash_tsb(dev, backbone_onnx, tsb_onnx, dump)
     with_tsb = chip_accuracy(dev, tsb_program, data.x_test, data.y_test)
+    aged = None
+    if cfg.age_s:
+        dev.advance_time(cfg.age_s)
+        aged = chip_accuracy(dev, tsb_program, data.x_test, data.y_test)
     mc = monte_carlo(model, data.x_test, data.y_test, None, draws=cfg.draws, seed=1, fixed=fixed,
                      tsb=DeviceSettings(cfg.tsb.sigma_verified))
     echo(f"chip {tag} (sigma={settings['sigma']:.3f}, seed {settings['seed']}): deployed {cost.cells} cells open loop; "
          f"accuracy {deployed:.2%} -> with TSB {with_tsb:.2%} (TSB trained in {trained.seconds:.1f} s; "
          f"{report.cost.write_pulses} pulses vs {report.full_verify.write_pulses} for a full write-verify; "
-         f"{report.backbone_cells} backbone cells bit-identical)")
+         f"{report.backbone_cells} backbone cells bit-identical)"
+         + (f"; after {format_age(cfg.age_s)} of drift {aged:.2%}" if aged is not None else ""))
     return ChipRow(seed, deployed, with_tsb, mc, report.verified_fraction, report.cost.write_pulses,
                    report.full_verify.write_pulses, report.cost.busy_ns, report.full_verify.busy_ns,
-                   trained.seconds, report.identical, report.backbone_cells)
+                   trained.seconds, report.identical, report.backbone_cells, aged)
 
 
 def _summary(cfg: FlowConfig, data, ideal: float, deployed_mc: MonteCarlo, trained, b_weights: int,
@@ -146,7 +154,7 @@ def _summary(cfg: FlowConfig, data, ideal: float, deployed_mc: MonteCarlo, train
     gaps_t = np.array([ideal - r.tsb for r in rows])
     return dict(
         model=cfg.train.arch, width=cfg.train.width, data=data.name, sigma=cfg.sigma, device_model=cfg.device_model,
-        tsb_c=cfg.tsb.c, ideal=ideal, backbone_weights=b_weights,
+        tsb_c=cfg.tsb.c, ideal=ideal, backbone_weights=b_weights, age_s=cfg.age_s,
         backbone_seconds=trained.seconds, backbone_epochs=trained.epochs_run, plan_epochs=cfg.train.epochs,
         deployed_mc=dict(mean=deployed_mc.mean, ci95=deployed_mc.ci95, spread95=deployed_mc.spread95,
                          draws=len(deployed_mc.accuracies)),
@@ -155,7 +163,7 @@ def _summary(cfg: FlowConfig, data, ideal: float, deployed_mc: MonteCarlo, train
                     tsb_mc=dict(mean=r.tsb_mc.mean, ci95=r.tsb_mc.ci95, spread95=r.tsb_mc.spread95),
                     verified_fraction=r.verified_fraction, tsb_pulses=r.tsb_pulses, full_verify_pulses=r.full_pulses,
                     tsb_busy_ns=r.tsb_busy_ns, full_verify_busy_ns=r.full_busy_ns, tsb_seconds=r.tsb_seconds,
-                    backbone_identical=r.identical, backbone_cells=r.backbone_cells) for r in rows],
+                    backbone_identical=r.identical, backbone_cells=r.backbone_cells, tsb_aged=r.aged) for r in rows],
         mean_gap_deployed=float(gaps_d.mean()), mean_gap_tsb=float(gaps_t.mean()),
         gap_ratio=_ratio(float(gaps_t.mean()), float(gaps_d.mean())),
     )
@@ -192,13 +200,47 @@ def summary_table(s: dict) -> list[str]:
               f"(95% CI {d['ci95'][0]:.2%}..{d['ci95'][1]:.2%}; 95% of chips in {d['spread95'][0]:.1%}..{d['spread95'][1]:.1%})",
               f"training time: backbone {s['backbone_seconds']:.1f} s ({s['backbone_epochs']} of a {s['plan_epochs']}-epoch "
               f"plan) + TSB {mean('tsb_seconds'):.1f} s per chip"]
+    if s.get("age_s"):
+        lines.append(f"with TSB after {format_age(s['age_s'])} of drift ({s['device_model']}): "
+                     + ", ".join(f"chip {c['seed']} {c['tsb_aged']:.2%}" for c in chips)
+                     + f"; mean {mean('tsb_aged'):.2%} (was {mean('tsb'):.2%})")
     return lines
+
+
+AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
+
+
+def parse_age(text: str) -> int:
+    """Seconds of a time span written as a number with an optional unit: 3600, 90s, 30m, 12h, 1d, 2w, 10y."""
+    t = text.strip().lower()
+    unit = AGE_UNITS.get(t[-1:], None)
+    number = t[:-1] if unit is not None else t
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"age {text!r}: expected a number of seconds or one with a unit "
+                         f"({', '.join(AGE_UNITS)}), e.g. 1d") from None
+    if not 0 <= value * (unit or 1) < 2 ** 32:
+        raise ValueError(f"age {text!r}: must be >= 0 and under 2^32 s (136 years)")
+    return round(value * (unit or 1))
+
+
+def format_age(seconds: int) -> str:
+    """A time span in its largest whole unit (1d, 10y, 90s)."""
+    for unit, size in sorted(AGE_UNITS.items(), key=lambda u: -u[1]):
+        if seconds and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 def evaluate_model(model_path: Path, url: str, data: str, noise_path: Path | None, draws: int,
                    sigma: float | None, sigma_verified: float, chip: bool = True,
-                   echo: Callable[[str], None] = print) -> dict:
-    """Ideal, on-chip and Monte Carlo accuracy of a backbone or TSB model (``nvcim eval``)."""
+                   echo: Callable[[str], None] = print, age_s: int = 0) -> dict:
+    """Ideal, on-chip and Monte Carlo accuracy of a backbone or TSB model (``nvcim eval``).
+
+    ``age_s``: first let the chip's retention clock run this many seconds, so the on-chip
+    accuracy is the one after that much drift (the chip keeps the later clock).
+    """
     net, meta = load_deploy(model_path)
     split = datasets.load(data, image_size=meta["image"])
     x, y = split.x_test, split.y_test
@@ -209,9 +251,12 @@ def evaluate_model(model_path: Path, url: str, data: str, noise_path: Path | Non
     if chip:
         with driver.open(url) as dev:
             program = program_for(dev, model_path)
+            if age_s:
+                dev.advance_time(age_s)
             out["chip"] = chip_accuracy(dev, program, x, y)
             settings = chip_settings(dev)
-        echo(f"on the chip {url} (sigma={settings['sigma']:.3f}, seed {settings['seed']}): {out['chip']:.2%}")
+        when = f", {format_age(age_s)} later: clock {settings['clock']} s" if age_s else ""
+        echo(f"on the chip {url} (sigma={settings['sigma']:.3f}, seed {settings['seed']}{when}): {out['chip']:.2%}")
     if draws > 0:
         if meta["role"] == "tsb":
             if noise_path is None:
@@ -227,8 +272,10 @@ def evaluate_model(model_path: Path, url: str, data: str, noise_path: Path | Non
         else:
             sig = sigma if sigma is not None else (settings["sigma"] if settings else 0.3)
             model = settings["device_model"] if settings else "GAUSSIAN"
-            mc = monte_carlo(net, x, y, DeviceSettings(sig, model), draws=draws)
+            variation = VariationMode.CELL_STATE if settings and settings["variation"] == "cell" else \
+                VariationMode.WEIGHT_MAGNITUDE
+            mc = monte_carlo(net, x, y, DeviceSettings(sig, model, variation=variation), draws=draws)
             what = f"sigma={sig:.3f} {model}"
         out["mc"] = dict(mean=mc.mean, ci95=mc.ci95, spread95=mc.spread95, draws=draws)
-        echo(f"over {draws} simulated chips ({what}): {mc}")
+        echo(f"over {draws} simulated chips ({what}{', at programming time: no drift' if age_s else ''}): {mc}")
     return out

@@ -89,7 +89,7 @@ class CellQuantity(IntEnum):
     CONDUCTANCE = 0  # what a read returns now (g, read noise included)
     NOISE = 1        # deviation captured by the read-after-write of the last programming
     TARGET = 2       # target state of the last programming
-    PROGRAM_TIME = 3  # CLOCK value (seconds) at the cell's last programming, as f32 (exact up to 2^24 s)
+    PROGRAM_TIME = 3  # CLOCK value (seconds) when the cell was last programmed or erased, as f32 (exact to 2^24 s)
 
 
 @dataclass
