@@ -16,7 +16,7 @@ import onnx
 from tqdm import tqdm
 
 from nvcim.compiler import lower_model, place
-from nvcim.firmware_emu.contract.program_format import Program
+from nvcim.firmware_emu.contract.program_format import Program, Tile
 from nvcim.firmware_emu.contract.protocol import WriteStats
 
 from .cache import cached_program
@@ -80,14 +80,17 @@ def deploy(device: Device, program: Program, *, verify: bool = False, layers: se
     total_cells = sum(t.in_count * t.out_count * s for layer in chosen for t in layer.tiles)
     device.load_code(program)
     total = WriteStats()
+    runs = _erase_runs([tile for layer in chosen for tile in layer.tiles])
     with tqdm(total=total_cells, unit="cell", unit_scale=True, desc="programming", disable=None, leave=False) as bar:
         for layer in chosen:
             weights_mask = None if verify_mask is None or layer.name not in verify_mask else \
                 np.asarray(verify_mask[layer.name], dtype=bool)
             for tile in layer.tiles:
                 targets = program.tile_cells(tile)
-                used = targets.reshape(tile.in_count, tile.out_count, s).any(axis=2)
-                device.erase(tile.array, tile.row, tile.col, tile.in_count, tile.out_count * s)
+                used = _weights_used(targets, tile.in_count, tile.out_count, s)
+                if id(tile) in runs:
+                    device.erase(tile.array, tile.row, tile.col, tile.in_count, tile.out_count * s,
+                                 arrays=runs[id(tile)])
                 if weights_mask is None:
                     parts = [(used, verify)]
                 else:
@@ -102,6 +105,36 @@ def deploy(device: Device, program: Program, *, verify: bool = False, layers: se
     log.info("programmed %d cells with %d write pulses (%d verify failures)",
              total.cells, total.write_pulses, total.verify_failures)
     return total
+
+
+def _weights_used(targets: np.ndarray, rows: int, weights: int, slices: int) -> np.ndarray:
+    """Per weight of a tile, whether any of its ``slices`` cells has a state above 0 (an OR per slice:
+    any() along a short last axis costs 20x more)."""
+    cells = targets.reshape(rows, weights, slices)
+    used = cells[:, :, 0].copy()
+    for i in range(1, slices):
+        used |= cells[:, :, i]
+    return used != 0
+
+
+def _erase_runs(tiles: list[Tile]) -> dict[int, int]:
+    """id() of each tile that starts a run -> how many arrays the run spans.
+
+    A run is consecutive tiles with the same rows and columns on consecutive arrays: one
+    CELLS_ERASE over its arrays, before its first tile is written, does what erasing each
+    right before its write did (they lie on different arrays), in one command instead of
+    one per tile (VGG-8: 29 instead of 1600).
+    """
+    runs: dict[int, int] = {}
+    start = None
+    for tile in tiles:
+        if start is not None and tile.array == start.array + runs[id(start)] and \
+                (tile.row, tile.col, tile.in_count, tile.out_count) == \
+                (start.row, start.col, start.in_count, start.out_count):
+            runs[id(start)] += 1
+        else:
+            start, runs[id(tile)] = tile, 1
+    return runs
 
 
 class Session:
