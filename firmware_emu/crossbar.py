@@ -13,7 +13,7 @@ import numpy as np
 
 from .contract.protocol import CellQuantity, WriteStats
 from .contract.variation import VariationMode, region_levels
-from .drift import Aging, CellAges
+from .drift import FRESH, Aging, CellAges
 from .physics import DeviceModel, write_verify
 
 
@@ -93,7 +93,7 @@ class CellArrays:
         return self.ages.conductance(self.g[array], array, aging, self.generation)
 
     def read(self, array: int, row: int, col: int, height: int, width: int, quantity: int,
-             model: DeviceModel, rng: np.random.Generator, aging: Aging = Aging()) -> np.ndarray:
+             model: DeviceModel, rng: np.random.Generator, aging: Aging = FRESH) -> np.ndarray:
         rows, cols = slice(row, row + height), slice(col, col + width)
         if quantity == CellQuantity.CONDUCTANCE:
             return model.read(self.conductance(array, aging)[rows, cols], rng)

@@ -25,6 +25,9 @@ class Aging(NamedTuple):
     seed: int = 0
     retention: Retention = NO_DRIFT
 
+
+FRESH = Aging()  # cells read as programmed: no time, no drift
+
 class CellAges:
     """Programming time of every cell, and the conductances cells read after drifting."""
 

@@ -3,8 +3,9 @@
 The executor asks for a layer's weights by index; they come from the conductances of the
 layer's tiles (so programming noise, stuck cells and drift show up in the outputs), and
 are cached per cell generation and aging (clock, seed, preset): every write or erase bumps
-the generation, every clock step changes the aging, and the next run recomputes. When some array the program uses has finite converters, a run instead
-multiplies tile by tile through them (``converter_product``).
+the generation, every clock step changes the aging, and the next run recomputes. When
+some array the program uses has finite converters, a run instead multiplies tile by tile
+through them (``converter_product``).
 """
 
 from __future__ import annotations

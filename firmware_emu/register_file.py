@@ -14,10 +14,10 @@ from collections.abc import Callable
 import numpy as np
 
 from .config import MAX_ADC_BITS, MAX_DAC_BITS, ChipConfig
+from .contract.device import PRESETS
 from .contract.protocol import MAX_PAYLOAD, ErrorCode, WriteStats
 from .contract.registers import ALL_ARRAYS, BY_OFFSET, LIMITS, Q16, REGISTERS, Access, DeviceModelCode
 from .contract.registers import field as register_field
-from .contract.device import PRESETS
 from .contract.variation import VariationMode
 from .drift import Aging
 from .errors import ChipError
@@ -87,7 +87,8 @@ class RegisterFile:
     @property
     def aging(self) -> Aging:
         """What the cells are read under now: CLOCK, and the drift SEED and DEVICE_MODEL fix."""
-        return Aging(self.regs["CLOCK"], self.regs["SEED"], PRESETS[DeviceModelCode(self.regs["DEVICE_MODEL"])].retention)
+        retention = PRESETS[DeviceModelCode(self.regs["DEVICE_MODEL"])].retention
+        return Aging(self.regs["CLOCK"], self.regs["SEED"], retention)
 
     # -- REG_READ / REG_WRITE ----------------------------------------------------------
     def read(self, addr: int) -> int:

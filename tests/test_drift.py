@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from nvcim.firmware_emu.contract.registers import DeviceModelCode
 from nvcim.firmware_emu.contract.device import PRESETS
+from nvcim.firmware_emu.contract.registers import DeviceModelCode
 from nvcim.firmware_emu.contract.retention import Retention
 from nvcim.firmware_emu.drift import Aging, CellAges
 
@@ -195,9 +195,9 @@ def test_inference_sees_drift_and_write_verify_after_drift_restores(tmp_path):
 
 # -- tools: the noise dump's time, evaluation after a given age ----------------------------------------------
 def test_noise_dump_records_the_clock_and_each_tiles_programming_time(tmp_path):
-    from zoo import export_mlp
-
     from nvcim.tools.chip import NoiseDump, deploy_backbone, fetch_noise
+
+    from zoo import export_mlp
 
     path = export_mlp(tmp_path / "mlp.onnx", in_features=64, hidden=64, out=10)
     with driver.open("emu://?seed=4&model=RRAM4") as dev:
