@@ -142,3 +142,17 @@ def test_gaussian_cells_do_not_depend_on_the_variation_rule():
     a = _weight_noise_on_chip(levels, "emu://?sigma=0.3&seed=14&variation=weight")
     b = _weight_noise_on_chip(levels, "emu://?sigma=0.3&seed=14&variation=cell")
     assert np.array_equal(a, b)
+
+
+def test_the_chip_refuses_a_tile_that_splits_a_column_group(tmp_path):
+    from nvcim.compiler import compile_model
+
+    from zoo import export_mlp
+
+    path = export_mlp(tmp_path / "mlp.onnx", in_features=16, hidden=8, out=4)
+    with driver.open("emu://") as dev:
+        program = compile_model(path, dev.identity.geometry)
+        assert all(t.col % S == 0 for layer in program.layers for t in layer.tiles)  # the compiler's placement
+        program.layers[0].tiles[0].col = 2
+        with pytest.raises(driver.DeviceError, match="not at a multiple of 4"):
+            dev.load_code(program)
