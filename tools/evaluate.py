@@ -17,6 +17,7 @@ from torch.func import functional_call, vmap
 
 from nvcim.firmware_emu.contract.device import DeviceSettings
 
+from .determinism import thread_independent
 from .models import Net
 from .noise import quantize, weight_noise
 
@@ -57,6 +58,7 @@ def quantized_params(model: Net, weight_bits: int = 8) -> dict[str, torch.Tensor
     return {n: quantize(params[n].detach(), weight_bits)[0] for n in names}
 
 
+@thread_independent
 def predict(model: Net, x: np.ndarray | torch.Tensor, params: dict[str, torch.Tensor] | None = None,
             batch: int = 512) -> np.ndarray:
     """Logits of ``model`` with some parameters replaced (functional call), in eval mode."""
@@ -73,6 +75,7 @@ def accuracy(model: Net, x: np.ndarray, y: np.ndarray, params: dict[str, torch.T
     return float((predict(model, x, params).argmax(1) == np.asarray(y)).mean())
 
 
+@thread_independent
 def monte_carlo(model: Net, x: np.ndarray, y: np.ndarray, backbone: DeviceSettings | None, draws: int = 200,
                 seed: int = 0, fixed: dict[str, torch.Tensor] | None = None, tsb: DeviceSettings | None = None,
                 weight_bits: int = 8, budget: int = 24_000_000) -> MonteCarlo:

@@ -25,6 +25,7 @@ from nvcim.compiler import batchnorm
 from nvcim.firmware_emu.contract.device import DeviceSettings
 
 from .datasets import Split
+from .determinism import thread_independent
 from .evaluate import accuracy, monte_carlo, quantized_params
 from .models import Net, build
 from .noise import noisy_weight
@@ -61,6 +62,7 @@ def _batches(n: int, batch: int, gen: torch.Generator) -> list[torch.Tensor]:
     return list(torch.randperm(n, generator=gen).split(batch))
 
 
+@thread_independent
 def train_backbone(data: Split, cfg: TrainConfig, checkpoint_dir: str | Path | None = None,
                    log: Callable[[str], None] = print, progress: bool = True) -> TrainResult:
     """Noise-injection training of ``cfg.arch`` on ``data``; returns the chosen (early-stopped) model."""

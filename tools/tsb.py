@@ -21,6 +21,7 @@ from nvcim.firmware_emu.contract.device import DeviceSettings
 
 from .chip import FlowError, NoiseDump, check_tsb_width, noisy_weights
 from .datasets import Split
+from .determinism import thread_independent
 from .evaluate import accuracy, quantized_params
 from .models import Net, count_weights
 from .noise import noisy_weight
@@ -70,6 +71,7 @@ def fixed_backbone(model: Net, backbone_onnx: str | Path, dump: NoiseDump) -> di
     return {n: torch.from_numpy(weights[n]) for n in model.weight_names()}
 
 
+@thread_independent
 def train_tsb(model: Net, fixed: dict[str, torch.Tensor], data: Split, cfg: TSBConfig,
               log: Callable[[str], None] = print, progress: bool = True) -> TSBResult:
     """Train only the TSB weights of ``model`` with the backbone fixed at ``fixed``."""
