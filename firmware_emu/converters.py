@@ -40,6 +40,9 @@ column sum, one rounding pass and one shift-and-add - no Python loop per tile.
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -51,10 +54,29 @@ LayerProduct = Callable[[int, np.ndarray], np.ndarray]  # (layer, x (P, in)) -> 
 TileConductance = Callable[[int, int], np.ndarray]       # (layer, tile) -> (in_count, out_count * S)
 
 
+CHUNK_SUMS = 1 << 18  # column sums per pass: ~1 MB, so the passes over them stay in cache
+MIN_ROWS = 128        # batch rows per chunk at least: fewer make the matrix product inefficient
+
+_pool_lock = threading.Lock()
+_chunk_pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool)
+
+
 def _torch():
     import torch  # deferred: a chip that never runs a program does not pay for the import
 
     return torch
+
+
+def _pool() -> ThreadPoolExecutor:
+    """Worker threads for a batch's chunks, one per core torch would use, each running
+    single-threaded torch; made again after a fork."""
+    global _chunk_pool
+    with _pool_lock:
+        if _chunk_pool is None or _chunk_pool[0] != os.getpid():
+            torch = _torch()
+            _chunk_pool = (os.getpid(), ThreadPoolExecutor(max(1, torch.get_num_threads()), "nvcim-adc",
+                                                           torch.set_num_threads, (1,)))
+        return _chunk_pool[1]
 
 
 def levels(bits: int) -> int:
@@ -186,36 +208,68 @@ class LayerConverters:
             u = torch.where(top > 0, q, u)
         return u, scale
 
-    def product(self, x: np.ndarray, read_noise: float = 0.0, generator=None) -> np.ndarray:
-        """The layer's output (P, out) for inputs x (P, in), through the converters."""
+    def product(self, x: np.ndarray, read_noise: float = 0.0, noise: NoiseStream | None = None) -> np.ndarray:
+        """The layer's output (P, out) for inputs x (P, in), through the converters.
+
+        The batch is cut into chunks of about ``CHUNK_SUMS`` column sums, so the passes over
+        them (noise, rounding, shift-add) run in cache, on the worker threads. With read
+        noise each chunk draws from its own generator, taken from ``noise`` in chunk order:
+        the same stream gives the same result whatever the threads do.
+        """
+        if read_noise > 0 and noise is None:
+            raise ValueError("read noise needs a NoiseStream")
         torch = _torch()
         xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-        u, in_scale = self.inputs(xt)
-        if read_noise > 0:
-            top = torch.from_numpy(np.where(self.dac_top > 0, self.dac_top, 1)).view(-1, 1, 1)
-            sigma = torch.linalg.vector_norm(u, dim=2, keepdim=True).mul_(read_noise / top)   # (groups, P, 1)
-            noise = torch.empty(u.shape[0], u.shape[1], self.cells.shape[2])
-            noise.normal_(generator=generator).mul_(sigma).mul_(self.col_scale.unsqueeze(1))
-            sums = torch.baddbmm(noise, u, self.cells, out=noise)
+        p = xt.shape[0]
+        width = max(1, self.cells.shape[2])
+        rows = max(MIN_ROWS, CHUNK_SUMS // (self.groups * width))
+        span = max(1, CHUNK_SUMS // (rows * width))                          # groups per pass
+        cuts = list(range(0, p, rows)) + [p]
+        generators = [noise.generator() if read_noise > 0 else None for _ in cuts[:-1]]
+        y = torch.empty(p, self.out_features)
+        jobs = [(xt[a:b], y[a:b], span, read_noise, gen) for a, b, gen in zip(cuts[:-1], cuts[1:], generators)]
+        if len(jobs) == 1:
+            self._chunk(*jobs[0])
         else:
-            sums = torch.bmm(u, self.cells)                              # ADC input in steps
-        if self.adc_all_finite:
-            sums.round_()
-            torch.minimum(sums, self.adc_top, out=sums)
-            torch.maximum(sums, -self.adc_top, out=sums)
-        elif self.adc_any_finite:                                         # some arrays' ADCs ideal
-            torch.where(self.adc_finite, sums.round(), sums, out=sums)
-            torch.minimum(sums, self.adc_top, out=sums)
-            torch.maximum(sums, -self.adc_top, out=sums)
-        n, p = sums.shape[0], sums.shape[1]
-        cols = torch.matmul(sums.view(n, p, -1, self.slices), self.place)   # (groups, P, width)
-        cols.mul_(self.post.unsqueeze(1)).mul_(in_scale)
-        y = torch.zeros(p, self.out_features + 1)
-        if self.same_outputs:
-            y.index_add_(1, self.out_index, cols.sum(0))
-        else:
-            y.index_add_(1, self.out_index, cols.permute(1, 0, 2).reshape(p, -1))
-        return y[:, :self.out_features].mul_(self.scale).numpy()
+            for future in [_pool().submit(self._chunk, *job) for job in jobs]:
+                future.result()
+        return y.numpy()
+
+    def _chunk(self, x, y, span: int, read_noise: float, generator) -> None:
+        """y = the product for the batch rows x, ``span`` groups at a time."""
+        torch = _torch()
+        u_all, scale_all = self.inputs(x)
+        p = x.shape[0]
+        out = torch.zeros(p, self.out_features + 1)
+        for g0 in range(0, self.groups, span):
+            g = slice(g0, g0 + span)
+            u, cells, col_scale = u_all[g], self.cells[g], self.col_scale[g]
+            n = u.shape[0]
+            if read_noise > 0:
+                top = torch.from_numpy(np.where(self.dac_top > 0, self.dac_top, 1)[g]).view(-1, 1, 1)
+                sigma = torch.linalg.vector_norm(u, dim=2, keepdim=True).div_(top).mul_(read_noise)
+                sums = torch.empty(n, p, cells.shape[2])
+                sums.normal_(generator=generator).mul_(sigma).mul_(col_scale.unsqueeze(1))
+                torch.baddbmm(sums, u, cells, out=sums)
+            else:
+                sums = torch.bmm(u, cells)                                   # ADC input in steps
+            adc_top = self.adc_top[g]
+            if self.adc_all_finite:
+                sums.round_()
+                torch.minimum(sums, adc_top, out=sums)
+                torch.maximum(sums, -adc_top, out=sums)
+            elif self.adc_any_finite:                                         # some arrays' ADCs ideal
+                torch.where(self.adc_finite[g], sums.round(), sums, out=sums)
+                torch.minimum(sums, adc_top, out=sums)
+                torch.maximum(sums, -adc_top, out=sums)
+            cols = torch.matmul(sums.view(n, p, -1, self.slices), self.place)   # (groups, P, width)
+            cols.mul_(self.post[g].unsqueeze(1)).mul_(scale_all[g])
+            if self.same_outputs:
+                out.index_add_(1, self.out_index, cols.sum(0))
+            else:
+                index = self.out_index.view(self.groups, -1)[g].reshape(-1)
+                out.index_add_(1, index, cols.permute(1, 0, 2).reshape(p, -1))
+        torch.mul(out[:, :self.out_features], self.scale, out=y)
 
 
 def weight_bounds(program: Program, conductance: TileConductance, arrays: int) -> np.ndarray:
@@ -250,10 +304,7 @@ def tiled_product(program: Program, conductance: TileConductance, dac_bits: np.n
         if plan is None:
             plan = prepared[layer_index] = LayerConverters(
                 program, layer_index, lambda i: conductance(layer_index, i), settings, bound)
-        generator = noise.generator() if read_noise > 0 and noise is not None else None
-        if read_noise > 0 and generator is None:
-            raise ValueError("read noise needs a NoiseStream")
-        return plan.product(x, read_noise, generator)
+        return plan.product(x, read_noise, noise)
 
     return product
 

@@ -151,7 +151,7 @@ def test_read_noise_matches_per_cell_reads_and_the_one_draw_formula():
     xs = np.repeat(x, draws, axis=0)
     clean = plan.product(xs)
     sigma = 0.05
-    noisy = plan.product(xs, sigma, NoiseStream(1).generator())
+    noisy = plan.product(xs, sigma, NoiseStream(1))
     measured = (noisy - clean).reshape(3, draws, 12).std(axis=1)
     # reference: per-cell noise, many draws of the slow model
     rng = np.random.default_rng(12)
@@ -170,10 +170,10 @@ def test_read_noise_passes_through_finite_converters_and_a_seed_reproduces_it():
     plan = _plan(program, cells, ConverterSettings.uniform(6, 8, 8))
     x = np.random.default_rng(13).standard_normal((64, 600)).astype(np.float32)
     clean = plan.product(x)
-    a = plan.product(x, 0.2, NoiseStream(5).generator())
-    b = plan.product(x, 0.2, NoiseStream(5).generator())
+    a = plan.product(x, 0.2, NoiseStream(5))
+    b = plan.product(x, 0.2, NoiseStream(5))
     stream = NoiseStream(5)
-    first, second = plan.product(x, 0.2, stream.generator()), plan.product(x, 0.2, stream.generator())
+    first, second = plan.product(x, 0.2, stream), plan.product(x, 0.2, stream)
     assert np.array_equal(a, b) and np.array_equal(a, first)
     assert not np.array_equal(first, second) and not np.array_equal(a, clean)
     # noise of about one ADC step passes 8-bit converters at the size the ideal path gives it,
