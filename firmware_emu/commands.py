@@ -8,13 +8,17 @@ ChipError to refuse. The cell commands are in ``cell_commands``, RUN and INFER i
 
 from __future__ import annotations
 
+import math
 import types
 import zlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from .config import ChipConfig
-from .contract.program_format import Program, ProgramFormatError, parse_code
+from .contract.ops import OPS, PAD_MODES
+from .contract.program_format import MAX_SAMPLE_ELEMENTS, Instr, Opcode, Program, ProgramFormatError, parse_code
 from .contract.protocol import (MAX_PAYLOAD, BufReadArgs, BufWriteHeader, ErrorCode, IdentifyReply, Identity,
                                 ProgramFetchReply, ProgramLoadArgs, RegReadArgs, RegReadReply, RegWriteArgs)
 from .contract.registers import CHIP_ID_VALUE, VERSION_VALUE
@@ -43,13 +47,137 @@ def loaded(chip: Chip, name: str) -> Program:
 
 
 def parse_program(config: ChipConfig, code: bytes) -> Program:
-    """A code section for this chip's geometry, or BAD_PROGRAM saying what is wrong with it."""
+    """A code section for this chip's geometry, every index, id, size and cell range checked
+    against it, or BAD_PROGRAM saying what is wrong with it."""
     header = types.SimpleNamespace(weight_bits=config.weight_bits, cell_bits=config.cell_bits,
                                    array_rows=config.rows, array_cols=config.cols)
     try:
-        return parse_code(code, header)
+        return parse_code(code, header, arrays=config.arrays)
     except ProgramFormatError as e:
         raise ChipError(ErrorCode.BAD_PROGRAM, str(e)) from None
+
+
+PROBE_BATCH = 1  # the batch a program is tried on at load, as the compiler works out its shapes
+
+
+def check_runnable(program: Program) -> None:
+    """Refuse (BAD_PROGRAM, naming the instruction) a program whose instructions do not fit
+    the op table: layer use, attributes, and, on a batch of PROBE_BATCH zeros, input counts and
+    shapes against the declared tensors. Every size a kernel would allocate is bounded first,
+    so a run of a loaded program can fail only on its inputs, never ask for unbounded memory."""
+    env = {tid: np.asarray(v) for tid, v in program.constants.items()}
+    for tid in program.inputs:
+        env[tid] = np.zeros((PROBE_BATCH, *program.tensors[tid].shape[1:]), np.float32)
+    zeros: dict[int, np.ndarray] = {}
+
+    def weights(index: int) -> np.ndarray:  # only the shapes matter; calloc'd pages cost nothing
+        if index not in zeros:
+            layer = program.layers[index]
+            zeros[index] = np.zeros((layer.in_features, layer.out_features), np.float32)
+        return zeros[index]
+
+    for ii, ins in enumerate(program.instructions):
+        where = f"instruction {ii} ({ins.op.name} '{ins.name}')"
+        args = [env[t] for t in ins.inputs]
+        try:
+            _check_instruction(program, ins, args)
+            with np.errstate(all="ignore"):
+                outs = OPS[ins.op].kernel(ins, args, weights)
+        except ChipError as e:
+            raise ChipError(ErrorCode.BAD_PROGRAM, f"{where}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - whatever the kernel raises on a malformed instruction
+            raise ChipError(ErrorCode.BAD_PROGRAM, f"{where} cannot run: {type(e).__name__}: {e}") from None
+        if len(outs) != len(ins.outputs):
+            raise ChipError(ErrorCode.BAD_PROGRAM, f"{where} computes {len(outs)} results for its "
+                            f"{len(ins.outputs)} outputs")
+        for tid, out in zip(ins.outputs, outs):
+            decl = program.tensors[tid]
+            if tuple(out.shape) != (PROBE_BATCH, *decl.shape[1:]):
+                raise ChipError(ErrorCode.BAD_PROGRAM, f"{where} computes shape {tuple(out.shape[1:])} per sample "
+                                f"(batch first: {out.shape[:1] == (PROBE_BATCH,)}) for tensor {tid} "
+                                f"('{decl.name}'), declared {decl.shape[1:]}")
+            env[tid] = out
+
+
+def _check_instruction(program: Program, ins: Instr, args: list[np.ndarray]) -> None:
+    """Layer use and attributes against the op table, and the sizes an op's kernel allocates."""
+    spec = OPS[ins.op]
+    if spec.unit == "crossbar":
+        group = ins.attrs.get("group", [1])
+        count = group[0] if len(group) == 1 and isinstance(group[0], int) else 0
+        if ins.layer < 0 or count < 1 or ins.layer + count > len(program.layers):
+            raise ChipError(ErrorCode.BAD_PROGRAM, f"uses layers {ins.layer}..{ins.layer + count - 1}; a crossbar op "
+                            f"needs layers of the program's {len(program.layers)}")
+    elif ins.layer != -1:
+        raise ChipError(ErrorCode.BAD_PROGRAM, f"a {spec.unit} op with layer {ins.layer} (expected -1)")
+    declared = {a.name: a.type for a in spec.attrs}
+    for name, values in ins.attrs.items():
+        kind = declared.get(name)
+        if kind is None:
+            raise ChipError(ErrorCode.BAD_PROGRAM, f"has attribute '{name}', which {spec.name} does not take "
+                            f"(takes: {', '.join(declared) or 'none'})")
+        integral = all(isinstance(v, int) for v in values)
+        if (kind != "ints" and len(values) != 1) or (kind in ("int", "ints") and not integral):
+            raise ChipError(ErrorCode.BAD_PROGRAM, f"attribute '{name}' = {values}: expected "
+                            f"{'one integer' if kind == 'int' else 'integers' if kind == 'ints' else 'one number'}")
+        rule = _ATTR_RULES.get(name)
+        if any(isinstance(v, float) and math.isnan(v) for v in values) or \
+                (rule is not None and not all(rule[0](v) for v in values)):
+            raise ChipError(ErrorCode.BAD_PROGRAM, f"attribute '{name}' = {values}: "
+                            f"{rule[1] if rule else 'NaN is no value'}")
+    missing = [name for name in declared if name not in ins.attrs]
+    if missing:
+        raise ChipError(ErrorCode.BAD_PROGRAM, f"lacks attribute(s) {', '.join(missing)}")
+    if ins.op == Opcode.TRANSPOSE and ins.attrs["perm"][:1] != [0]:
+        raise ChipError(ErrorCode.BAD_PROGRAM, f"perm {ins.attrs['perm']} moves the batch axis (perm[0] must be 0)")
+    if ins.op == Opcode.RESHAPE and ins.attrs["shape"][:1] != [-1]:
+        raise ChipError(ErrorCode.BAD_PROGRAM, f"shape {ins.attrs['shape']} does not keep the batch (shape[0] must "
+                        f"be -1)")
+    limit = PROBE_BATCH * MAX_SAMPLE_ELEMENTS
+    need = _temporary_elements(program, ins, args)
+    if need > limit:
+        raise ChipError(ErrorCode.BAD_PROGRAM, f"would compute {need} values for a batch of {PROBE_BATCH}; "
+                        f"a tensor holds at most {MAX_SAMPLE_ELEMENTS} per sample")
+
+
+# value ranges of attributes, by name (the op table gives their meaning): (test, what is accepted)
+_ATTR_RULES: dict[str, tuple[Callable[[int | float], bool], str]] = {
+    "kernel": (lambda v: v >= 1, "window sizes are >= 1"),
+    "strides": (lambda v: v >= 1, "strides are >= 1"),
+    "dilations": (lambda v: v >= 1, "dilations are >= 1"),
+    "group": (lambda v: v >= 1, "group is >= 1"),
+    "ceil_pads": (lambda v: v >= 0, "ceil_mode's extra pads are >= 0"),
+    "count_include_pad": (lambda v: v in (0, 1), "a flag is 0 or 1"),
+    "keepdims": (lambda v: v in (0, 1), "a flag is 0 or 1"),
+    "axis": (lambda v: v >= 1, "axes are >= 1 (dim 0 is the batch)"),
+    "axes": (lambda v: v >= 1, "axes are >= 1 (dim 0 is the batch)"),
+    "mode": (lambda v: v in PAD_MODES, f"pad modes are {', '.join(f'{k} {n}' for k, n in PAD_MODES.items())}"),
+}
+
+
+def _temporary_elements(program: Program, ins: Instr, args: list[np.ndarray]) -> int:
+    """The most values the kernel of ``ins`` allocates at once, for the ops that can grow
+    their inputs (0 for the others, whose results are no bigger than their inputs)."""
+    op, a = ins.op, ins.attrs
+    if op in (Opcode.ADD, Opcode.SUB, Opcode.MUL, Opcode.DIV, Opcode.PRELU) and len(args) == 2:
+        return math.prod(np.broadcast_shapes(args[0].shape, args[1].shape))
+    if op == Opcode.CONCAT:
+        return sum(x.size for x in args)
+    if op == Opcode.MATMUL and len(args) == 1 and args[0].ndim:
+        return math.prod(args[0].shape[:-1]) * program.layers[ins.layer].out_features
+    if op == Opcode.PAD and len(args) == 1:
+        pads = a["pads"]
+        return math.prod(d + max(b, 0) + max(e, 0) for d, b, e in zip(args[0].shape, pads, pads[args[0].ndim:]))
+    if op in (Opcode.CONV, Opcode.MAXPOOL, Opcode.AVGPOOL) and len(args) == 1 and args[0].ndim >= 2:
+        x, nd = args[0], len(a["kernel"])
+        pads = list(a["pads"]) + [0] * 2 * nd
+        padded = [n + max(b, 0) + max(e, 0) for n, b, e in zip(x.shape[2:], pads, pads[nd:])]
+        if any(k < 1 or (k - 1) * d + 1 > n for k, d, n in zip(a["kernel"], a["dilations"], padded)):
+            raise ChipError(ErrorCode.BAD_PROGRAM, f"the {a['kernel']} window (dilations {a['dilations']}) does "
+                            f"not fit the padded input {padded}")
+        windows = math.prod(a["kernel"]) * math.prod(max(n // max(s, 1), 1) for n, s in zip(padded, a["strides"]))
+        return max(x.shape[0] * x.shape[1] * math.prod(padded), x.shape[0] * x.shape[1] * windows)
+    return 0
 
 
 def ping(chip: Chip, payload: bytes) -> bytes:
@@ -98,34 +226,10 @@ def program_load(chip: Chip, payload: bytes) -> bytes:
     if zlib.crc32(code) != args.crc:
         raise ChipError(ErrorCode.BAD_PROGRAM, f"code section CRC mismatch over {args.length} staged bytes")
     program = parse_program(c, code)
-    problem = _placement_problem(chip, program)
-    if problem:
-        raise ChipError(ErrorCode.BAD_PROGRAM, problem)
+    check_runnable(program)
     chip.program, chip.program_code = program, code
     chip.registers.done()
     return b""
-
-
-def _placement_problem(chip: Chip, program: Program) -> str | None:
-    """What of ``program`` lies outside this chip or outside the program itself, if anything."""
-    s = program.slices
-    for layer in program.layers:
-        for ti, t in enumerate(layer.tiles):
-            where = chip.cells.check_region(t.array, t.row, t.col, t.in_count, t.out_count * s)
-            if where:
-                return f"layer '{layer.name}' tile {ti}: {where}"
-            if t.in_start + t.in_count > layer.in_features or t.out_start + t.out_count > layer.out_features:
-                return f"layer '{layer.name}' tile {ti}: block outside the {layer.in_features}x{layer.out_features} weight"
-            if t.col % s:
-                return (f"layer '{layer.name}' tile {ti}: starts at column {t.col}, not at a multiple of {s}: a "
-                        f"weight's {s} cells are one column group of the array (the presets find a weight's level "
-                        f"there)")
-    for ins in program.instructions:
-        if ins.layer >= len(program.layers):
-            return f"instruction '{ins.name}' uses layer {ins.layer}, program has {len(program.layers)}"
-        if any(t >= len(program.tensors) for t in ins.inputs + ins.outputs):
-            return f"instruction '{ins.name}' names a tensor beyond the {len(program.tensors)} declared"
-    return None
 
 
 def program_fetch(chip: Chip, payload: bytes) -> bytes:
