@@ -11,7 +11,7 @@ from onnx import numpy_helper
 from nvcim.firmware_emu.contract.geometry import Geometry
 from nvcim.firmware_emu.contract.program_format import Layer, Program, Tile, pack_cells
 
-from . import frontend, lower
+from . import frontend, lower, partition
 from .frontend import CompileError
 from .mapping import CapacityError, Placer
 from .quantize import Quantized, fake_quantize, quantize, slice_levels
@@ -46,9 +46,10 @@ def lower_model(model: str | os.PathLike | onnx.ModelProto, shared: str = "commo
         for name in node.input:
             uses[name] = uses.get(name, 0) + 1
     inputs = [v for v in graph.input if v.name not in consts]
-    shapes = [_input_shape(v, source) for v in inputs]
+    shapes = [_input_shape(v, source, [n for n in graph.node if v.name in n.input]) for v in inputs]
     batch = {dims[0] for dims in shapes}
     lo = lower.Lowering(source, consts, shared, uses, batch.pop() if len(batch) == 1 and None not in batch else None)
+    lo.graph_outputs = {o.name for o in graph.output}
     for value, dims in zip(inputs, shapes):
         lo.tensor(value.name, (-1, *dims[1:]))
     for i, node in enumerate(graph.node):
@@ -57,12 +58,22 @@ def lower_model(model: str | os.PathLike | onnx.ModelProto, shared: str = "commo
     return lo, proto
 
 
-def _input_shape(value: onnx.ValueInfoProto, source: str) -> list[int | None]:
-    """A graph input's dims, batch (dim 0) None when symbolic; every other dim must be fixed."""
+INDEX_TYPES = frozenset({onnx.TensorProto.INT64, onnx.TensorProto.INT32})  # integer inputs: Gather indices
+
+
+def _input_shape(value: onnx.ValueInfoProto, source: str, consumers: list[onnx.NodeProto]) -> list[int | None]:
+    """A graph input's dims, batch (dim 0) None when symbolic; every other dim must be fixed.
+
+    Inputs are float32, but for integer indices into a constant table (Gather's second
+    input and nothing else): the host sends those as float32, exact below 2^24.
+    """
     t = value.type.tensor_type
-    if t.elem_type != onnx.TensorProto.FLOAT:
+    indices = t.elem_type in INDEX_TYPES and consumers and \
+        all(n.op_type == "Gather" and list(n.input).index(value.name) == 1 for n in consumers)
+    if t.elem_type != onnx.TensorProto.FLOAT and not indices:
         kind = onnx.TensorProto.DataType.Name(t.elem_type) if t.elem_type else "non-tensor"
-        raise CompileError(f"{source}: input '{value.name}' is {kind}; the chip takes float32 inputs")
+        raise CompileError(f"{source}: input '{value.name}' is {kind}; the chip takes float32 inputs "
+                           f"(integer inputs only as the indices of a Gather from a constant table)")
     dims = t.shape.dim
     if not dims:
         raise CompileError(f"{source}: input '{value.name}' has no batch dimension (rank 0)")
@@ -103,8 +114,12 @@ def _quantize_layers(lo: lower.Lowering, weight_bits: int, per_channel: bool) ->
 
 
 def place(lo: lower.Lowering, proto: onnx.ModelProto, target: Target, *, base: Program | None = None,
-          per_channel: bool = False) -> Program:
-    """Quantise, slice and place a lowered model's weight layers onto ``target``."""
+          per_channel: bool = False, inputs: list[str] | None = None, outputs: list[str] | None = None) -> Program:
+    """Quantise, slice and place a lowered model's weight layers onto ``target``.
+
+    ``inputs`` / ``outputs``: the tensors the program takes and returns (default: the
+    model's graph inputs and outputs; one stage of a partitioned model names its own).
+    """
     slices = target.weight_bits // target.cell_bits
     placer = Placer(target.rows, target.cols, slices)
     pinned = {layer.name: layer for layer in (base.layers if base else [])}
@@ -152,9 +167,14 @@ def place(lo: lower.Lowering, proto: onnx.ModelProto, target: Target, *, base: P
         layers.append(Layer(name, w.shape[0], w.shape[1], scale, tiles))
     if placer.arrays_needed > target.arrays:
         raise CapacityError(f"{lo.source}: the model needs {placer.arrays_needed} arrays of "
-                            f"{target.rows}x{target.cols} cells; the chip has {target.arrays}")
-    graph_outputs = [lo.ids_for(o.name) for o in proto.graph.output]
-    graph_inputs = [lo.ids[v.name] for v in proto.graph.input if v.name not in lo.consts]
+                            f"{target.rows}x{target.cols} cells; the chip has {target.arrays}"
+                            + ("" if base is not None else partition.chips_hint(lo, target, quantized)))
+    if outputs is None:
+        outputs = [o.name for o in proto.graph.output]
+    if inputs is None:
+        inputs = [v.name for v in proto.graph.input if v.name not in lo.consts]
+    graph_outputs = [lo.ids_for(name) for name in outputs]
+    graph_inputs = [lo.ids[name] for name in inputs]
     return Program(target.weight_bits, target.cell_bits, target.rows, target.cols,
                    lo.tensors, lo.constants, layers, lo.instructions, graph_inputs, graph_outputs,
                    b"".join(cells))

@@ -52,6 +52,7 @@ class Lowering:
         self._probe_weights: list[np.ndarray] = []
         self.node: onnx.NodeProto | None = None
         self.label = ""
+        self.graph_outputs: set[str] = set()             # names the model returns
 
     # -- helpers for handlers -------------------------------------------------------
     def error(self, message: str) -> CompileError:
@@ -259,6 +260,94 @@ def _pool(lo: Lowering, node: onnx.NodeProto) -> None:
     lo.emit(Opcode.AVGPOOL if average else Opcode.MAXPOOL, [x], node.output[0], attrs=attrs)
 
 
+def _conv_transpose(lo: Lowering, node: onnx.NodeProto) -> None:
+    """A transposed convolution as zero insertion and a CONV with the flipped, transposed kernel.
+
+    ``y = ConvTranspose(x, W)`` equals ``Conv(z, W')`` where z is x with ``stride - 1`` zeros
+    between neighbouring samples, padded by ``(k - 1) * dilation - pad`` per side, and
+    ``W'[o, i] = W[i, o]`` flipped along every spatial axis, stride 1. Lowered that way it is
+    an ordinary CONV (im2col, one crossbar layer per group, same cells, converters and
+    noise as any convolution) behind RESHAPE / PAD / SLICE, rather than a new crossbar
+    op with a col2im scatter: the price is the zero rows a strided one drives.
+    """
+    x, w_name = node.input[0], node.input[1]
+    w = np.asarray(lo.const(w_name, "weight"), dtype=np.float64)
+    if w.ndim < 3:
+        raise lo.error(f"weight '{w_name}' has rank {w.ndim}, expected (C_in, C_out/group, *kernel)")
+    shape = lo.shape(x)
+    kernel = list(w.shape[2:])
+    nd = len(kernel)
+    if list(lo.attr("kernel_shape", kernel)) != kernel:
+        raise lo.error(f"kernel_shape {lo.attr('kernel_shape')} differs from the weight's {kernel}")
+    if len(shape) != nd + 2:
+        raise lo.error(f"input '{x}' has rank {len(shape)}, a {nd}-D kernel needs rank {nd + 2}")
+    group = lo.attr("group", 1)
+    c_in, cog = w.shape[:2]
+    if shape[1] != c_in or c_in % group:
+        raise lo.error(f"{shape[1]} input channels and weight {w.shape} do not fit group={group}")
+    strides = list(lo.attr("strides", [1] * nd))
+    dilations = list(lo.attr("dilations", [1] * nd))
+    extra = list(lo.attr("output_padding", [0] * nd))
+    if len(strides) != nd or len(dilations) != nd or len(extra) != nd or min(strides + dilations, default=1) < 1 \
+            or min(extra, default=0) < 0:
+        raise lo.error(f"strides {strides}, dilations {dilations} and output_padding {extra} must be {nd} values "
+                       f"(positive, positive, >= 0)")
+    spatial = shape[2:]
+    full = [(n - 1) * s + (k - 1) * d + 1 for n, s, k, d in zip(spatial, strides, kernel, dilations)]
+    auto = lo.attr("auto_pad", "NOTSET")
+    wanted = lo.attr("output_shape")
+    if wanted is not None or auto in ("SAME_UPPER", "SAME_LOWER"):
+        wanted = list(wanted)[-nd:] if wanted is not None else [n * s for n, s in zip(spatial, strides)]
+        if len(wanted) != nd or min(wanted) < 1:
+            raise lo.error(f"output_shape {wanted} must be {nd} positive sizes")
+        totals = [f + e - o for f, e, o in zip(full, extra, wanted)]  # negative: the output grows at the end
+        if any(-t >= s for t, s in zip(totals, strides)):
+            raise lo.error(f"output_shape {wanted} is more than a stride beyond the full output {full}")
+        # as onnxruntime: SAME_UPPER puts the odd pad last, otherwise first
+        heads = [max(t // 2 if auto == "SAME_UPPER" else t - t // 2, 0) for t in totals]
+        pads = heads + [t - h for t, h in zip(totals, heads)]
+    elif auto == "VALID":
+        pads = [0] * 2 * nd
+    elif auto == "NOTSET":
+        pads = list(lo.attr("pads", [0] * 2 * nd))
+        if len(pads) != 2 * nd or min(pads) < 0:
+            raise lo.error(f"pads {pads} must be {2 * nd} values >= 0")
+    else:
+        raise lo.error(f"auto_pad={auto} is not supported (supported: NOTSET, VALID, SAME_UPPER, SAME_LOWER)")
+    out = node.output[0]
+    z = x
+    if any(s > 1 for s in strides):  # zeros between samples: (..., S, 1) padded to (..., S, s), merged
+        split = [-1, shape[1]] + [d for n, s in zip(spatial, strides) for d in (n, 1)]
+        lo.emit(Opcode.RESHAPE, [x], f"{out}/split", attrs={"shape": split})
+        grow = [0] * 2 * len(split)
+        for i, s in enumerate(strides):
+            grow[len(split) + 3 + 2 * i] = s - 1
+        lo.emit(Opcode.PAD, [f"{out}/split"], f"{out}/spread", attrs={"pads": grow, "mode": [0], "value": [0.0]})
+        z = f"{out}/zeros"
+        _reshape_to(lo, f"{out}/spread", [-1, shape[1], *[n * s for n, s in zip(spatial, strides)]], z)
+    # conv pads around z; the s - 1 zeros after the last sample are not part of it
+    begins = [(k - 1) * d - p for k, d, p in zip(kernel, dilations, pads[:nd])]
+    ends = [(k - 1) * d - p + e - (s - 1) for k, d, p, e, s in zip(kernel, dilations, pads[nd:], extra, strides)]
+    if min(begins + ends) < 0:  # pads larger than the kernel's reach: crop instead
+        size = lo.shape(z)[2:]
+        crop = {"starts": [0] + [max(-b, 0) for b in begins],
+                "counts": [shape[1]] + [n - max(-b, 0) - max(-e, 0) for n, b, e in zip(size, begins, ends)],
+                "steps": [1] * (nd + 1)}
+        lo.emit(Opcode.SLICE, [z], f"{out}/cropped", attrs=crop)
+        z = f"{out}/cropped"
+    flipped = np.flip(w, axis=tuple(range(2, w.ndim)))
+    cig = c_in // group
+    matrices = [flipped[g * cig:(g + 1) * cig].transpose(1, 0, *range(2, w.ndim)).reshape(cog, -1).T
+                for g in range(group)]
+    first = lo.add_layers(w_name, matrices, channel_axis=1)
+    attrs = dict(kernel=kernel, strides=[1] * nd, pads=[max(b, 0) for b in begins] + [max(e, 0) for e in ends],
+                 dilations=dilations, group=[group])
+    has_bias = len(node.input) > 2 and node.input[2]
+    lo.emit(Opcode.CONV, [z], out + "/conv" if has_bias else out, layer=first, attrs=attrs)
+    if has_bias:
+        lo.bias(out + "/conv", node.input[2], out, nd)
+
+
 def _global_pool(lo: Lowering, node: onnx.NodeProto) -> None:
     if len(lo.shape(node.input[0])) < 3:
         raise lo.error("input needs spatial dimensions (N, C, ...)")
@@ -322,6 +411,48 @@ def _batchnorm(lo: Lowering, node: onnx.NodeProto) -> None:
     lo.emit(Opcode.ADD, [out + "/scaled", shift], out)
 
 
+def _gather(lo: Lowering, node: onnx.NodeProto) -> None:
+    """Rows of a constant table picked by integer indices (an embedding): ONE_HOT, then MATMUL.
+
+    The table is a crossbar layer (rows x the rest of its shape): each index drives one
+    row, so the table sits in the non-volatile cells like every other weight (quantised,
+    noisy, write-verified and TSB-trainable alike) instead of in digital memory, which an
+    embedding table, often a model's largest weight, would not fit.
+    """
+    table_name, indices = node.input
+    if table_name not in lo.consts:
+        raise lo.error(f"data '{table_name}' is computed on the chip; only a Gather from a constant table "
+                       f"(an embedding) is supported")
+    table = np.asarray(lo.consts[table_name], dtype=np.float64)
+    if table.ndim < 1 or lo.attr("axis", 0) % max(table.ndim, 1) != 0:
+        raise lo.error(f"axis={lo.attr('axis', 0)}: only rows (axis 0) of the table can be gathered")
+    if indices in lo.consts:
+        raise lo.error(f"indices '{indices}' are constant and the table too; nothing to compute on the chip")
+    rows = table.shape[0]
+    if rows >= 1 << 24:
+        raise lo.error(f"table '{table_name}' has {rows} rows; indices travel as float32, exact below 2^24")
+    out = node.output[0]
+    matrix = table.reshape(rows, -1)
+    layer = lo.add_layers(table_name, [matrix], channel_axis=1)
+    lo.emit(Opcode.ONE_HOT, [indices], f"{out}/one_hot", attrs={"depth": [rows]})
+    if table.ndim == 2:
+        lo.emit(Opcode.MATMUL, [f"{out}/one_hot"], out, layer=layer)
+        return
+    lo.emit(Opcode.MATMUL, [f"{out}/one_hot"], f"{out}/rows", layer=layer)
+    _reshape_to(lo, f"{out}/rows", [*lo.shape(indices), *table.shape[1:]], out)
+
+
+def _lrn(lo: Lowering, node: onnx.NodeProto) -> None:
+    x = node.input[0]
+    if len(lo.shape(x)) < 3:
+        raise lo.error(f"input '{x}' has rank {len(lo.shape(x))}; LRN needs (N, C, D1, ...)")
+    size = lo.attr("size")
+    if size is None or size < 1:
+        raise lo.error(f"size={size}: a positive number of channels is required")
+    attrs = {a.name: [float(lo.attr(a.name, a.onnx_default))] for a in OPS[Opcode.LRN].attrs if a.name != "size"}
+    lo.emit(Opcode.LRN, [x], node.output[0], attrs=dict(attrs, size=[int(size)]))
+
+
 # -- elementwise ----------------------------------------------------------------------
 # ONNX operators that become one instruction of the opcode the op table names for them
 _BINARY = by_onnx("Add", "Sub", "Mul", "Div", "PRelu")
@@ -380,11 +511,14 @@ def _reduce(lo: Lowering, node: onnx.NodeProto) -> None:
 
 def _identity(lo: Lowering, node: onnx.NodeProto) -> None:
     if node.op_type == "Dropout":
-        if len(node.output) > 1 and node.output[1]:
-            raise lo.error("the mask output is not supported (inference only)")
         training = lo.optional_const(2, "training_mode")
         if training is not None and bool(training):
             raise lo.error("training_mode=true is not supported (inference only)")
+        mask = node.output[1] if len(node.output) > 1 else ""
+        if mask and (lo.uses.get(mask) or mask in lo.graph_outputs):
+            # in inference the mask is all ones; an unused one is simply not computed
+            raise lo.error(f"the mask output '{mask}' is used; the chip computes no mask "
+                           f"(in inference it is all ones: drop it from the model)")
     if node.op_type == "Cast" and lo.attr("to") != TensorProto.FLOAT:
         raise lo.error(f"cast to {TensorProto.DataType.Name(lo.attr('to'))} is not supported "
                        f"(the chip computes in float32; only casts to FLOAT)")
@@ -549,6 +683,9 @@ def _split(lo: Lowering, node: onnx.NodeProto) -> None:
 
 HANDLERS: dict[str, Callable[[Lowering, onnx.NodeProto], None]] = {
     "Conv": _conv,
+    "ConvTranspose": _conv_transpose,
+    "Gather": _gather,
+    "LRN": _lrn,
     "Gemm": _gemm,
     "MatMul": _matmul,
     "BatchNormalization": _batchnorm,

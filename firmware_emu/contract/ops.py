@@ -243,6 +243,27 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
 
 
+def _lrn(ins: Instr, x: np.ndarray) -> np.ndarray:
+    """x / (bias + alpha / size * sum of x^2 over the ``size`` channels around each one)^beta;
+    the window reaches floor((size-1)/2) channels down and ceil((size-1)/2) up, zeros past the ends."""
+    size = ins.attrs["size"][0]
+    below, above = (size - 1) // 2, size // 2
+    square = np.square(x, dtype=np.float32)
+    padded = np.pad(square, [(0, 0), (below, above)] + [(0, 0)] * (x.ndim - 2))
+    total = sliding_window_view(padded, size, axis=1).sum(axis=-1, dtype=np.float32)
+    return x / (_f(ins, "bias") + _f(ins, "alpha") / np.float32(size) * total) ** _f(ins, "beta")
+
+
+def _one_hot(ins: Instr, x: np.ndarray) -> np.ndarray:
+    """1 at each index's position along a new last axis of ``depth``, 0 elsewhere; indices are
+    truncated to integers, a negative one counts from the end, one outside [-depth, depth)
+    gives a row of zeros (ONNX OneHot's rule)."""
+    depth = ins.attrs["depth"][0]
+    index = x.astype(np.int64)
+    index = np.where(index < 0, index + depth, index)
+    return (index[..., None] == np.arange(depth)).astype(np.float32)
+
+
 def _one(fn: Callable[[Instr, np.ndarray], np.ndarray]) -> Kernel:
     """A kernel of one input and one output."""
     return lambda ins, args, weights: [fn(ins, args[0])]
@@ -343,6 +364,19 @@ def _pad_graph(g: GraphBuilder, ins: Instr, x: list[str], y: list[str]) -> None:
            y, ins, mode=PAD_MODES[a["mode"][0]])
 
 
+def _lrn_graph(g: GraphBuilder, ins: Instr, x: list[str], y: list[str]) -> None:
+    a = ins.attrs
+    if a["size"][0] % 2 == 0:
+        raise NoGraphForm(f"LRN '{ins.name}' over an even number of channels (onnxruntime takes odd sizes)")
+    g.node("LRN", x, y, ins, size=a["size"][0], alpha=float(a["alpha"][0]), beta=float(a["beta"][0]),
+           bias=float(a["bias"][0]))
+
+
+def _one_hot_graph(g: GraphBuilder, ins: Instr, x: list[str], y: list[str]) -> None:
+    g.node("OneHot", [x[0], g.const("depth", np.float32(ins.attrs["depth"][0])),
+                      g.const("values", np.array([0, 1], np.float32))], y, ins, axis=-1)
+
+
 # -- the table ------------------------------------------------------------------------
 _WINDOW = (
     Attr("kernel", "ints", "window size per spatial axis"),
@@ -429,6 +463,15 @@ _ROWS = (
            "sum", _one(lambda ins, x: x.sum(**_reduce_args(ins), dtype=np.float32)), _reduce_graph("ReduceSum")),
     OpSpec(Opcode.REDUCE_MAX, "digital", "x", _REDUCE, ("ReduceMax",), "x without axes (size 1 with keepdims)",
            "max", _one(lambda ins, x: x.max(**_reduce_args(ins))), _reduce_graph("ReduceMax")),
+    OpSpec(Opcode.LRN, "digital", "x (N, C, *S)",
+           (Attr("size", "int", "channels in each window"),
+            Attr("alpha", "float", "scale of the sum of squares", 0.0001),
+            Attr("beta", "float", "exponent", 0.75),
+            Attr("bias", "float", "offset", 1.0)),
+           ("LRN",), _SAME_AS_INPUT,
+           "local response normalisation across channels: x / (bias + alpha / size * s)^beta, s the sum "
+           "of x^2 over channels c - floor((size-1)/2) .. c + ceil((size-1)/2) (those that exist)",
+           _one(_lrn), _lrn_graph),
     OpSpec(Opcode.RESHAPE, "digital", "x", (Attr("shape", "ints", "target shape, dim 0 is -1 (the batch)"),),
            ("Reshape", "Flatten", "Squeeze", "Unsqueeze"), "(N, *shape[1:])", "x reshaped",
            _one(lambda ins, x: x.reshape(x.shape[0], *ins.attrs["shape"][1:])), _reshape_graph, view=True),
@@ -457,6 +500,13 @@ _ROWS = (
            ("Split",), "one output per size: x with axis of that size", "x cut into consecutive parts",
            lambda ins, args, weights: np.split(args[0], np.cumsum(ins.attrs["sizes"])[:-1], axis=ins.attrs["axis"][0]),
            _split_graph, view=True),
+    OpSpec(Opcode.ONE_HOT, "digital", "indices (N, *I), integer values held as float32",
+           (Attr("depth", "int", "length of the new last axis (the table's rows)"),),
+           ("Gather",), "(N, *I, depth)",
+           "1.0 where the last axis equals the index (negative: counted from the end), else 0.0; an "
+           "index outside [-depth, depth) gives zeros. A Gather from a constant table becomes ONE_HOT "
+           "then MATMUL: the table's rows are read from the crossbar",
+           _one(_one_hot), _one_hot_graph),
 )
 
 OPS: dict[Opcode, OpSpec] = {row.opcode: row for row in _ROWS}
