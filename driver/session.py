@@ -16,7 +16,8 @@ import onnx
 from tqdm import tqdm
 
 from nvcim.compiler import lower_model, place
-from nvcim.firmware_emu.contract.program_format import Program, Tile
+from nvcim.firmware_emu.contract.program_format import (Program, ProgramFormatError, Tile, check_cell_image,
+                                                       check_program)
 from nvcim.firmware_emu.contract.protocol import WriteStats
 
 from .cache import cached_program
@@ -56,6 +57,21 @@ def _node_args(values) -> list[NodeArg]:
     return out
 
 
+def _check_deployable(device: Device, program: Program, chosen: list) -> None:
+    """InvalidArgument naming what of ``program`` does not fit the chip, or whose cells the
+    program lacks: the checks PROGRAM_LOAD makes, and the tiles' cell image, on the host."""
+    g = device.identity.geometry
+    built = (program.weight_bits, program.cell_bits, program.array_rows, program.array_cols)
+    if built != (g.weight_bits, g.cell_bits, g.rows, g.cols):
+        raise InvalidArgument(f"program compiled for M={built[0]}, K={built[1]}, arrays of {built[2]}x{built[3]}; "
+                              f"the chip has M={g.weight_bits}, K={g.cell_bits}, arrays of {g.rows}x{g.cols}")
+    try:
+        check_program(program, arrays=g.arrays)
+        check_cell_image(program, chosen)
+    except ProgramFormatError as e:
+        raise InvalidArgument(f"program does not fit the chip: {e}") from None
+
+
 def deploy(device: Device, program: Program, *, verify: bool = False, layers: set[str] | None = None,
            verify_mask: dict[str, np.ndarray] | None = None) -> WriteStats:
     """Upload the code and program the cells of ``layers`` (default: every layer).
@@ -78,6 +94,7 @@ def deploy(device: Device, program: Program, *, verify: bool = False, layers: se
     chosen = [layer for layer in program.layers if layers is None or layer.name in layers]
     s = program.slices
     total_cells = sum(t.in_count * t.out_count * s for layer in chosen for t in layer.tiles)
+    _check_deployable(device, program, chosen)  # before anything is sent: a refusal leaves the chip as it was
     device.load_code(program)
     total = WriteStats()
     runs = _erase_runs([tile for layer in chosen for tile in layer.tiles])

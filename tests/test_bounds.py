@@ -154,3 +154,31 @@ def test_code_longer_than_the_buffer_is_refused_before_reading_it(valid):
             length=2 ** 32 - 1, crc=0, weight_bits=8, cell_bits=2, array_rows=32, array_cols=32)))
     assert e.value.code == ErrorCode.BAD_ADDRESS
     assert chip.program is None
+
+
+# -- deploy: the host checks before it sends anything ------------------------------
+def _unloaded(dev) -> bool:
+    from nvcim.firmware_emu.register_file import STATUS_PROGRAM_LOADED
+
+    return not dev.read_register("STATUS") & STATUS_PROGRAM_LOADED
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: setattr(p.layers[2].tiles[-1], "array", 16), "outside the chip's 16 arrays"),
+    (lambda p: setattr(p, "cells", p.cells[:-1]), "beyond the .*-byte cell image"),
+    (lambda p: setattr(p.layers[0], "in_features", 10 ** 9), "layer 0 .* is 1000000000x2"),
+])
+def test_deploy_refuses_a_program_that_does_not_fit_before_sending_anything(damage, message):
+    from nvcim import driver
+    from nvcim.driver.session import deploy
+
+    program = small_program()
+    damage(program)
+    with driver.open("emu://?arrays=16&rows=32&cols=32&buffer_size=65536") as dev:
+        sent = []
+        transact = dev.link.transact
+        dev.link.transact = lambda command, *a, **k: (sent.append(command), transact(command, *a, **k))[1]
+        with pytest.raises(driver.InvalidArgument, match=message):
+            deploy(dev, program)
+        assert sent == []
+        assert _unloaded(dev)

@@ -274,7 +274,7 @@ class Program:
         program = parse_code(code, header)
         program.cells = cells
         if with_cells:
-            _check_cell_offsets(program)
+            check_cell_image(program)
         return program
 
 
@@ -464,9 +464,9 @@ def _check_overlaps(placed: list[tuple[int, int, int, int, int, str]], array_row
             region[...] = True
 
 
-def _check_cell_offsets(program: Program) -> None:
-    """Every tile's packed cells lie inside the program file's cell image."""
-    for layer in program.layers:
+def check_cell_image(program: Program, layers: list[Layer] | None = None) -> None:
+    """Every tile's packed cells (of ``layers``, default all) lie inside the program's cell image."""
+    for layer in program.layers if layers is None else layers:
         for ti, t in enumerate(layer.tiles):
             size = packed_size(t.in_count * t.out_count * program.slices, program.cell_bits)
             if t.cells_offset + size > len(program.cells):
