@@ -82,7 +82,7 @@ class CellArrays:
         captured = seen - t.astype(np.float32)
         self.g[sl][sel] = g
         self.noise[sl][sel] = captured
-        self.target[sl][sel] = t
+        np.copyto(self.target[sl], targets, casting="unsafe", where=sel)  # = t, without a second gather
         self.ages.stamp(array, sl[1], sl[2], None if mask is None else sel, clock)
         self.generation += 1
         self.dirty.add(array)
@@ -106,9 +106,16 @@ class CellArrays:
     def erase(self, first: int, count: int, row: int, col: int, height: int, width: int, clock: int = 0) -> None:
         """Reset a region of ``count`` consecutive arrays to the erased state g = 0, stamped with ``clock``."""
         sl = (slice(first, first + count), slice(row, row + height), slice(col, col + width))
-        self.g[sl] = 0
-        self.noise[sl] = 0
-        self.target[sl] = 0
-        self.ages.programmed_at[sl] = clock
+        for plane, value in ((self.g, 0), (self.noise, 0), (self.target, 0), (self.ages.programmed_at, clock)):
+            _fill(plane[sl], value)
         self.generation += 1
         self.dirty.update(range(first, first + count))
+
+
+def _fill(region: np.ndarray, value: int) -> None:
+    """``region[...] = value``, skipped where every cell holds it already, bit for bit: reading the
+    untouched pages of a fresh chip costs nothing, writing them makes the kernel allocate them."""
+    bits = region.view(f"u{region.itemsize}")
+    want = np.array(value, region.dtype).view(bits.dtype)
+    if bits.flat[0] != want or (bits != want).any():
+        region[...] = value
