@@ -18,7 +18,8 @@ import numpy as np
 
 from .config import ChipConfig
 from .contract.ops import OPS, PAD_MODES
-from .contract.program_format import MAX_SAMPLE_ELEMENTS, Instr, Opcode, Program, ProgramFormatError, parse_code
+from .contract.program_format import (MAX_SAMPLE_ELEMENTS, Instr, Opcode, Program, ProgramFormatError, kernel_elements,
+                                      parse_code)
 from .contract.protocol import (MAX_PAYLOAD, BufReadArgs, BufWriteHeader, ErrorCode, IdentifyReply, Identity,
                                 ProgramFetchReply, ProgramLoadArgs, RegReadArgs, RegReadReply, RegWriteArgs)
 from .contract.registers import CHIP_ID_VALUE, VERSION_VALUE
@@ -134,7 +135,10 @@ def _check_instruction(program: Program, ins: Instr, args: list[np.ndarray]) -> 
         raise ChipError(ErrorCode.BAD_PROGRAM, f"shape {ins.attrs['shape']} does not keep the batch (shape[0] must "
                         f"be -1)")
     limit = PROBE_BATCH * MAX_SAMPLE_ELEMENTS
-    need = _temporary_elements(program, ins, args)
+    try:
+        need = kernel_elements(ins, [x.shape for x in args], lambda i: program.layers[i].out_features)
+    except ProgramFormatError as e:
+        raise ChipError(ErrorCode.BAD_PROGRAM, str(e)) from None
     if need > limit:
         raise ChipError(ErrorCode.BAD_PROGRAM, f"would compute {need} values for a batch of {PROBE_BATCH}; "
                         f"a tensor holds at most {MAX_SAMPLE_ELEMENTS} per sample")
@@ -151,33 +155,10 @@ _ATTR_RULES: dict[str, tuple[Callable[[int | float], bool], str]] = {
     "keepdims": (lambda v: v in (0, 1), "a flag is 0 or 1"),
     "axis": (lambda v: v >= 1, "axes are >= 1 (dim 0 is the batch)"),
     "axes": (lambda v: v >= 1, "axes are >= 1 (dim 0 is the batch)"),
+    "size": (lambda v: v >= 1, "a window holds >= 1 channels"),
+    "depth": (lambda v: v >= 1, "depth is >= 1"),
     "mode": (lambda v: v in PAD_MODES, f"pad modes are {', '.join(f'{k} {n}' for k, n in PAD_MODES.items())}"),
 }
-
-
-def _temporary_elements(program: Program, ins: Instr, args: list[np.ndarray]) -> int:
-    """The most values the kernel of ``ins`` allocates at once, for the ops that can grow
-    their inputs (0 for the others, whose results are no bigger than their inputs)."""
-    op, a = ins.op, ins.attrs
-    if op in (Opcode.ADD, Opcode.SUB, Opcode.MUL, Opcode.DIV, Opcode.PRELU) and len(args) == 2:
-        return math.prod(np.broadcast_shapes(args[0].shape, args[1].shape))
-    if op == Opcode.CONCAT:
-        return sum(x.size for x in args)
-    if op == Opcode.MATMUL and len(args) == 1 and args[0].ndim:
-        return math.prod(args[0].shape[:-1]) * program.layers[ins.layer].out_features
-    if op == Opcode.PAD and len(args) == 1:
-        pads = a["pads"]
-        return math.prod(d + max(b, 0) + max(e, 0) for d, b, e in zip(args[0].shape, pads, pads[args[0].ndim:]))
-    if op in (Opcode.CONV, Opcode.MAXPOOL, Opcode.AVGPOOL) and len(args) == 1 and args[0].ndim >= 2:
-        x, nd = args[0], len(a["kernel"])
-        pads = list(a["pads"]) + [0] * 2 * nd
-        padded = [n + max(b, 0) + max(e, 0) for n, b, e in zip(x.shape[2:], pads, pads[nd:])]
-        if any(k < 1 or (k - 1) * d + 1 > n for k, d, n in zip(a["kernel"], a["dilations"], padded)):
-            raise ChipError(ErrorCode.BAD_PROGRAM, f"the {a['kernel']} window (dilations {a['dilations']}) does "
-                            f"not fit the padded input {padded}")
-        windows = math.prod(a["kernel"]) * math.prod(max(n // max(s, 1), 1) for n, s in zip(padded, a["strides"]))
-        return max(x.shape[0] * x.shape[1] * math.prod(padded), x.shape[0] * x.shape[1] * windows)
-    return 0
 
 
 def ping(chip: Chip, payload: bytes) -> bytes:
