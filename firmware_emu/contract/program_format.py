@@ -360,6 +360,39 @@ def _check_tensors(tensors: list[TensorDecl]) -> None:
                                      f"{MAX_SAMPLE_ELEMENTS} values per sample")
 
 
+def kernel_elements(ins: Instr, shapes: list[tuple[int, ...]], out_features: Callable[[int], int]) -> int:
+    """The most values the kernel of ``ins`` allocates at once on inputs of ``shapes``, for the
+    ops that can grow their inputs (0 for the others, whose results are no bigger than their
+    inputs); ``out_features(layer)`` gives a layer's outputs. Lets a chip or compiler refuse an
+    instruction before running it asks for unbounded memory; ProgramFormatError for a window
+    larger than its padded input."""
+    op, a = ins.op, ins.attrs
+    one = len(shapes) == 1
+    if op in (Opcode.ADD, Opcode.SUB, Opcode.MUL, Opcode.DIV, Opcode.PRELU) and len(shapes) == 2:
+        return math.prod(np.broadcast_shapes(*shapes))
+    if op == Opcode.CONCAT:
+        return sum(math.prod(s) for s in shapes)
+    if op == Opcode.MATMUL and one and shapes[0]:
+        return math.prod(shapes[0][:-1]) * out_features(ins.layer)
+    if op == Opcode.PAD and one:
+        pads, rank = a["pads"], len(shapes[0])
+        return math.prod(d + max(b, 0) + max(e, 0) for d, b, e in zip(shapes[0], pads, pads[rank:]))
+    if op == Opcode.LRN and one and len(shapes[0]) >= 2:
+        return math.prod(shapes[0]) // max(shapes[0][1], 1) * (shapes[0][1] + a["size"][0])
+    if op == Opcode.ONE_HOT and one:
+        return math.prod(shapes[0]) * a["depth"][0]
+    if op in (Opcode.CONV, Opcode.MAXPOOL, Opcode.AVGPOOL) and one and len(shapes[0]) >= 2:
+        x, nd = shapes[0], len(a["kernel"])
+        pads = list(a["pads"]) + [0] * 2 * nd
+        padded = [n + max(b, 0) + max(e, 0) for n, b, e in zip(x[2:], pads, pads[nd:])]
+        if any(k < 1 or (k - 1) * d + 1 > n for k, d, n in zip(a["kernel"], a["dilations"], padded)):
+            raise ProgramFormatError(f"the {a['kernel']} window (dilations {a['dilations']}) does not fit the "
+                                     f"padded input {padded}")
+        windows = math.prod(a["kernel"]) * math.prod(max(n // max(s, 1), 1) for n, s in zip(padded, a["strides"]))
+        return x[0] * x[1] * max(math.prod(padded), windows)
+    return 0
+
+
 def check_program(program: Program, arrays: int | None = None) -> None:
     """Raise ProgramFormatError naming the first index, id, size or cell range of ``program``
     that lies outside the program itself or outside a chip of its geometry with ``arrays``
