@@ -61,3 +61,29 @@ def disassemble(program: Program) -> str:
     outputs = ", ".join(f"%{t} {p.tensors[t].name}" for t in p.outputs)
     lines += ["", f"inputs: {inputs}", f"outputs: {outputs}", ""]
     return "\n".join(lines)
+
+
+def partition_summary(programs: list[Program], names: list[str] | None = None) -> str:
+    """How a model split over several chips flows: per chip, its arrays and layers, where its
+    inputs come from (the host or an earlier chip) and where its outputs go."""
+    names = names or [f"chip {k}" for k in range(len(programs))]
+    made_by: dict[str, int] = {}
+    read_by: dict[str, list[int]] = {}
+    for k, p in enumerate(programs):
+        for t in p.inputs:
+            read_by.setdefault(p.tensors[t].name, []).append(k)
+    lines = [f"; partition: {len(programs)} chips, "
+             f"{sum(p.arrays_used for p in programs)} arrays of {programs[0].array_rows}x{programs[0].array_cols}"]
+    for k, p in enumerate(programs):
+        takes = ", ".join(f"{p.tensors[t].name} {_shape(p.tensors[t].shape)} <- "
+                          + (f"chip {made_by[p.tensors[t].name]}" if p.tensors[t].name in made_by else "host")
+                          for t in p.inputs)
+        gives = ", ".join(f"{p.tensors[t].name} -> "
+                          + (", ".join(f"chip {j}" for j in read_by.get(p.tensors[t].name, []) if j > k) or "host")
+                          for t in p.outputs)
+        lines += [f";   chip {k} ({names[k]}): {p.arrays_used} arrays, {len(p.layers)} layers "
+                  f"({', '.join(layer.name for layer in p.layers) or 'none'}), {len(p.instructions)} instructions",
+                  f";     in:  {takes}", f";     out: {gives}"]
+        for t in p.outputs:
+            made_by.setdefault(p.tensors[t].name, k)
+    return "\n".join(lines) + "\n"

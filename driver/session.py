@@ -16,17 +16,27 @@ import onnx
 from tqdm import tqdm
 
 from nvcim.compiler import lower_model, place
-from nvcim.firmware_emu.contract.program_format import (Program, ProgramFormatError, Tile, check_cell_image,
-                                                       check_program)
+from nvcim.firmware_emu.contract.program_format import (Opcode, Program, ProgramFormatError, Tile,
+                                                       check_cell_image, check_program)
 from nvcim.firmware_emu.contract.protocol import WriteStats
 
 from .cache import cached_program
+from .default_device import resolve_devices
 from .device import Device
 from .errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
-_ONNX_TYPES = {onnx.TensorProto.FLOAT: ("tensor(float)", np.float32)}
+_ONNX_TYPES = {onnx.TensorProto.FLOAT: ("tensor(float)", np.float32),
+               onnx.TensorProto.INT64: ("tensor(int64)", np.int64),    # indices of a Gather (embedding)
+               onnx.TensorProto.INT32: ("tensor(int32)", np.int32)}
+_DTYPES = dict(_ONNX_TYPES.values())  # "tensor(float)" -> np.float32
+
+
+def index_depths(programs: list[Program]) -> dict[str, int]:
+    """Inputs holding table indices (read by ONE_HOT) -> the table's rows."""
+    return {p.tensors[ins.inputs[0]].name: ins.attrs["depth"][0]
+            for p in programs for ins in p.instructions if ins.op == Opcode.ONE_HOT}
 
 
 @dataclass(frozen=True)
@@ -166,6 +176,7 @@ class Session:
                                   if v.name not in {i.name for i in model.graph.initializer})
         self._outputs = _node_args(model.graph.output)
         self._output_bytes = sum(4 * int(np.prod(program.tensors[t].shape[1:])) for t in program.outputs)
+        self._depths = index_depths([program])
 
     # onnxruntime-compatible surface ---------------------------------------------------
     def get_inputs(self) -> list[NodeArg]:
@@ -186,10 +197,14 @@ class Session:
             if name not in known_out:
                 raise InvalidArgument(f"invalid output name: '{name}' (model outputs: {', '.join(known_out)})")
         feeds = self._check_feed(input_feed)
+        outputs = dict(zip(known_out, self._execute(feeds)))
+        return [outputs[name] for name in wanted]
+
+    def _execute(self, feeds: list[np.ndarray]) -> list[np.ndarray]:
+        """The model's outputs for checked float32 feeds: the batch in slices the staging buffer holds."""
         step = self._max_batch(feeds)
         parts = [self.device.run([f[i:i + step] for f in feeds]) for i in range(0, len(feeds[0]), step)]
-        outputs = dict(zip(known_out, (np.concatenate(p) if len(p) > 1 else p[0] for p in zip(*parts))))
-        return [outputs[name] for name in wanted]
+        return [np.concatenate(p) if len(p) > 1 else p[0] for p in zip(*parts)]
 
     def _max_batch(self, feeds: list[np.ndarray]) -> int:
         """Largest batch whose inputs and outputs fit the chip's staging buffer at once."""
@@ -208,9 +223,10 @@ class Session:
             x = input_feed[arg.name]
             if not isinstance(x, np.ndarray):
                 raise InvalidArgument(f"input '{arg.name}' must be a numpy array, got {type(x).__name__}")
-            if x.dtype != np.float32:
+            want_dtype = _DTYPES.get(arg.type, np.float32)
+            if x.dtype != want_dtype:
                 raise InvalidArgument(f"unexpected input data type for '{arg.name}': actual {x.dtype}, "
-                                      f"expected float32 ({arg.type})")
+                                      f"expected {np.dtype(want_dtype).name} ({arg.type})")
             if x.ndim != len(arg.shape):
                 raise InvalidArgument(f"input '{arg.name}' has rank {x.ndim}, expected {len(arg.shape)} "
                                       f"(shape {arg.shape})")
@@ -220,10 +236,20 @@ class Session:
             if batch is not None and x.shape[0] != batch:
                 raise InvalidArgument(f"input '{arg.name}' has batch {x.shape[0]}, other inputs have {batch}")
             batch = x.shape[0]
-            feeds.append(x)
+            feeds.append(self._indices(arg.name, x) if want_dtype != np.float32 else x)
         if batch == 0:
             raise InvalidArgument("batch size 0")
         return feeds
+
+    def _indices(self, name: str, x: np.ndarray) -> np.ndarray:
+        """Integer indices as the chip takes them (float32), each checked against its table."""
+        depth = self._depths[name]
+        bad = (x < -depth) | (x >= depth)
+        if bad.any():
+            where = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise InvalidArgument(f"input '{name}' holds index {x[where]} at {where}, outside [-{depth}, {depth}) "
+                                  f"(the table has {depth} rows)")
+        return x.astype(np.float32)
 
     # lifetime ------------------------------------------------------------------------
     def close(self) -> None:
@@ -239,13 +265,16 @@ class Session:
 POLICIES = ("open-loop", "write-verify", "selective")
 
 
-def load(onnx_path: str | os.PathLike | onnx.ModelProto, device: str | None = None, *,
+def load(onnx_path: str | os.PathLike | onnx.ModelProto, device: str | list[str] | None = None, *,
          policy: str = "open-loop", verify_mask: dict[str, np.ndarray] | None = None,
          timeout: float = 5.0, cache: bool = True) -> Session:
     """Compile ``onnx_path`` for the chip at ``device``, program it, and return a session.
 
     ``device``: a pyserial URL or port name (``emu://?seed=1``, ``socket://127.0.0.1:PORT``,
-    ``/dev/pts/N``); default $NVCIM_DEVICE, else a fresh in-process chip.
+    ``/dev/pts/N``); default $NVCIM_DEVICE, else a fresh in-process chip. A list of them
+    (or a comma-separated $NVCIM_DEVICE): the model is split into consecutive stages, one
+    per chip, and batches flow through them (``multichip.MultiChipSession``); the
+    ``verify_mask`` layers are found on whichever chip holds them.
     ``policy``: "open-loop" (one pulse per cell, the default), "write-verify" (every cell),
     or "selective" (write-verify the weights ``verify_mask`` marks: layer name -> bool
     matrix in_features x out_features).
@@ -256,7 +285,12 @@ def load(onnx_path: str | os.PathLike | onnx.ModelProto, device: str | None = No
     if (policy == "selective") != (verify_mask is not None):
         raise InvalidArgument("verify_mask goes with policy='selective', and only with it")
     lowered, model = lower_model(onnx_path)  # every model error surfaces before the link opens
-    dev = Device.open(device, timeout=timeout)
+    urls = resolve_devices(device)
+    if len(urls) > 1:
+        from .multichip import load_multichip
+
+        return load_multichip(lowered, model, urls, policy=policy, verify_mask=verify_mask, timeout=timeout)
+    dev = Device.open(urls[0], timeout=timeout)
     try:
         target = dev.identity.geometry
         build = lambda: place(lowered, model, target)  # noqa: E731

@@ -25,10 +25,6 @@ DATA = Path(onnx.__file__).parent / "backend" / "test" / "data" / "pytorch-conve
 CASES = sorted(p.name for p in DATA.iterdir() if (p / "model.onnx").is_file())
 
 UNSUPPORTED = {  # case -> why the chip refuses it (what the CompileError says)
-    "test_ConvTranspose2d": "uses op ConvTranspose, which the chip does not support",
-    "test_ConvTranspose2d_no_bias": "uses op ConvTranspose, which the chip does not support",
-    "test_Embedding": "uses op Gather, which the chip does not support",  # (integer index input)
-    "test_Embedding_sparse": "uses op Gather, which the chip does not support",
     # the target of the loss is a (10, 10) constant covering the batch dimension
     "test_PoissonNLLLLoss_no_reduce": "would mix the batch dimension",
 }

@@ -107,32 +107,53 @@ def demo(workdir: Path, seeds: str, draws: int, mlp: bool) -> None:
 @click.option("--arrays", type=int, default=Target.arrays, show_default=True)
 @click.option("--rows", type=int, default=Target.rows, show_default=True)
 @click.option("--cols", type=int, default=Target.cols, show_default=True)
-def compile_cmd(onnx_path: Path, output: Path, arrays: int, rows: int, cols: int) -> None:
-    """Compile an ONNX model into a chip program."""
+@click.option("--chips", type=click.IntRange(min=1), default=None,
+              help="Split the model over this many chips of the geometry: one program per chip, "
+                   "OUTPUT with -chipK before its suffix (fewer if the model has fewer stages).")
+def compile_cmd(onnx_path: Path, output: Path, arrays: int, rows: int, cols: int, chips: int | None) -> None:
+    """Compile an ONNX model into a chip program (or one per chip with --chips)."""
+    from nvcim.compiler import CapacityError, lower_model
+    from nvcim.compiler.partition import partition
+
+    target = Target(arrays=arrays, rows=rows, cols=cols)
     try:
-        program = compile_model(onnx_path, Target(arrays=arrays, rows=rows, cols=cols))
-    except CompileError as e:
+        if chips is None:
+            programs = [compile_model(onnx_path, target)]
+            paths = [output]
+        else:
+            programs = partition(*lower_model(onnx_path), target, chips=chips).programs
+            paths = [output.with_name(f"{output.stem}-chip{k}{output.suffix}") for k in range(len(programs))]
+    except (CompileError, CapacityError) as e:
         raise click.ClickException(str(e)) from None
-    data = program.to_bytes()
-    output.write_bytes(data)
-    click.echo(f"{output}: {len(data)} bytes, {len(program.layers)} crossbar layers, "
-               f"{len(program.instructions)} instructions, {program.arrays_used} arrays")
+    for path, program in zip(paths, programs):
+        data = program.to_bytes()
+        path.write_bytes(data)
+        click.echo(f"{path}: {len(data)} bytes, {len(program.layers)} crossbar layers, "
+                   f"{len(program.instructions)} instructions, {program.arrays_used} arrays")
 
 
 @main.command()
-@click.argument("program_path", type=click.Path(path_type=Path))
-def disasm(program_path: Path) -> None:
-    """Print a compiled program as a readable listing (layers, tiles, instructions)."""
-    from nvcim.compiler.disasm import disassemble
+@click.argument("program_paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+def disasm(program_paths: tuple[Path, ...]) -> None:
+    """Print compiled programs as readable listings (layers, tiles, instructions); several
+    programs (the chips of a partitioned model, in order) are preceded by the partition."""
+    from nvcim.compiler.disasm import disassemble, partition_summary
     from nvcim.firmware_emu.contract.program_format import Program, ProgramFormatError
 
-    try:
-        program = Program.from_bytes(program_path.read_bytes())
-    except OSError as e:
-        raise click.ClickException(f"{program_path}: {e.strerror}") from None
-    except ProgramFormatError as e:
-        raise click.ClickException(f"{program_path}: {e}") from None
-    click.echo(disassemble(program))
+    programs = []
+    for path in program_paths:
+        try:
+            programs.append(Program.from_bytes(path.read_bytes()))
+        except OSError as e:
+            raise click.ClickException(f"{path}: {e.strerror}") from None
+        except ProgramFormatError as e:
+            raise click.ClickException(f"{path}: {e}") from None
+    if len(programs) > 1:
+        click.echo(partition_summary(programs, [str(p) for p in program_paths]))
+    for path, program in zip(program_paths, programs):
+        if len(programs) > 1:
+            click.echo(f"; ---- {path}")
+        click.echo(disassemble(program))
 
 
 # -- training -----------------------------------------------------------------------------------

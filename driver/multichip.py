@@ -1,0 +1,139 @@
+"""A model split over several chips: one stage per chip, activations passed from chip to chip.
+
+``driver.load(path, device=[url1, url2, ...])`` lands here. The compiler cuts the model
+into consecutive stages that each fit one chip (``compiler.partition``), every chip is
+programmed with its stage (in parallel, one thread per chip), and a batch flows through
+them as a pipeline: it is cut into micro-batches, and one thread per chip takes each
+micro-batch from the chip before it, runs its stage and hands the result on, so while
+chip 2 runs micro-batch k, chip 1 already runs k + 1. The host carries the activations
+between chips (each chip's outputs are read back over its link and written to the next),
+as a host-attached multi-device accelerator does.
+
+Tensors cross stages by name: a stage's program inputs are named as the model's tensors,
+so the host keeps, per micro-batch, every tensor a later stage or the caller still needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import onnx
+
+from nvcim.compiler.lower import Lowering
+from nvcim.compiler.partition import Partition, partition
+from nvcim.firmware_emu.contract.protocol import WriteStats
+
+from .device import Device
+from .errors import InvalidArgument
+from .session import Session, deploy, index_depths
+
+log = logging.getLogger(__name__)
+
+
+class MultiChipSession(Session):
+    """An inference session on several chips, each holding one stage of the model."""
+
+    def __init__(self, model: onnx.ModelProto, part: Partition, devices: list[Device], write_stats: WriteStats):
+        super().__init__(model, part.programs[0], devices[0], write_stats)
+        self.partition = part
+        self.programs = part.programs
+        self.devices = devices
+        self._depths = index_depths(part.programs)
+
+    def layer_chip(self, name: str) -> list[int]:
+        """The chips (stage indices) holding layer ``name`` (more than one for a weight shared across stages)."""
+        return [k for k, p in enumerate(self.programs) if any(layer.name == name for layer in p.layers)]
+
+    def _micro_batch(self, feeds: list[np.ndarray]) -> int:
+        """Samples per micro-batch: enough micro-batches to keep every chip busy (two per chip),
+        none bigger than any chip's staging buffer holds."""
+        batch = len(feeds[0])
+        per_sample = [sum(4 * int(np.prod(p.tensors[t].shape[1:])) for t in (*p.inputs, *p.outputs))
+                      for p in self.programs]
+        fits = min(max(1, d.identity.geometry.buffer_size // max(b, 1)) for d, b in zip(self.devices, per_sample))
+        return max(1, min(fits, -(-batch // (2 * len(self.devices)))))
+
+    def _execute(self, feeds: list[np.ndarray]) -> list[np.ndarray]:
+        part = self.partition
+        step = self._micro_batch(feeds)
+        starts = list(range(0, len(feeds[0]), step))
+        envs = [{name: f[a:a + step] for name, f in zip(part.model_inputs, feeds)} for a in starts]
+        # a tensor leaves the host's keeping once no later stage reads it and the caller does not want it
+        needed_after = [set().union(*part.inputs[k + 1:]) | set(part.model_outputs) for k in range(len(self.devices))]
+        links = [queue.Queue() for _ in range(len(self.devices) + 1)]
+        for i in range(len(starts)):
+            links[0].put(i)
+        links[0].put(None)
+        failure: list[BaseException] = []
+
+        def stage(k: int) -> None:
+            while (i := links[k].get()) is not None:
+                if not failure:
+                    try:
+                        env = envs[i]
+                        outs = self.devices[k].run([env[name] for name in part.inputs[k]])
+                        env.update(zip(part.outputs[k], outs))
+                        for name in [n for n in env if n not in needed_after[k]]:
+                            del env[name]
+                    except BaseException as e:  # noqa: BLE001 - handed to the caller's thread below
+                        failure.append(e)
+                links[k + 1].put(i)
+            links[k + 1].put(None)
+
+        threads = [threading.Thread(target=stage, args=(k,), name=f"nvcim-stage{k}", daemon=True)
+                   for k in range(len(self.devices))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if failure:
+            raise failure[0]
+        return [np.concatenate([env[name] for env in envs]) if len(envs) > 1 else envs[0][name]
+                for name in part.model_outputs]
+
+    def close(self) -> None:
+        for device in self.devices:
+            device.close()
+
+
+def load_multichip(lowered: Lowering, model: onnx.ModelProto, urls: list[str], *, policy: str,
+                   verify_mask: dict[str, np.ndarray] | None, timeout: float) -> MultiChipSession:
+    """Open the chips at ``urls``, split the lowered model over them, program each and return the session."""
+    devices: list[Device] = []
+    try:
+        for url in urls:
+            devices.append(Device.open(url, timeout=timeout))
+        geometries = {d.identity.geometry for d in devices}
+        if len(geometries) > 1:
+            raise InvalidArgument(f"the chips at {', '.join(urls)} differ in geometry ({len(geometries)} kinds); "
+                                  f"a partitioned model needs one geometry")
+        target = devices[0].identity.geometry
+        part = partition(lowered, model, target, chips=len(devices))
+        if len(part) < len(devices):
+            log.info("the model fills %d of the %d chips given; the others stay idle", len(part), len(devices))
+        held = {layer.name for p in part.programs for layer in p.layers}
+        unknown = set(verify_mask or {}) - held
+        if unknown:
+            raise InvalidArgument(f"program has no verify_mask layer(s) {', '.join(sorted(unknown))}")
+        used = devices[:len(part)]
+
+        def program(k: int) -> WriteStats:
+            names = {layer.name for layer in part.programs[k].layers}
+            mask = None if verify_mask is None else {n: m for n, m in verify_mask.items() if n in names}
+            return deploy(used[k], part.programs[k], verify=policy == "write-verify", verify_mask=mask)
+
+        with ThreadPoolExecutor(len(used), thread_name_prefix="nvcim-deploy") as pool:
+            stats = WriteStats()
+            for part_stats in pool.map(program, range(len(used))):
+                stats += part_stats
+        for idle in devices[len(part):]:
+            idle.close()
+    except BaseException:
+        for d in devices:
+            d.close()
+        raise
+    return MultiChipSession(model, part, used, stats)
