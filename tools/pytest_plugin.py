@@ -95,9 +95,10 @@ class ServedChip:
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline().strip()  # the first thing it prints; '' if it died
         if not line.startswith("serving on "):
-            self.stop()
-            raise RuntimeError(f"the emulated chip did not start (serve {' '.join(args)}): "
-                               f"{line or self.proc.stderr.read().strip().splitlines()[-1:]}")
+            self.proc.kill()
+            _, err = self.proc.communicate(timeout=START_TIMEOUT)
+            why = line or (err.strip().splitlines() or ["it exited without a word"])[-1]
+            raise RuntimeError(f"the emulated chip did not start (serve {' '.join(args)}): {why}")
         self.url = line.removeprefix("serving on ")
 
     def stop(self) -> None:

@@ -44,7 +44,7 @@ from . import regs
 DEFAULT_TIMEOUT = 5.0  # seconds a wait or op_wait step waits unless it says otherwise
 COUNTERS = tuple(name[4:-3].lower() for name in BY_NAME if name.startswith("CNT_") and name.endswith("_LO"))
 REGION_KEYS = ("array", "row", "col", "rows", "cols")
-QUANTITIES = ("conductance", "noise", "target", "deviation")
+QUANTITIES = tuple(q.name.lower() for q in CellQuantity) + ("deviation",)  # deviation: conductance - target
 STATS = ("mean", "std", "min", "max", "abs_max")
 WRITE_STATS = ("cells", "write_pulses", "read_pulses", "verify_failures")
 COMMON_OPTIONS = ("name", "expect_error")
@@ -59,7 +59,7 @@ Steps (one action key each; `name:` labels a step, `expect_error: CODE` makes a 
   cells_write: {array, row, col, rows, cols, targets, verify, background}   expect: {cells|write_pulses|
                read_pulses|verify_failures: V|[LO,HI]}; targets: LEVEL, [[...], ...] or {random: SEED}
   cells_read: {array, row, col, rows, cols, quantity}   expect: {mean|std|min|max|abs_max: V|[LO,HI]}
-              save: FILE.npy|FILE.csv; quantity: conductance, noise, target, deviation (conductance - target)
+              save: FILE.npy|FILE.csv; quantity: conductance, noise, target, program_time, deviation (g - target)
   counters: {write_pulses|read_pulses|verify_iters|verify_fails|cells_written|...: V|[LO,HI]}
   op_wait: {timeout: S}   expect: done|aborted|failed       the background operation started last
   abort:                     CONTROL.ABORT, then wait until STATUS.BUSY clears
