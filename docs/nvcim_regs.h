@@ -184,6 +184,10 @@
 #define NVCIM_RUN_BATCH_OFFSET                   0x034u
 #define NVCIM_RUN_BATCH_RESET                    0x00000001u
 
+/* RUN_SEED (RW): Seed of the read noise of runs. Each RUN, INFER or CONTROL.START draws its read noise from the next stream after this seed, so two runs differ; writing it (even the same value) restarts the streams, so the same seed and the same runs give the same outputs. */
+#define NVCIM_RUN_SEED_OFFSET                    0x038u
+#define NVCIM_RUN_SEED_RESET                     0x00000000u
+
 /* DEVICE_MODEL (RW): Cell variation model (DeviceModelCode). */
 #define NVCIM_DEVICE_MODEL_OFFSET                0x040u
 #define NVCIM_DEVICE_MODEL_RESET                 0x00000000u
@@ -222,7 +226,7 @@
 #define NVCIM_STUCK_RATE_OFFSET                  0x05Cu
 #define NVCIM_STUCK_RATE_RESET                   0x00000000u
 
-/* ARRAY_SELECT (RW): Array that ARRAY_CONVERTERS addresses; 0xFFFFFFFF: writes go to every array, reads show array 0. */
+/* ARRAY_SELECT (RW): Array that ARRAY_CONVERTERS, ARRAY_DAC_FS and ARRAY_ADC_FS address; 0xFFFFFFFF: writes go to every array, reads show array 0. */
 #define NVCIM_ARRAY_SELECT_OFFSET                0x060u
 #define NVCIM_ARRAY_SELECT_RESET                 0xFFFFFFFFu
 
@@ -235,6 +239,14 @@
 #define NVCIM_ARRAY_CONVERTERS_ADC_BITS_SHIFT    8u  /* column ADC bits, sign included (0: ideal, else 1..24) */
 #define NVCIM_ARRAY_CONVERTERS_ADC_BITS_WIDTH    8u
 #define NVCIM_ARRAY_CONVERTERS_ADC_BITS_MASK     0x0000FF00u
+
+/* ARRAY_DAC_FS (RW): Input DAC full scale of the selected array(s), Q16.16 in input units: a row input x drives clip(x / DAC_FS, -1, 1) (0: per vector, each input vector scaled by its own largest abs(x) on the tile's rows). Set at deploy from calibration data. */
+#define NVCIM_ARRAY_DAC_FS_OFFSET                0x068u
+#define NVCIM_ARRAY_DAC_FS_RESET                 0x00000000u
+
+/* ARRAY_ADC_FS (RW): Column ADC full scale of the selected array(s), Q16.16 of a column sum normalised to g_max and to the DAC's full scale (sum_i u_i g_ij / g_max, abs(u_i) <= 1); sums beyond it clip (0: the weight bound, the largest sum any input in the DAC range gives on the array's tiles). Set at deploy from calibration data. */
+#define NVCIM_ARRAY_ADC_FS_OFFSET                0x06Cu
+#define NVCIM_ARRAY_ADC_FS_RESET                 0x00000000u
 
 /* OP_STATUS (RO): The running or last background operation. */
 #define NVCIM_OP_STATUS_OFFSET                   0x070u

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -20,7 +21,9 @@ from nvcim.firmware_emu.contract.program_format import (Opcode, Program, Program
                                                        check_cell_image, check_program)
 from nvcim.firmware_emu.contract.protocol import WriteStats
 
-from .cache import cached_program
+from .cache import cached_program, known_model, model_digest, remember_model
+from .calibration import apply as apply_calibration
+from .calibration import calibrate
 from .default_device import resolve_devices
 from .device import Device
 from .errors import InvalidArgument
@@ -265,9 +268,36 @@ class Session:
 POLICIES = ("open-loop", "write-verify", "selective")
 
 
+def _normalised(onnx_path: str | os.PathLike | onnx.ModelProto, cached: bool):
+    """(lowering, normalised model, its digest): every model error surfaces here, before a link opens.
+
+    With ``cached``, bytes the compile cache has seen normalised before are not lowered
+    again: the lowering is None (``lower_model`` again if a program must be built), the
+    model the cached description (inputs, outputs, metadata), and no error can come of
+    them (the same compiler took the same bytes).
+    """
+    source = None
+    if cached:
+        try:
+            source = onnx_path.SerializeToString() if isinstance(onnx_path, onnx.ModelProto) else \
+                Path(onnx_path).read_bytes()
+        except OSError:
+            source = None  # lower_model names what is wrong with the path
+    known = known_model(source) if source is not None else None
+    if known is not None:
+        return None, *known
+    lowered, model = lower_model(onnx_path)
+    digest = None
+    if source is not None:
+        digest = model_digest(model)
+        remember_model(source, model, digest)
+    return lowered, model, digest
+
+
 def load(onnx_path: str | os.PathLike | onnx.ModelProto, device: str | list[str] | None = None, *,
          policy: str = "open-loop", verify_mask: dict[str, np.ndarray] | None = None,
-         timeout: float = 5.0, cache: bool = True) -> Session:
+         timeout: float = 5.0, cache: bool = True,
+         calibration: dict[str, np.ndarray] | None = None) -> Session:
     """Compile ``onnx_path`` for the chip at ``device``, program it, and return a session.
 
     ``device``: a pyserial URL or port name (``emu://?seed=1``, ``socket://127.0.0.1:PORT``,
@@ -279,23 +309,31 @@ def load(onnx_path: str | os.PathLike | onnx.ModelProto, device: str | list[str]
     or "selective" (write-verify the weights ``verify_mask`` marks: layer name -> bool
     matrix in_features x out_features).
     ``cache``: reuse a program compiled earlier for the same model and chip geometry.
+    ``calibration``: a batch of inputs by name; the converters' full scales measured on it
+    (``calibration.calibrate``) are written to every used array after programming. Without
+    it the chip's automatic ranges apply (per-vector DAC, weight-bound ADC).
     """
     if policy not in POLICIES:
         raise InvalidArgument(f"policy {policy!r} is not one of {', '.join(POLICIES)}")
     if (policy == "selective") != (verify_mask is not None):
         raise InvalidArgument("verify_mask goes with policy='selective', and only with it")
-    lowered, model = lower_model(onnx_path)  # every model error surfaces before the link opens
     urls = resolve_devices(device)
+    lowered, model, digest = _normalised(onnx_path, cache and len(urls) == 1)
     if len(urls) > 1:
+        if calibration is not None:
+            raise InvalidArgument("calibration is supported on one chip; load the stages without it")
         from .multichip import load_multichip
 
         return load_multichip(lowered, model, urls, policy=policy, verify_mask=verify_mask, timeout=timeout)
     dev = Device.open(urls[0], timeout=timeout)
     try:
         target = dev.identity.geometry
-        build = lambda: place(lowered, model, target)  # noqa: E731
-        program = cached_program(model.SerializeToString(), target, {}, build) if cache else build()
+        build = lambda: place(*(lower_model(onnx_path) if lowered is None else (lowered, model)),  # noqa: E731
+                              target)
+        program = cached_program(digest or model_digest(model), target, {}, build) if cache else build()
         stats = deploy(dev, program, verify=policy == "write-verify", verify_mask=verify_mask)
+        if calibration is not None:
+            apply_calibration(dev, calibrate(program, calibration))
     except BaseException:
         dev.close()
         raise

@@ -26,8 +26,8 @@ from .commands import Handler, parse_program
 from .config import ChipConfig
 from .contract.program_format import Program
 from .contract.protocol import FLAG_ASYNC, Command, ErrorCode, Frame
-from .contract.registers import OpState
-from .converters import LayerProduct
+from .contract.registers import Q16, OpState
+from .converters import LayerProduct, ReadNoise
 from .crossbar import CellArrays
 from .drift import Aging
 from .errors import ChipError
@@ -104,11 +104,12 @@ class Chip:
         """A background operation is running (STATUS.BUSY)."""
         return self.operations.busy
 
-    def converter_product(self) -> LayerProduct | None:
-        """How a run multiplies now: tile by tile through finite converters, or None (through
-        the layers' effective weights, when every array the program uses is ideal)."""
+    def run_products(self) -> tuple[LayerProduct | None, ReadNoise | None]:
+        """How the next run multiplies: (product through finite converters, None), or (None,
+        the read noise to add to the effective weights' products, or None when READ_NOISE is
+        0). Each call takes the next read-noise stream after RUN_SEED."""
         r = self.registers
-        return self.weights.converter_product(r.dac_bits, r.adc_bits, r.all_ideal)
+        return self.weights.products(r.converters(), r.all_ideal, r.regs["READ_NOISE"] / Q16, r.next_run_noise())
 
     def read_register(self, addr: int) -> int:
         return self.registers.read(addr)

@@ -42,9 +42,9 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -93,9 +93,14 @@ class ConverterSettings:
     dac_fs: np.ndarray    # (arrays,) input full scale in input units; 0: per vector
     adc_fs: np.ndarray    # (arrays,) ADC full scale, normalised column sum; 0: weight bound
 
+    def key(self) -> tuple[bytes, ...]:
+        """The settings as a hashable value (prepared products are kept while it holds)."""
+        arrays = (self.dac_bits, self.adc_bits, self.dac_fs, self.adc_fs)
+        return tuple(np.ascontiguousarray(a).tobytes() for a in arrays)
+
     @classmethod
     def uniform(cls, arrays: int, dac_bits: int = 0, adc_bits: int = 0, dac_fs: float = 0.0,
-                adc_fs: float = 0.0) -> "ConverterSettings":
+                adc_fs: float = 0.0) -> ConverterSettings:
         return cls(np.full(arrays, dac_bits, np.int64), np.full(arrays, adc_bits, np.int64),
                    np.full(arrays, dac_fs, np.float64), np.full(arrays, adc_fs, np.float64))
 
@@ -284,29 +289,31 @@ def weight_bounds(program: Program, conductance: TileConductance, arrays: int) -
     return bound
 
 
-def tiled_product(program: Program, conductance: TileConductance, dac_bits: np.ndarray, adc_bits: np.ndarray,
-                  dac_fs: np.ndarray | None = None, adc_fs: np.ndarray | None = None,
-                  read_noise: float = 0.0, noise: NoiseStream | None = None) -> LayerProduct:
-    """A layer product that runs every tile through its array's converters (and read noise).
+class ConverterPath:
+    """A program's layers prepared for products through their arrays' converters.
 
-    ``conductance(layer, tile)`` returns the tile's cells (in_count, out_count * S); the
-    other arguments hold each array's settings. Layers are prepared on first use.
+    Valid for one set of cells and settings: ``conductance(layer, tile)`` returns the
+    tile's cells (in_count, out_count * S). The arrays' weight bounds are found once, each
+    layer is prepared on its first product.
     """
-    arrays = len(dac_bits)
-    settings = ConverterSettings(np.asarray(dac_bits), np.asarray(adc_bits),
-                                 np.zeros(arrays) if dac_fs is None else np.asarray(dac_fs),
-                                 np.zeros(arrays) if adc_fs is None else np.asarray(adc_fs))
-    bound = weight_bounds(program, conductance, arrays)
-    prepared: dict[int, LayerConverters] = {}
 
-    def product(layer_index: int, x: np.ndarray) -> np.ndarray:
-        plan = prepared.get(layer_index)
+    def __init__(self, program: Program, conductance: TileConductance, settings: ConverterSettings):
+        self.program, self.conductance, self.settings = program, conductance, settings
+        self.bound = weight_bounds(program, conductance, len(settings.dac_bits))
+        self._layers: dict[int, LayerConverters] = {}
+
+    def layer(self, index: int) -> LayerConverters:
+        plan = self._layers.get(index)
         if plan is None:
-            plan = prepared[layer_index] = LayerConverters(
-                program, layer_index, lambda i: conductance(layer_index, i), settings, bound)
-        return plan.product(x, read_noise, noise)
+            plan = self._layers[index] = LayerConverters(
+                self.program, index, lambda i: self.conductance(index, i), self.settings, self.bound)
+        return plan
 
-    return product
+    def product(self, read_noise: float = 0.0, noise: NoiseStream | None = None) -> LayerProduct:
+        """The layer product of one run: its read noise from ``noise``, layer after layer."""
+        if read_noise > 0 and noise is None:
+            raise ValueError("read noise needs a NoiseStream")
+        return lambda index, x: self.layer(index).product(x, read_noise, noise)
 
 
 class ReadNoiseMap:
@@ -336,6 +343,25 @@ class ReadNoiseMap:
         self.scale = np.broadcast_to(np.asarray(layer.scale, np.float32), (layer.out_features,))
 
     def std(self, x: np.ndarray, read_noise: float) -> np.ndarray:
-        """Per-output noise std (P, out) for inputs x (P, in)."""
-        variance = (np.square(x, dtype=np.float32) @ self.rows) @ self.cover
-        return np.sqrt(variance) * (self.scale * np.float32(read_noise * self.g_max))
+        """Per-output noise std (..., out) for inputs x (..., in)."""
+        return self.std_from_norms(np.square(x, dtype=np.float32) @ self.rows, read_noise)
+
+    def std_from_norms(self, norms: np.ndarray, read_noise: float) -> np.ndarray:
+        """Per-output noise std (..., out) from the inputs' squared norms over the row blocks (..., R)."""
+        return np.sqrt(norms @ self.cover) * (self.scale * np.float32(read_noise * self.g_max))
+
+
+@dataclass
+class ReadNoise:
+    """Read noise of one run through ideal converters: one Gaussian per output of every
+    crossbar product (``ReadNoiseMap``), drawn from ``stream`` product after product."""
+
+    sigma: float
+    stream: NoiseStream
+    maps: Callable[[int], ReadNoiseMap]
+
+    def draw(self, std: np.ndarray) -> np.ndarray:
+        """Noise of the given std (any shape), float32."""
+        torch = _torch()
+        z = torch.empty(std.shape).normal_(generator=self.stream.generator())
+        return z.mul_(torch.from_numpy(np.ascontiguousarray(std, dtype=np.float32))).numpy()

@@ -29,7 +29,7 @@ from .contract import ops
 from .contract.interpreter import bind_inputs
 from .contract.ops import ExecutionError, WeightProvider
 from .contract.program_format import Instr, Opcode, Program
-from .converters import LayerProduct
+from .converters import LayerProduct, ReadNoise
 
 # -- crossbar ops ---------------------------------------------------------------------
 # The matrix products run in torch: its kernels are 2-3x faster than numpy's im2col here.
@@ -123,28 +123,38 @@ def _kernel(ins: Instr, matrices: list[np.ndarray]):
 
 
 def _matmul(ins: Instr, args: list[np.ndarray], weights: WeightProvider,
-            product: LayerProduct | None = None) -> np.ndarray:
+            product: LayerProduct | None = None, read_noise: ReadNoise | None = None) -> np.ndarray:
     x, = args
     w = ops.matmul_layer(ins, x, weights)
     if product is not None:
         return product(ins.layer, x.reshape(-1, w.shape[0])).reshape(*x.shape[:-1], w.shape[1])
     w_t = _tensor(w)
-    return _over_batch(lambda part: part @ w_t, _tensor(x), x.size * w.shape[1])
+    y = _over_batch(lambda part: part @ w_t, _tensor(x), x.size * w.shape[1])
+    if read_noise is not None:
+        y += read_noise.draw(read_noise.maps(ins.layer).std(x, read_noise.sigma))
+    return y
 
 
 def _conv(ins: Instr, args: list[np.ndarray], weights: WeightProvider,
-          product: LayerProduct | None = None) -> np.ndarray:
+          product: LayerProduct | None = None, read_noise: ReadNoise | None = None) -> np.ndarray:
     """out[n, o, p] = sum_r im2col(x)[n, p, r] * W[r, o], one matrix W per group, rows r in
     (channel, kernel offset) order: exactly a convolution with W reshaped to (C_out, C_in/g, *k)."""
     x, = args
-    a = ins.attrs
-    kernel, group, pads, strides, dilations = a["kernel"], a["group"][0], a["pads"], a["strides"], a["dilations"]
-    nd = len(kernel)
     matrices = ops.conv_layers(ins, x, weights)                           # each (Cg*K, Cog)
     rows, cols = matrices[0].shape
     if product is not None:
         return _conv_tiled(ins, x, rows, product)
-    kernel_t = _kernel(ins, matrices)
+    y = _convolve(ins, x, _kernel(ins, matrices), rows * cols * len(matrices))
+    if read_noise is not None:
+        y += _conv_read_noise(ins, x, read_noise)
+    return y
+
+
+def _convolve(ins: Instr, x: np.ndarray, kernel_t, macs_per_position: int) -> np.ndarray:
+    """The CONV of x with a torch kernel (C_out, Cg, *kernel), on the workers."""
+    a = ins.attrs
+    kernel, group, pads, strides, dilations = a["kernel"], a["group"][0], a["pads"], a["strides"], a["dilations"]
+    nd = len(kernel)
     positions = np.prod(ops.window_positions(ins, x.shape[2:]))
     functional = _torch().nn.functional
     conv = getattr(functional, f"conv{nd}d")
@@ -162,7 +172,22 @@ def _conv(ins: Instr, args: list[np.ndarray], weights: WeightProvider,
         return conv(part, kernel_t, stride=strides, dilation=dilations, groups=group,
                     padding=pads[:nd] if symmetric else 0)
 
-    return _over_batch(run, _tensor(x), int(x.shape[0] * positions * rows * cols * group))
+    return _over_batch(run, _tensor(x), int(x.shape[0] * positions * macs_per_position))
+
+
+def _conv_read_noise(ins: Instr, x: np.ndarray, noise: ReadNoise) -> np.ndarray:
+    """Read noise of a CONV through ideal converters, one Gaussian per output: each window's
+    squared norm over every tile row block (a convolution of x^2 with 0/1 kernels), then
+    the layer's ReadNoiseMap turns them into each output's std."""
+    group = ins.attrs["group"][0]
+    maps = [noise.maps(ins.layer + g) for g in range(group)]
+    blocks = max(m.rows.shape[1] for m in maps)
+    indicators = [np.pad(m.rows, ((0, 0), (0, blocks - m.rows.shape[1]))) for m in maps]
+    kernel_t = _torch().from_numpy(np.ascontiguousarray(ops.conv_kernel(ins, indicators)))
+    norms = np.moveaxis(_convolve(ins, np.square(x), kernel_t, blocks * len(maps[0].rows) * group), 1, -1)
+    std = np.concatenate([m.std_from_norms(norms[..., g * blocks:g * blocks + m.rows.shape[1]], noise.sigma)
+                          for g, m in enumerate(maps)], axis=-1)                  # (N, *positions, C_out)
+    return np.moveaxis(noise.draw(std), -1, 1)
 
 
 def _conv_tiled(ins: Instr, x: np.ndarray, rows: int, product: LayerProduct) -> np.ndarray:
@@ -174,13 +199,14 @@ def _conv_tiled(ins: Instr, x: np.ndarray, rows: int, product: LayerProduct) -> 
 
 
 def execute(ins: Instr, args: list[np.ndarray], weights: WeightProvider,
-            product: LayerProduct | None = None) -> list[np.ndarray]:
-    """Run one instruction on its input arrays: the crossbar ops in torch (or tile by tile
-    through ``product``, finite converters), every other op with its reference kernel."""
+            product: LayerProduct | None = None, read_noise: ReadNoise | None = None) -> list[np.ndarray]:
+    """Run one instruction on its input arrays: the crossbar ops in torch (or through
+    ``product``, finite converters; or with ``read_noise`` added to each output), every
+    other op with its reference kernel."""
     if ins.op == Opcode.MATMUL:
-        return [_matmul(ins, args, weights, product)]
+        return [_matmul(ins, args, weights, product, read_noise)]
     if ins.op == Opcode.CONV:
-        return [_conv(ins, args, weights, product)]
+        return [_conv(ins, args, weights, product, read_noise)]
     return ops.execute(ins, args, weights)
 
 
@@ -198,15 +224,18 @@ _IN_PLACE: dict[Opcode, Callable[[Instr, list[np.ndarray]], np.ndarray]] = {
 
 
 def run(program: Program, feeds: list[np.ndarray], weights: WeightProvider,
-        product: LayerProduct | None = None, *, engine: bool = True) -> list[np.ndarray]:
+        product: LayerProduct | None = None, *, engine: bool = True,
+        read_noise: ReadNoise | None = None) -> list[np.ndarray]:
     """Execute ``program`` on ``feeds`` (one array per program input, batch first).
 
     ``engine``: run the whole program as one onnxruntime graph (``graph_engine``) where it
-    can be expressed as one and the products need no converters; otherwise, or with
-    ``engine=False``, interpret it instruction by instruction.
+    can be expressed as one and the products need no converters and no read noise (the
+    graph does not carry it); otherwise, or with ``engine=False``, interpret it
+    instruction by instruction. ``read_noise``: add to every crossbar product its read
+    noise through ideal converters (with ``product``, the product adds its own).
     """
     env = bind_inputs(program, feeds)
-    if engine and product is None:
+    if engine and product is None and read_noise is None:
         graph = graph_engine.graph_for(program, weights)
         if graph is not None:
             try:
@@ -225,7 +254,7 @@ def run(program: Program, feeds: list[np.ndarray], weights: WeightProvider,
                     and np.broadcast_shapes(*(a.shape for a in args)) == args[0].shape:
                 outs = [_IN_PLACE[ins.op](ins, args)]
             else:
-                outs = execute(ins, args, weights, product)
+                outs = execute(ins, args, weights, product, read_noise)
         except (ValueError, IndexError, KeyError, TypeError) as e:
             raise ExecutionError(f"{ins.op.name} '{ins.name}': {e}") from None
         if len(outs) != len(ins.outputs):

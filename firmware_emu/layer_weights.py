@@ -4,8 +4,9 @@ The executor asks for a layer's weights by index; they come from the conductance
 layer's tiles (so programming noise, stuck cells and drift show up in the outputs), and
 are cached per cell generation and aging (clock, seed, preset): every write or erase bumps
 the generation, every clock step changes the aging, and the next run recomputes. When
-some array the program uses has finite converters, a run instead multiplies tile by tile
-through them (``converter_product``).
+some array the program uses has finite converters, a run instead multiplies through them,
+all tiles of a layer in one batched product; with read noise every product draws its own
+(``products``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .contract.program_format import Program, Tile, effective_weights
-from .converters import LayerProduct, tiled_product
+from .converters import ConverterPath, ConverterSettings, LayerProduct, NoiseStream, ReadNoise, ReadNoiseMap
 from .crossbar import CellArrays
 from .drift import Aging
 
@@ -29,6 +30,8 @@ class LayerWeights:
         self.program: Program | None = None
         self._cache: dict[int, tuple[tuple, np.ndarray]] = {}  # layer -> ((cell generation, aging), weights)
         self._arrays_used: tuple[Program | None, np.ndarray] = (None, np.zeros(0, np.intp))  # (program, its arrays)
+        self._path: tuple[tuple, ConverterPath] | None = None  # ((program, generation, aging, settings), path)
+        self._noise_maps: tuple[Program | None, dict[int, ReadNoiseMap]] = (None, {})
 
     def load(self, program: Program | None) -> None:
         """Serve ``program``'s layers from now on (the cache starts empty)."""
@@ -52,17 +55,36 @@ class LayerWeights:
         self._cache[index] = (key, w)
         return w
 
-    def converter_product(self, dac_bits: np.ndarray, adc_bits: np.ndarray, all_ideal: bool) -> LayerProduct | None:
-        """Tile-by-tile products when any array the program uses has finite converters, else None."""
-        if all_ideal:
-            return None
+    def products(self, settings: ConverterSettings, all_ideal: bool, read_noise: float,
+                 noise: NoiseStream) -> tuple[LayerProduct | None, ReadNoise | None]:
+        """How one run multiplies: (converter product, None) when some array the program uses
+        has finite converters (read noise, if any, added to every column sum inside it);
+        else (None, read noise on the effective weights' products, or None without it)."""
         program = self.program
-        if self._arrays_used[0] is not program:  # once per program, not on every run
-            used = np.unique([t.array for layer in program.layers for t in layer.tiles]).astype(np.intp)
-            self._arrays_used = (program, used)
-        used = self._arrays_used[1]
-        if not (dac_bits[used].any() or adc_bits[used].any()):
-            return None
-        layers, aging = program.layers, self.aging()
-        return tiled_product(program, lambda layer, i: self._conductance(layers[layer].tiles[i], aging), dac_bits,
-                             adc_bits)
+        finite = False
+        if not all_ideal:
+            if self._arrays_used[0] is not program:  # once per program, not on every run
+                used = np.unique([t.array for layer in program.layers for t in layer.tiles]).astype(np.intp)
+                self._arrays_used = (program, used)
+            used = self._arrays_used[1]
+            finite = bool(settings.dac_bits[used].any() or settings.adc_bits[used].any())
+        if not finite:
+            if read_noise <= 0:
+                return None, None
+            if self._noise_maps[0] is not program:
+                self._noise_maps = (program, {})
+            maps = self._noise_maps[1]
+
+            def noise_map(index: int) -> ReadNoiseMap:
+                if index not in maps:
+                    maps[index] = ReadNoiseMap(program, index)
+                return maps[index]
+
+            return None, ReadNoise(read_noise, noise, noise_map)
+        aging = self.aging()
+        key = (program, self.cells.generation, aging, settings.key())
+        if self._path is None or self._path[0] != key:
+            layers = program.layers
+            self._path = (key, ConverterPath(
+                program, lambda layer, i: self._conductance(layers[layer].tiles[i], aging), settings))
+        return self._path[1].product(read_noise, noise), None

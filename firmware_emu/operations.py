@@ -31,8 +31,11 @@ SETTINGS_IN_USE: dict[Command, frozenset[str]] = {
                                     "CONFIG", "STUCK_RATE", "CLOCK"}),
     Command.CELLS_ERASE: frozenset({"CLOCK"}),  # erased cells are stamped with it
     # a run reads the cells as they have drifted: at CLOCK, by the preset's law, with SEED's exponents
-    Command.RUN: frozenset({"ARRAY_CONVERTERS", "CLOCK", "DEVICE_MODEL", "SEED"}),
-    Command.INFER: frozenset({"ARRAY_CONVERTERS", "CLOCK", "DEVICE_MODEL", "SEED"}),
+    # and through the converters' settings, with READ_NOISE from the RUN_SEED's streams
+    Command.RUN: frozenset({"ARRAY_CONVERTERS", "ARRAY_DAC_FS", "ARRAY_ADC_FS", "READ_NOISE", "RUN_SEED", "CLOCK",
+                            "DEVICE_MODEL", "SEED"}),
+    Command.INFER: frozenset({"ARRAY_CONVERTERS", "ARRAY_DAC_FS", "ARRAY_ADC_FS", "READ_NOISE", "RUN_SEED", "CLOCK",
+                              "DEVICE_MODEL", "SEED"}),
 }
 UNITS = {Command.CELLS_WRITE: "cells", Command.CELLS_ERASE: "rows", Command.RUN: "samples", Command.INFER: "samples"}
 

@@ -19,6 +19,7 @@ from .contract.protocol import MAX_PAYLOAD, ErrorCode, WriteStats
 from .contract.registers import ALL_ARRAYS, BY_OFFSET, LIMITS, Q16, REGISTERS, Access, DeviceModelCode
 from .contract.registers import field as register_field
 from .contract.variation import VariationMode
+from .converters import ConverterSettings, NoiseStream
 from .drift import Aging
 from .errors import ChipError
 from .physics import DeviceModel, pulse_cost
@@ -66,13 +67,30 @@ class RegisterFile:
             STUCK_RATE=round(c.stuck_rate * Q16), ARRAY_CONVERTERS=c.dac_bits | c.adc_bits << 8)
         self.dac_bits = np.full(c.arrays, c.dac_bits, dtype=np.uint8)
         self.adc_bits = np.full(c.arrays, c.adc_bits, dtype=np.uint8)
+        self.dac_fs = np.zeros(c.arrays, dtype=np.uint32)  # Q16.16 per array; 0: per-vector input scale
+        self.adc_fs = np.zeros(c.arrays, dtype=np.uint32)  # Q16.16 per array; 0: the weight bound
         self.all_ideal = not (c.dac_bits or c.adc_bits)  # every converter ideal: runs skip the check
         self.counters = {name: 0 for name in COUNTERS}
         self.reseed()
+        self.restart_runs()
 
     def reseed(self) -> None:
         """The chip's random generator, from SEED (at power-on, and when SEED is written)."""
         self.rng = np.random.default_rng(self.regs["SEED"])
+
+    def restart_runs(self) -> None:
+        """Runs draw their read noise from the streams after RUN_SEED, from the first again."""
+        self.runs = 0
+
+    def next_run_noise(self) -> NoiseStream:
+        """The read-noise stream of the next run: the RUN_SEED's streams one after another."""
+        stream = NoiseStream([self.regs["RUN_SEED"], self.runs])
+        self.runs += 1
+        return stream
+
+    def converters(self) -> ConverterSettings:
+        """Every array's converter settings as a run uses them (full scales as numbers)."""
+        return ConverterSettings(self.dac_bits, self.adc_bits, self.dac_fs / Q16, self.adc_fs / Q16)
 
     @property
     def device(self) -> DeviceModel:
@@ -101,9 +119,13 @@ class RegisterFile:
         if name.startswith("CNT_"):
             value = self.counters[name[4:-3].lower()]
             return (value >> 32) & 0xFFFFFFFF if name.endswith("_HI") else value & 0xFFFFFFFF
-        if name == "ARRAY_CONVERTERS":
+        if name in ("ARRAY_CONVERTERS", "ARRAY_DAC_FS", "ARRAY_ADC_FS"):
             a = self.regs["ARRAY_SELECT"]
             a = 0 if a == ALL_ARRAYS else a
+            if name == "ARRAY_DAC_FS":
+                return int(self.dac_fs[a])
+            if name == "ARRAY_ADC_FS":
+                return int(self.adc_fs[a])
             return int(self.dac_bits[a]) | int(self.adc_bits[a]) << 8
         if reg.access == Access.WO:
             return 0
@@ -134,9 +156,15 @@ class RegisterFile:
             self.all_ideal = not (self.dac_bits.any() or self.adc_bits.any())
             return
         self._check_setting(name, value)
+        if name in ("ARRAY_DAC_FS", "ARRAY_ADC_FS"):
+            a = self.regs["ARRAY_SELECT"]
+            (self.dac_fs if name == "ARRAY_DAC_FS" else self.adc_fs)[slice(None) if a == ALL_ARRAYS else a] = value
+            return
         self.regs[name] = value
         if name == "SEED":
             self.reseed()
+        elif name == "RUN_SEED":
+            self.restart_runs()
 
     def _check_setting(self, name: str, value: int) -> None:
         problem = None

@@ -88,7 +88,7 @@ def _run_steps(chip: Chip, name: str, program: Program, batch: int, feeds: list[
     slice, exactly one executor run.
     """
     registers, weights = chip.registers, chip.weights
-    product = chip.converter_product()
+    product, read_noise = chip.run_products()
     per_sample = sum(1 for i in program.instructions if i.layer >= 0)
     parts: list[list[np.ndarray]] = []
     done = 0
@@ -97,7 +97,7 @@ def _run_steps(chip: Chip, name: str, program: Program, batch: int, feeds: list[
         for a in range(0, batch, RUN_SLICE):
             b = min(batch, a + RUN_SLICE)
             try:
-                outs = executor.run(program, [f[a:b] for f in feeds], weights.layer, product)
+                outs = executor.run(program, [f[a:b] for f in feeds], weights.layer, product, read_noise=read_noise)
             except executor.ExecutionError as e:
                 raise ChipError(ErrorCode.BAD_ARGUMENT, f"{name}: {e}") from None
             if b - a < batch:

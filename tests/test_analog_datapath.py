@@ -9,9 +9,16 @@ one ADC step apart where a column sum sits on a rounding boundary).
 import numpy as np
 import pytest
 
+from nvcim import driver
 from nvcim.firmware_emu.contract.program_format import Layer, Program, Tile
-from nvcim.firmware_emu.converters import (ConverterSettings, LayerConverters, NoiseStream, ReadNoiseMap,
-                                           tiled_product, weight_bounds)
+from nvcim.firmware_emu.converters import (
+    ConverterPath,
+    ConverterSettings,
+    LayerConverters,
+    NoiseStream,
+    ReadNoiseMap,
+    weight_bounds,
+)
 
 K, M = 2, 8
 S = M // K
@@ -183,7 +190,7 @@ def test_read_noise_passes_through_finite_converters_and_a_seed_reproduces_it():
     assert 1.0 < ratio < 1.2
 
 
-def test_tiled_product_prepares_each_layer_once_and_needs_a_stream_for_noise():
+def test_a_converter_path_prepares_each_layer_once_and_needs_a_stream_for_noise():
     program, cells = _layer(300, 70, 128, 32, seed=8)
     calls = []
 
@@ -191,10 +198,112 @@ def test_tiled_product_prepares_each_layer_once_and_needs_a_stream_for_noise():
         calls.append(i)
         return cells[i]
 
-    product = tiled_product(program, conductance, np.full(6, 6), np.full(6, 6))
+    path = ConverterPath(program, conductance, ConverterSettings.uniform(6, 6, 6))
     x = np.random.default_rng(14).standard_normal((5, 300)).astype(np.float32)
-    first = product(0, x)
+    first = path.product()(0, x)
     seen = len(calls)
-    assert np.array_equal(product(0, x), first) and len(calls) == seen
+    assert np.array_equal(path.product()(0, x), first) and len(calls) == seen
     with pytest.raises(ValueError, match="NoiseStream"):
-        tiled_product(program, conductance, np.full(6, 6), np.full(6, 6), read_noise=0.1)(0, x)
+        path.product(read_noise=0.1)
+
+
+# -- on the chip: registers, runs, calibration ------------------------------------------
+CHIP = "emu://?sigma=0.3&seed=2&rows=32&cols=64"
+
+
+@pytest.fixture(scope="module")
+def cnn_path(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    from zoo import SmallCNN, export
+
+    torch.manual_seed(0)
+    return export(SmallCNN().eval(), tmp_path_factory.mktemp("cnn") / "cnn.onnx", (3, 8, 8), dynamo=False)
+
+
+def _images(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 3, 8, 8)).astype(np.float32)
+
+
+def test_full_scale_registers_are_per_array_checked_and_reset():
+    with driver.open("emu://?arrays=4") as dev:
+        dev.write_register("ARRAY_SELECT", 1)
+        dev.write_register("ARRAY_DAC_FS", 3 << 16)
+        dev.write_register("ARRAY_ADC_FS", 5 << 15)
+        assert (dev.read_register("ARRAY_DAC_FS"), dev.read_register("ARRAY_ADC_FS")) == (3 << 16, 5 << 15)
+        dev.write_register("ARRAY_SELECT", 2)
+        assert (dev.read_register("ARRAY_DAC_FS"), dev.read_register("ARRAY_ADC_FS")) == (0, 0)
+        with pytest.raises(driver.DeviceError, match="ARRAY_ADC_FS value 2147483648 exceeds the maximum"):
+            dev.write_register("ARRAY_ADC_FS", 1 << 31)
+        assert dev.read_register("ARRAY_ADC_FS") == 0
+        dev.write_register("CONTROL", 1)                       # SOFT_RESET: back to automatic ranges
+        dev.write_register("ARRAY_SELECT", 1)
+        assert dev.read_register("ARRAY_DAC_FS") == 0
+
+
+@pytest.mark.parametrize("bits", [0, 8])
+def test_read_noise_changes_every_run_and_run_seed_reproduces_them(cnn_path, bits):
+    x = _images(6, 1)
+    options = f"&dac_bits={bits}&adc_bits={bits}" if bits else ""
+    with driver.load(cnn_path, device=f"{CHIP}{options}") as sess:
+        clean = sess.run(None, {"x": x})[0]
+        sess.device.write_register("READ_NOISE", round(0.05 * 65536))
+        first, second = sess.run(None, {"x": x})[0], sess.run(None, {"x": x})[0]
+        assert not np.array_equal(first, second) and not np.array_equal(first, clean)
+        sess.device.write_register("RUN_SEED", 7)
+        a, b = sess.run(None, {"x": x})[0], sess.run(None, {"x": x})[0]
+        sess.device.write_register("RUN_SEED", 7)
+        assert np.array_equal(sess.run(None, {"x": x})[0], a) and np.array_equal(sess.run(None, {"x": x})[0], b)
+        assert not np.array_equal(a, b)
+        sess.device.write_register("READ_NOISE", 0)
+        assert np.array_equal(sess.run(None, {"x": x})[0], clean)
+
+
+def test_both_paths_carry_the_same_read_noise(cnn_path):
+    """Through ideal converters the chip draws one Gaussian per output (convolutions
+    included); through fine converters one per column sum: the noise must be the same size."""
+    x = np.repeat(_images(2, 2), 400, axis=0)
+
+    def noise_std(options: str) -> np.ndarray:
+        with driver.load(cnn_path, device=f"{CHIP}{options}") as sess:
+            clean = sess.run(None, {"x": x})[0]
+            sess.device.write_register("READ_NOISE", round(0.02 * 65536))
+            return (sess.run(None, {"x": x})[0] - clean).reshape(2, 400, -1).std(axis=1)
+
+    ideal, fine = noise_std(""), noise_std("&dac_bits=16&adc_bits=24")
+    assert ideal.min() > 0
+    ratio = ideal / fine
+    assert abs(np.mean(ratio) - 1) < 0.03 and np.abs(ratio - 1).max() < 0.25
+
+
+@pytest.mark.parametrize("bits", [4, 6])
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_a_sample_runs_the_same_alone_or_in_a_batch_of_256_on_the_chip(cnn_path, bits, calibrated):
+    x = _images(256, 3)
+    x[100] *= 30                                               # a loud neighbour
+    calibration = {"x": _images(64, 4)} if calibrated else None
+    with driver.load(cnn_path, device=f"{CHIP}&dac_bits={bits}&adc_bits={bits}", calibration=calibration) as sess:
+        batch = sess.run(None, {"x": x})[0]
+        for i in (0, 100, 255):
+            assert np.array_equal(sess.run(None, {"x": x[i:i + 1]})[0][0], batch[i])
+
+
+def test_calibration_sets_the_used_arrays_and_narrows_the_adc_range(cnn_path):
+    x = _images(32, 5)
+    with driver.load(cnn_path, device=CHIP, calibration={"x": _images(8, 6)}) as sess:
+        assert sess.device.read_register("ARRAY_SELECT") == 0xFFFFFFFF      # left selecting all arrays
+        ideal = sess.run(None, {"x": x})[0]
+    errors = {}
+    for calibrated in (False, True):
+        calibration = {"x": _images(128, 6)} if calibrated else None
+        with driver.load(cnn_path, device=f"{CHIP}&dac_bits=8&adc_bits=6", calibration=calibration) as sess:
+            used = sorted({t.array for layer in sess.program.layers for t in layer.tiles})
+            for a in used:
+                sess.device.write_register("ARRAY_SELECT", a)
+                assert (sess.device.read_register("ARRAY_ADC_FS") > 0) == calibrated
+            errors[calibrated] = np.abs(sess.run(None, {"x": x})[0] - ideal).mean()
+    assert errors[True] < 0.7 * errors[False]
+
+
+def test_calibration_names_missing_inputs(cnn_path):
+    with pytest.raises(ValueError, match="must name exactly the program inputs"):
+        driver.load(cnn_path, device=CHIP, calibration={"image": _images(4, 0)})

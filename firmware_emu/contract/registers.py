@@ -133,6 +133,10 @@ REGISTERS: tuple[Register, ...] = (
         Field("ABORTED", 3, 1, "a background operation was stopped by CONTROL.ABORT"),
     )),
     Register("RUN_BATCH", 0x034, Access.RW, 1, "Batch size CONTROL.START runs."),
+    Register("RUN_SEED", 0x038, Access.RW, 0,
+             "Seed of the read noise of runs. Each RUN, INFER or CONTROL.START draws its read noise from the "
+             "next stream after this seed, so two runs differ; writing it (even the same value) restarts the "
+             "streams, so the same seed and the same runs give the same outputs."),
     Register("DEVICE_MODEL", 0x040, Access.RW, int(DeviceModelCode.GAUSSIAN), "Cell variation model (DeviceModelCode)."),
     Register("SIGMA", 0x044, Access.RW, round(0.3 * Q16), "Programming variation sigma, Q16.16 of g_max (<= 2.0)."),
     Register("READ_NOISE", 0x048, Access.RW, 0, "Read noise sigma, Q16.16 of g_max, <= 2.0 (0 = ideal read)."),
@@ -148,11 +152,21 @@ REGISTERS: tuple[Register, ...] = (
     Register("STUCK_RATE", 0x05C, Access.RW, 0,
              "Fraction of cells stuck at 0 or g_max (half each), Q16.16 (<= 1.0); the map is fixed by SEED."),
     Register("ARRAY_SELECT", 0x060, Access.RW, ALL_ARRAYS,
-             "Array that ARRAY_CONVERTERS addresses; 0xFFFFFFFF: writes go to every array, reads show array 0."),
+             "Array that ARRAY_CONVERTERS, ARRAY_DAC_FS and ARRAY_ADC_FS address; 0xFFFFFFFF: writes go to every "
+             "array, reads show array 0."),
     Register("ARRAY_CONVERTERS", 0x064, Access.RW, 0, "Converter resolution of the selected array(s).", (
         Field("DAC_BITS", 0, 8, "input DAC bits, sign included (0: ideal, else 1..16)"),
         Field("ADC_BITS", 8, 8, "column ADC bits, sign included (0: ideal, else 1..24)"),
     )),
+    Register("ARRAY_DAC_FS", 0x068, Access.RW, 0,
+             "Input DAC full scale of the selected array(s), Q16.16 in input units: a row input x drives "
+             "clip(x / DAC_FS, -1, 1) (0: per vector, each input vector scaled by its own largest abs(x) on the "
+             "tile's rows). Set at deploy from calibration data."),
+    Register("ARRAY_ADC_FS", 0x06C, Access.RW, 0,
+             "Column ADC full scale of the selected array(s), Q16.16 of a column sum normalised to g_max and to "
+             "the DAC's full scale (sum_i u_i g_ij / g_max, abs(u_i) <= 1); sums beyond it clip (0: the weight "
+             "bound, the largest sum any input in the DAC range gives on the array's tiles). Set at deploy from "
+             "calibration data."),
     Register("OP_STATUS", 0x070, Access.RO, 0, "The running or last background operation.", (
         Field("COMMAND", 0, 8, "its command code (CELLS_WRITE 0x40, CELLS_ERASE 0x42, RUN 0x50, INFER 0x51); 0: none "
                                "since power-on or SOFT_RESET"),
@@ -178,7 +192,7 @@ REGISTERS: tuple[Register, ...] = (
 
 # Writable settings and the largest value each accepts (a write above it is BAD_ARGUMENT).
 LIMITS: dict[str, int] = {"SIGMA": 2 * Q16, "READ_NOISE": 2 * Q16, "VERIFY_MAX_ITER": 255, "STUCK_RATE": Q16,
-                          "RUN_BATCH": 1 << 20}
+                          "RUN_BATCH": 1 << 20, "ARRAY_DAC_FS": 0x7FFFFFFF, "ARRAY_ADC_FS": 0x7FFFFFFF}
 
 BY_NAME: dict[str, Register] = {r.name: r for r in REGISTERS}
 BY_OFFSET: dict[int, Register] = {r.offset: r for r in REGISTERS}
