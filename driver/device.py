@@ -16,6 +16,7 @@ import numpy as np
 import serial
 from tqdm import tqdm
 
+from nvcim.firmware_emu.contract.access import split_token, token_line
 from nvcim.firmware_emu.contract.program_format import Program, pack_cells, parse_code
 from nvcim.firmware_emu.contract.protocol import (FLAG_ASYNC, BufReadArgs, BufWriteHeader, CellMode, CellQuantity,
                                                   CellsEraseArgs, CellsReadArgs, CellsReadReply, CellsWriteArgs,
@@ -131,10 +132,17 @@ class Device:
     def open(cls, url: str | None = None, timeout: float = 5.0) -> "Device":
         url = resolve_device(url)
         try:
+            url, token = split_token(url)  # socket://HOST:PORT?token=T: the token line goes first, not to pyserial
             port = serial.serial_for_url(url, timeout=timeout)
+            if token is not None:
+                port.write(token_line(token))
         except (serial.SerialException, ValueError) as e:
             raise LinkError(f"cannot open device {url!r}: {e}") from None
-        return cls(Link(port, timeout=timeout))
+        try:
+            return cls(Link(port, timeout=timeout))
+        except BaseException:  # e.g. a served chip another host holds (BUSY): hang up, do not hold a connection
+            port.close()
+            raise
 
     def close(self) -> None:
         self.link.close()

@@ -2,28 +2,60 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import click
+from click.core import ParameterSource
 
 from .chip import Chip, ChipConfig
+from .contract.access import check_token
+from .contract.registers import DeviceModelCode
 from .link_faults import LinkFaults
 from .nvm_image import ImageError
-from .contract.registers import DeviceModelCode
-from .serve import serve_pty, serve_tcp
+from .serve import DEFAULT_IDLE_TIMEOUT, IDLE_TIMEOUT_RANGE, TcpServer, is_loopback, serve_pty
 
 _DEFAULTS = ChipConfig()
 
 
-@click.group()
-def cli() -> None:
+class _OneLineErrors(click.Group):
+    """Every error is one line on stderr (``Error: ...``), a traceback only with --debug."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except (ValueError, OSError) as e:  # bad options, an unusable image, a port in use
+            if ctx.params.get("debug"):
+                raise
+            raise click.ClickException(str(e)) from None
+        except Exception as e:
+            if ctx.params.get("debug"):
+                raise
+            raise click.ClickException(f"internal error: {type(e).__name__}: {e} (--debug shows where)") from None
+
+
+@click.group(cls=_OneLineErrors)
+@click.option("--debug", is_flag=True, help="Show a traceback with an error.")
+def cli(debug: bool) -> None:
     """The nvcim chip emulator."""
+    logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if debug else logging.INFO,
+                        format="nvcim serve: %(message)s")
 
 
 @cli.command()
 @click.option("--pty", "use_pty", is_flag=True, help="Serve on a new pseudo-terminal (the default).")
-@click.option("--tcp", "tcp_port", type=int, default=None, help="Serve on this TCP port (0: any free port).")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on with --tcp.")
+@click.option("--tcp", "tcp_port", type=click.IntRange(0, 65535), default=None,
+              help="Serve on this TCP port (0: any free port).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on with --tcp (any but loopback warns: other machines reach the chip).")
+@click.option("--token", envvar="NVCIM_SERVE_TOKEN", default=None,
+              help="With --tcp: serve only hosts that send this token first (socket://HOST:PORT?token=T); "
+                   "1..128 of A-Z a-z 0-9 . _ ~ - [env NVCIM_SERVE_TOKEN].")
+@click.option("--idle-timeout", type=click.FloatRange(*IDLE_TIMEOUT_RANGE), default=DEFAULT_IDLE_TIMEOUT,
+              show_default=True, help="With --tcp: seconds after which an idle host holding the chip gives way "
+                                      "to another.")
 @click.option("--image", type=click.Path(), default=None,
               help="Non-volatile image directory: cells, noise dump and program persist across restarts.")
 @click.option("--link-faults", type=float, default=0.0, show_default=True,
@@ -39,22 +71,32 @@ def cli() -> None:
 @click.option("--arrays", type=int, help=f"Number of crossbar arrays [default: {_DEFAULTS.arrays}].")
 @click.option("--rows", type=int, help=f"Rows per array [default: {_DEFAULTS.rows}].")
 @click.option("--cols", type=int, help=f"Columns per array [default: {_DEFAULTS.cols}].")
-def serve(use_pty: bool, tcp_port: int | None, host: str, image: str | None, link_faults: float,
-          link_seed: int, **settings) -> None:
+def serve(use_pty: bool, tcp_port: int | None, host: str, token: str | None, idle_timeout: float,
+          image: str | None, link_faults: float, link_seed: int, **settings) -> None:
     """Serve a chip; prints 'serving on PATH-OR-URL' once it is reachable.
 
-    With --image, settings not given are those stored in the image.
+    With --image, settings not given are those stored in the image. On TCP one host holds
+    the chip at a time; the others get BUSY (docs/reliability.md#serving).
     """
     if use_pty and tcp_port is not None:
         raise click.UsageError("choose one of --pty and --tcp")
+    if tcp_port is None and token is not None:
+        if click.get_current_context().get_parameter_source("token") is not ParameterSource.ENVIRONMENT:
+            raise click.UsageError("--token applies to --tcp only")
+        token = None
     given = {k: v for k, v in settings.items() if v is not None}
     if "model" in given:
         given["model"] = DeviceModelCode[given["model"].upper()]
     try:
-        chip = Chip.with_image(image, given) if image else Chip(ChipConfig(**given))
+        if token is not None:
+            check_token(token)
         LinkFaults(link_faults)
+        chip = Chip.with_image(image, given) if image else Chip(ChipConfig(**given))
     except (ValueError, ImageError) as e:
-        raise click.BadParameter(str(e)) from None
+        raise click.ClickException(str(e)) from None
+    if tcp_port is not None and not is_loopback(host):
+        click.echo(f"warning: listening on {host}: other machines can reach this chip"
+                   f"{'' if token else ' and program it (give --token to restrict who may connect)'}", err=True)
 
     def announce(where: str) -> None:
         click.echo(f"serving on {where}")
@@ -62,7 +104,7 @@ def serve(use_pty: bool, tcp_port: int | None, host: str, image: str | None, lin
 
     try:
         if tcp_port is not None:
-            serve_tcp(chip, host, tcp_port, announce, link_faults, link_seed)
+            TcpServer(chip, idle_timeout, token, link_faults, link_seed).serve_forever(host, tcp_port, announce)
         else:
             serve_pty(chip, announce, link_faults, link_seed)
     except KeyboardInterrupt:

@@ -15,6 +15,11 @@ from .contract.registers import DeviceModelCode
 from .contract.variation import VariationMode
 
 MAX_DAC_BITS, MAX_ADC_BITS = 16, 24
+# What an emulated chip may be built with (docs/reliability.md#chip-options-and-their-limits):
+MAX_CELLS = 1 << 30            # arrays x rows x cols; 13 bytes of host memory per programmed cell
+MAX_WEIGHT_BITS = 16
+BUFFER_SIZE_RANGE = (1 << 10, 1 << 28)  # staging buffer bytes, allocated when the chip powers up
+MAX_SEED = 0xFFFFFFFF          # SEED is a 32-bit register
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,16 @@ class ChipConfig(Geometry):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.arrays * self.rows * self.cols > MAX_CELLS:
+            raise ValueError(f"arrays x rows x cols = {self.arrays} x {self.rows} x {self.cols} cells is more than "
+                             f"the emulator's {MAX_CELLS} (2^30)")
+        if not 0 < self.weight_bits <= MAX_WEIGHT_BITS:
+            raise ValueError(f"weight_bits={self.weight_bits} must be in 1..{MAX_WEIGHT_BITS}")
+        low, high = BUFFER_SIZE_RANGE
+        if not low <= self.buffer_size <= high:
+            raise ValueError(f"buffer_size={self.buffer_size} must be in {low}..{high} bytes (1 KiB..256 MiB)")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed={self.seed} must be in 0..{MAX_SEED}")
         for name in ("sigma", "read_noise"):
             if not 0 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 2] (units of g_max)")

@@ -4,7 +4,9 @@ A transport hands raw bytes to ``FrameServer.feed`` and sends back what it retur
 Every frame gets exactly one reply: a damaged frame a frame-error reply, a refused
 command an error reply, a fault inside the chip an INTERNAL one. The last reply is
 cached with the key of its request (SEQ, COMMAND, payload CRC), so a retransmitted
-frame is answered again without running twice.
+frame is answered again without running twice. A transport whose hosts take turns (TCP
+connections) calls ``reset`` when another host takes over: the parser and the cache are
+per host.
 """
 
 from __future__ import annotations
@@ -32,6 +34,18 @@ class FrameServer:
         self.serve, self.refused, self.turn = serve, refused, turn
         self._reader = FrameReader(MAX_PAYLOAD)
         self._last: tuple[tuple[int, int, int], bytes] | None = None  # ((seq, command, payload crc), reply)
+
+    def reset(self) -> None:
+        """A new host: forget the half frame and the reply cache its predecessor left, which
+        would swallow the new host's first bytes or answer its first SEQ with an old reply."""
+        with self.turn():
+            self._reader = FrameReader(MAX_PAYLOAD)
+            self._last = None
+
+    @property
+    def mid_frame(self) -> bool:
+        """Part of a frame has arrived and the rest not yet."""
+        return bool(self._reader.buf)
 
     def feed(self, data: bytes) -> bytes:
         """Consume bytes from the host; return the reply bytes (possibly empty)."""
