@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import sys
 from pathlib import Path
 
 import click
@@ -58,6 +60,9 @@ def _one_line_errors(fn):
             return fn(*args, **kwargs)
         except (RegisterError, SequenceError, TraceFileError, ProgramFormatError, driver.NvcimError) as e:
             raise click.ClickException(str(e)) from None
+        except BrokenPipeError:  # `nvcim trace show F | head`: the reader has all it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise SystemExit(141) from None
         except OSError as e:
             raise click.ClickException(f"{e.filename}: {e.strerror}" if e.filename else str(e)) from None
     return wrapper
