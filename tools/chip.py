@@ -105,9 +105,10 @@ def program_on_chip(device: driver.Device) -> Program:
     return program
 
 
-def compile_for(device: driver.Device, onnx_path: str | os.PathLike, base: Program | None = None) -> Program:
+def compile_for(device: driver.Device, onnx_path: str | os.PathLike, base: Program | None = None,
+                shared: str = "common") -> Program:
     try:
-        return compile_model(onnx_path, target_of(device), base=base, shared="common")
+        return compile_model(onnx_path, target_of(device), base=base, shared=shared)
     except CompileError as e:
         raise FlowError(str(e)) from None
 
@@ -370,8 +371,11 @@ def full_verify_cost(settings: dict, program: Program) -> Cost:
 
 
 def flash_tsb(device: driver.Device, backbone_onnx: str | os.PathLike, tsb_onnx: str | os.PathLike,
-              dump: NoiseDump | None = None) -> tuple[Program, FlashReport]:
+              dump: NoiseDump | None = None, shared: str = "common") -> tuple[Program, FlashReport]:
     """Compile the TSB model incrementally on the chip's program and write only the TSB cells, verified.
+
+    ``shared``: the block on one crossbar that every insertion point reuses ("common"), or
+    one copy per insertion point ("separate": more cells written, the uses run in parallel).
 
     Proves, by reading the cells back, that every cell outside the TSB tiles is bit-identical.
     """
@@ -392,7 +396,7 @@ def flash_tsb(device: driver.Device, backbone_onnx: str | os.PathLike, tsb_onnx:
                                     f"fetch it again: nvcim noise fetch")
     base_names = {l.name for l in backbone.layers}
     base = _subset(chip_program, base_names)
-    program = compile_for(device, tsb_onnx, base=base)
+    program = compile_for(device, tsb_onnx, base=base, shared=shared)
     tsb_names = [l.name for l in program.layers if l.name not in base_names]
     if not tsb_names:
         raise FlowError(f"{tsb_onnx} adds no crossbar layer to the backbone; is it a TSB model (nvcim tsb train)?")

@@ -67,6 +67,7 @@ class Net(nn.Module):
         self.config = dict(config)
         self.tsb: TinySharedBlock | None = None
         self.tsb_shapes: list[tuple[int, int, int]] = []
+        self.tsb_points: frozenset[int] | None = None  # insertion points the block is applied at (None: all)
         self._recording = False
 
     def _finish(self) -> None:
@@ -83,10 +84,21 @@ class Net(nn.Module):
         if self._recording:
             self.tsb_shapes.append(tuple(int(d) for d in x.shape[1:]))
             return x
-        return x if self.tsb is None else self.tsb(x, self.tsb_shapes[i])
+        if self.tsb is None or (self.tsb_points is not None and i not in self.tsb_points):
+            return x
+        return self.tsb(x, self.tsb_shapes[i])
 
-    def add_tsb(self, c: int) -> "Net":
-        """Insert one identity-initialised shared block of width ``c``; returns self."""
+    def add_tsb(self, c: int, points: list[int] | None = None) -> "Net":
+        """Insert one identity-initialised shared block of width ``c`` at ``points`` (indices into
+        ``tsb_shapes``; None: every insertion point); returns self."""
+        if points is not None:
+            bad = sorted(set(points) - set(range(len(self.tsb_shapes))))
+            if bad or not points:
+                raise ValueError(f"TSB insertion points {list(points)}: {self.arch} has points "
+                                 f"0..{len(self.tsb_shapes) - 1}" + (f"; {bad} do not exist" if bad else
+                                                                     "; choose at least one"))
+            self.tsb_points = frozenset(points)
+            self.config["tsb_points"] = sorted(self.tsb_points)
         self.tsb = TinySharedBlock(c)
         self.config["tsb"] = c
         return self
@@ -101,10 +113,10 @@ class Net(nn.Module):
     def folded(self) -> "Net":
         """The deploy form: a copy with every BatchNorm folded into its conv (eval statistics)."""
         cfg = dict(self.config, bn=False)
-        tsb = cfg.pop("tsb", None)
+        tsb, points = cfg.pop("tsb", None), cfg.pop("tsb_points", None)
         out = build(**cfg)
         if tsb:
-            out.add_tsb(tsb)
+            out.add_tsb(tsb, points)
         mods = dict(self.named_modules())
         state = {k: v.detach().clone() for k, v in self.state_dict().items() if k in out.state_dict()}
         for conv_name, bn_name in self.conv_bn_pairs():
@@ -228,7 +240,7 @@ _CLASSES = {"lenet3": LeNet3, "vgg8": VGG8, "resnet18": ResNet18}
 
 
 def build(arch: str, in_ch: int, classes: int, image: int | None = None, width: float = 1.0,
-          bn: bool | None = None, tsb: int | None = None) -> Net:
+          bn: bool | None = None, tsb: int | None = None, tsb_points: list[int] | None = None) -> Net:
     """Build a model by name; ``bn`` defaults to off for LeNet-3, on for VGG-8 and ResNet-18."""
     if arch not in _CLASSES:
         raise ValueError(f"unknown model {arch!r} (choose from {', '.join(ARCHS)})")
@@ -240,7 +252,7 @@ def build(arch: str, in_ch: int, classes: int, image: int | None = None, width: 
         kwargs["bn"] = bn
     net = _CLASSES[arch](**kwargs)
     if tsb:
-        net.add_tsb(tsb)
+        net.add_tsb(tsb, tsb_points)
     return net
 
 

@@ -81,7 +81,7 @@ def load_deploy(path: str | Path) -> tuple[Net, dict]:
     """Rebuild the deploy-form torch model of an exported file, weights taken from the file bit for bit."""
     proto, meta = read_meta(path)
     cfg = {k: meta[k] for k in ("arch", "in_ch", "classes", "image", "width")}
-    net = build(**cfg, bn=False, tsb=meta.get("tsb"))
+    net = build(**cfg, bn=False, tsb=meta.get("tsb"), tsb_points=meta.get("tsb_points"))
     inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     state = net.state_dict()
     missing = [k for k in state if k not in inits]

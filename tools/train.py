@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -49,6 +50,17 @@ class TrainConfig:
     seed: int = 0
 
 
+class Objective(Protocol):
+    """A training loss other than plain noise injection (tools/nft.py): its own forward passes and parameters."""
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """Extra trainable parameters (e.g. IRS snapshot heads), optimised with the model's."""
+
+    def loss(self, model: Net, weights: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+             gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, the backbone's logits) for one batch; ``weights``: this step's noise-injected weights."""
+
+
 @dataclass
 class TrainResult:
     model: Net
@@ -64,8 +76,13 @@ def _batches(n: int, batch: int, gen: torch.Generator) -> list[torch.Tensor]:
 
 @thread_independent
 def train_backbone(data: Split, cfg: TrainConfig, checkpoint_dir: str | Path | None = None,
-                   log: Callable[[str], None] = print, progress: bool = True) -> TrainResult:
-    """Noise-injection training of ``cfg.arch`` on ``data``; returns the chosen (early-stopped) model."""
+                   log: Callable[[str], None] = print, progress: bool = True,
+                   objective: Callable[[Net], Objective] | None = None) -> TrainResult:
+    """Noise-injection training of ``cfg.arch`` on ``data``; returns the chosen (early-stopped) model.
+
+    ``objective``: built on the new model, replaces the cross-entropy of the noisy forward pass
+    (NFT's feedback losses); its extra parameters train alongside.
+    """
     if cfg.stop_fraction is not None and not 0 < cfg.stop_fraction <= 1:
         raise ValueError(f"stop_fraction={cfg.stop_fraction} must lie in (0, 1]")
     torch.manual_seed(cfg.seed)
@@ -75,7 +92,8 @@ def train_backbone(data: Split, cfg: TrainConfig, checkpoint_dir: str | Path | N
     names = model.weight_names()
     train_device = DeviceSettings(cfg.sigma_train, cfg.device_model)
     eval_device = DeviceSettings(cfg.sigma_eval, cfg.device_model)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    extra = objective(model) if objective is not None else None
+    opt = torch.optim.Adam(list(model.parameters()) + (extra.parameters() if extra else []), lr=cfg.lr)
     steps_per_epoch = math.ceil(len(train.x_train) / cfg.batch)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
     run_epochs = cfg.epochs if cfg.stop_fraction is None else max(1, round(cfg.epochs * cfg.stop_fraction))
@@ -93,7 +111,9 @@ def train_backbone(data: Split, cfg: TrainConfig, checkpoint_dir: str | Path | N
         model.train()
         loss_sum, hits, seen = 0.0, 0, 0
         for idx in _batches(len(xt), cfg.batch, gen):
-            loss, hit = train_step(model, injected_weights(model, names, train_device, gen), xt[idx], yt[idx], opt)
+            weights = injected_weights(model, names, train_device, gen)
+            loss, hit = train_step(model, weights, xt[idx], yt[idx], opt,
+                                   None if extra is None else lambda w, x, y: extra.loss(model, w, x, y, gen))
             sched.step()
             loss_sum, hits, seen = loss_sum + loss, hits + hit, seen + len(idx)
             bar.update(1)
@@ -126,10 +146,16 @@ def train_backbone(data: Split, cfg: TrainConfig, checkpoint_dir: str | Path | N
 
 
 def train_step(model: Net, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-               opt: torch.optim.Optimizer) -> tuple[float, int]:
-    """One optimiser step on the batch (x, y) with ``params`` swapped in; (summed loss, correct predictions)."""
-    out = functional_call(model, params, (x,))
-    loss = torch.nn.functional.cross_entropy(out, y)
+               opt: torch.optim.Optimizer, loss_fn: Callable | None = None) -> tuple[float, int]:
+    """One optimiser step on the batch (x, y) with ``params`` swapped in; (summed loss, correct predictions).
+
+    ``loss_fn(params, x, y) -> (loss, logits)`` replaces the cross-entropy of one forward pass.
+    """
+    if loss_fn is None:
+        out = functional_call(model, params, (x,))
+        loss = torch.nn.functional.cross_entropy(out, y)
+    else:
+        loss, out = loss_fn(params, x, y)
     opt.zero_grad()
     loss.backward()
     opt.step()

@@ -47,8 +47,9 @@ class TSBResult:
     seconds: float = 0.0
 
 
-def backbone_with_tsb(backbone_onnx: str | Path, c: int | None) -> Net:
-    """The backbone's deploy form from its ONNX file with an identity TSB of width ``c`` inserted."""
+def backbone_with_tsb(backbone_onnx: str | Path, c: int | None, points: list[int] | None = None) -> Net:
+    """The backbone's deploy form from its ONNX file with an identity TSB of width ``c`` inserted
+    at ``points`` (indices of the model's insertion points; None: all of them)."""
     from .models import default_tsb_width
 
     model, meta = load_deploy(backbone_onnx)
@@ -58,7 +59,10 @@ def backbone_with_tsb(backbone_onnx: str | Path, c: int | None) -> Net:
     c = default_tsb_width(meta["arch"], meta["width"]) if c is None else c
     if c < 1:
         raise FlowError(f"TSB width c={c} must be >= 1")
-    return model.add_tsb(c)
+    try:
+        return model.add_tsb(c, points)
+    except ValueError as e:
+        raise FlowError(str(e)) from None
 
 
 def fixed_backbone(model: Net, backbone_onnx: str | Path, dump: NoiseDump) -> dict[str, torch.Tensor]:
