@@ -93,5 +93,14 @@ class ChipConfig(Geometry):
 
     @classmethod
     def from_dict(cls, d: dict) -> ChipConfig:
+        """The configuration ``to_dict`` stored; a ValueError or TypeError names a field it cannot hold."""
+        defaults = cls()
+        for key, value in d.items():
+            kind = type(getattr(defaults, key, None))
+            fits = (isinstance(value, bool) if kind is bool else
+                    isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+                    isinstance(value, int) and not isinstance(value, bool))
+            if not fits:
+                raise TypeError(f"{key}={value!r} is not {'true/false' if kind is bool else 'a number'}")
         return cls(**{**d, "model": DeviceModelCode(d["model"]),
                       "variation": VariationMode(d.get("variation", VariationMode.WEIGHT_MAGNITUDE))})
