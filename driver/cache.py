@@ -4,6 +4,11 @@ Placing a large model (quantising, slicing and packing every weight) takes secon
 host that reloads the same model onto the same kind of chip should not pay it twice.
 The key covers the model's bytes, the chip geometry, the compile options and the
 compiler's own source, so a changed compiler never serves a stale program.
+
+Normalising a model (checking, shape inference, folding: about half a second for VGG-8)
+is not paid twice either: the bytes a model was given as map to a short description of
+the normalised model (its inputs, outputs and metadata, no weights) and its digest, the
+program key's model part.
 """
 
 from __future__ import annotations
@@ -14,6 +19,10 @@ import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
 
 from nvcim import compiler
 from nvcim.firmware_emu.contract import program_format
@@ -39,10 +48,65 @@ def _compiler_fingerprint() -> bytes:
     return h.digest()
 
 
-def cached_program(model_bytes: bytes, target: compiler.Target, options: dict,
+def model_digest(model: onnx.ModelProto) -> bytes:
+    """The normalised model's part of a program key (the compiler's source included)."""
+    h = hashlib.sha256(_compiler_fingerprint())
+    h.update(model.SerializeToString())
+    return h.digest()
+
+
+def _source_path(source: bytes) -> Path:
+    # the normaliser's libraries count too: another onnx could normalise the same bytes otherwise
+    h = hashlib.sha256(_compiler_fingerprint() + f"onnx {onnx.__version__} numpy {np.__version__}".encode())
+    h.update(source)
+    return cache_dir() / f"{h.hexdigest()}.nvcm"
+
+
+def known_model(source: bytes) -> tuple[onnx.ModelProto, bytes] | None:
+    """(description, digest) of the model these bytes normalised to before, or None."""
+    path = _source_path(source)
+    if not path.is_file():
+        return None
+    try:
+        data = path.read_bytes()
+        description = onnx.ModelProto.FromString(data[32:])
+    except (OSError, DecodeError) as e:
+        log.warning("ignoring damaged cache entry %s: %s", path, e)
+        return None
+    if len(data) < 32 or not description.graph.output:
+        log.warning("ignoring damaged cache entry %s", path)
+        return None
+    return description, data[:32]
+
+
+def remember_model(source: bytes, model: onnx.ModelProto, digest: bytes) -> None:
+    """Record that ``source`` normalises to ``model`` (digest ``digest``): its description, not its weights."""
+    initializers = {t.name for t in model.graph.initializer}
+    description = onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name,
+                                  producer_version=model.producer_version, domain=model.domain,
+                                  model_version=model.model_version, doc_string=model.doc_string)
+    description.opset_import.extend(model.opset_import)
+    description.metadata_props.extend(model.metadata_props)
+    description.graph.name = model.graph.name
+    description.graph.input.extend(v for v in model.graph.input if v.name not in initializers)
+    description.graph.output.extend(model.graph.output)
+    _store(_source_path(source), digest + description.SerializeToString())
+
+
+def _store(path: Path, data: bytes) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only or full disk must not stop inference
+        log.warning("could not write compile cache %s: %s", path, e)
+
+
+def cached_program(digest: bytes, target: compiler.Target, options: dict,
                    build: Callable[[], Program]) -> Program:
-    """The program for this model/chip/options from the cache, else ``build()`` it and store it."""
-    key = hashlib.sha256(_compiler_fingerprint() + model_bytes + repr((target, sorted(options.items()))).encode())
+    """The program for this model (``model_digest``)/chip/options from the cache, else ``build()`` it and store it."""
+    key = hashlib.sha256(digest + repr((target, sorted(options.items()))).encode())
     path = cache_dir() / f"{key.hexdigest()}.nvcp"
     if path.is_file():
         try:
@@ -52,11 +116,5 @@ def cached_program(model_bytes: bytes, target: compiler.Target, options: dict,
         except ProgramFormatError as e:
             log.warning("ignoring damaged cache entry %s: %s", path, e)
     program = build()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_bytes(program.to_bytes())
-        os.replace(tmp, path)
-    except OSError as e:  # a read-only or full disk must not stop inference
-        log.warning("could not write compile cache %s: %s", path, e)
+    _store(path, program.to_bytes())
     return program

@@ -4,6 +4,7 @@ import logging
 import os
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -90,6 +91,25 @@ def test_compiled_programs_are_cached_by_model_and_chip(mlp_path, batch, caplog)
     entry.write_bytes(entry.read_bytes()[:100])
     with driver.load(mlp_path, device="emu://?sigma=0&arrays=40") as sess:
         assert np.array_equal(sess.run(None, {"x": batch})[0], first)
+
+
+def test_a_model_seen_before_is_not_normalised_again(mlp_path, batch, tmp_path, monkeypatch):
+    with driver.load(mlp_path, device="emu://?sigma=0&arrays=40", cache=False) as sess:  # lowered afresh
+        first = sess.run(None, {"x": batch})[0]
+        described = (sess.get_inputs(), sess.get_outputs(), sess.get_modelmeta())
+    driver.load(mlp_path, device="emu://?sigma=0&arrays=40").close()  # fills the cache
+
+    def lower_model(*args, **kwargs):
+        raise AssertionError("normalised again")
+    monkeypatch.setattr("nvcim.driver.session.lower_model", lower_model)
+    with driver.load(mlp_path, device="emu://?sigma=0&arrays=40") as sess:
+        assert (sess.get_inputs(), sess.get_outputs(), sess.get_modelmeta()) == described
+        assert np.array_equal(sess.run(None, {"x": batch})[0], first)
+    other = onnx.load(str(mlp_path))
+    other.doc_string = "the same graph, other bytes"
+    onnx.save(other, str(tmp_path / "other.onnx"))
+    with pytest.raises(AssertionError, match="normalised again"):
+        driver.load(tmp_path / "other.onnx", device="emu://?sigma=0&arrays=40")
 
 
 def test_link_timeout_is_a_clear_error(serve):
