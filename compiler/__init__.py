@@ -114,11 +114,14 @@ def _quantize_layers(lo: lower.Lowering, weight_bits: int, per_channel: bool) ->
 
 
 def place(lo: lower.Lowering, proto: onnx.ModelProto, target: Target, *, base: Program | None = None,
-          per_channel: bool = False, inputs: list[str] | None = None, outputs: list[str] | None = None) -> Program:
+          per_channel: bool = False, inputs: list[str] | None = None, outputs: list[str] | None = None,
+          quantized: dict[str, Quantized] | None = None) -> Program:
     """Quantise, slice and place a lowered model's weight layers onto ``target``.
 
     ``inputs`` / ``outputs``: the tensors the program takes and returns (default: the
     model's graph inputs and outputs; one stage of a partitioned model names its own).
+    ``quantized``: the layers already quantised (a stage of a partitioned model: its
+    layers keep the scales of the whole model's tensors).
     """
     slices = target.weight_bits // target.cell_bits
     placer = Placer(target.rows, target.cols, slices)
@@ -131,7 +134,8 @@ def place(lo: lower.Lowering, proto: onnx.ModelProto, target: Target, *, base: P
             for tile in layer.tiles:
                 placer.reserve(tile)
 
-    quantized = _quantize_layers(lo, target.weight_bits, per_channel)
+    if quantized is None:
+        quantized = _quantize_layers(lo, target.weight_bits, per_channel)
     layers: list[Layer] = []
     cells: list[bytes] = []
     offset = 0

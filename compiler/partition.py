@@ -13,15 +13,22 @@ returns, all named as in the whole model, so a host passes activations from chip
 by name. Layers are quantised per ONNX tensor exactly as on one chip, so a partitioned
 model computes what the single-chip program would.
 
+A layer too big for one chip by itself (ResNet-50's 3x3 convolutions of 512 channels
+need 288 arrays of 256x256) is cut by output columns into parts that each fit one; each
+part is a layer of its own, the parts' outputs are joined by a CONCAT, and the parts
+keep the whole layer's quantisation scale, so the results do not change.
+
 With fewer chips than stages nothing fits: ``CapacityError`` says how many are needed.
 With more, the stages are balanced: the per-chip array budget is lowered (bisection) to
-the smallest that still needs no more than the chips given.
+the smallest that still needs no more than the chips given; with exactly as many, each
+chip is filled in turn.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 
 from nvcim.firmware_emu.contract.program_format import Instr, Opcode, Program
@@ -75,7 +82,7 @@ def _fits(placer: Placer, tiles: list, budget: int) -> Placer | None:
 
 
 def plan(lo: Lowering, target, quantized: dict[str, Quantized], budget: int | None = None,
-         bases: list[Program] | None = None) -> list[Stage]:
+         bases: list[Program] | None = None, blocks: dict[str, list] | None = None) -> list[Stage]:
     """Cut the instructions into stages whose layers fit ``budget`` arrays each (default: the chip's).
 
     ``bases``: the programs already on the chips (incremental mode, e.g. adding a TSB): a
@@ -85,7 +92,7 @@ def plan(lo: Lowering, target, quantized: dict[str, Quantized], budget: int | No
     budget = target.arrays if budget is None else budget
     slices = target.weight_bits // target.cell_bits
     fresh = Placer(target.rows, target.cols, slices)
-    blocks = _tile_blocks(lo, quantized, fresh)
+    blocks = _tile_blocks(lo, quantized, fresh) if blocks is None else blocks
     home: dict[str, int] = {}
     stages = [Stage(placer=_copy(fresh))]
     if bases is not None:
@@ -132,9 +139,97 @@ def plan(lo: Lowering, target, quantized: dict[str, Quantized], budget: int | No
     return stages
 
 
+def _arrays_alone(tiles: list, fresh: Placer, budget: int) -> bool:
+    return _fits(fresh, tiles, budget) is not None
+
+
+def split_layers(lo: Lowering, target, quantized: dict[str, Quantized], budget: int | None = None
+                 ) -> tuple[Lowering, dict[str, Quantized]]:
+    """A lowering in which no instruction's layers alone need more than ``budget`` arrays:
+    each MATMUL or CONV (one group) over a larger layer becomes one instruction per part of
+    its output columns and a CONCAT; the lowering itself when nothing is too big."""
+    budget = target.arrays if budget is None else budget
+    fresh = Placer(target.rows, target.cols, target.weight_bits // target.cell_bits)
+    blocks = _tile_blocks(lo, quantized, fresh)
+    names = list(lo.weights)
+    oversized = {}
+    for ins in lo.instructions:
+        layers = instruction_layers(lo, ins)
+        if layers and not _arrays_alone([t for n in layers for t in blocks[n]], fresh, budget):
+            if len(layers) > 1:
+                raise CapacityError(f"{lo.source}: instruction '{ins.name}' is a grouped convolution whose "
+                                    f"{len(layers)} layers need more than one chip of {budget} arrays")
+            oversized[layers[0]] = _column_parts(lo.weights[layers[0]], quantized[layers[0]], fresh, budget,
+                                                 f"{lo.source}: instruction '{ins.name}'")
+    if not oversized:
+        return lo, quantized
+    out = Lowering(lo.source, lo.consts, lo.shared, lo.uses, lo.batch_size)
+    out.tensors, out.ids, out.constants = list(lo.tensors), dict(lo.ids), lo.constants
+    out.channel_axes, out.graph_outputs = lo.channel_axes, lo.graph_outputs
+    parts_quantized = dict(quantized)
+    part_names: dict[str, list[str]] = {}
+    for name in names:
+        if name not in oversized:
+            out.weights[name], out.weight_sources[name] = lo.weights[name], lo.weight_sources[name]
+            continue
+        part_names[name] = []
+        for a, b in oversized[name]:
+            part = f"{name}#cols{a}:{b}"
+            q = quantized[name]
+            scale = q.scale if np.ndim(q.scale) == 0 else q.scale[..., a:b]
+            out.weights[part], out.weight_sources[part] = lo.weights[name][:, a:b], lo.weight_sources[name]
+            parts_quantized[part] = Quantized(q.levels[:, a:b], q.signs[:, a:b], scale)
+            part_names[name].append(part)
+    out.families = [[p for n in family for p in part_names.get(n, [n])] for family in lo.families]
+    index = {name: i for i, name in enumerate(out.weights)}
+    for ins in lo.instructions:
+        layer = names[ins.layer] if ins.layer >= 0 else None
+        if layer not in oversized:
+            out.instructions.append(Instr(ins.op, ins.name, ins.inputs, ins.outputs,
+                                          index[layer] if layer is not None else -1, ins.attrs))
+            continue
+        result = lo.tensors[ins.outputs[0]]
+        axis = 1 if ins.op == Opcode.CONV else len(result.shape) - 1
+        pieces = []
+        for part, (a, b) in zip(part_names[layer], oversized[layer]):
+            shape = list(result.shape)
+            shape[axis] = b - a
+            pieces.append(out.tensor(f"{result.name}#cols{a}:{b}", tuple(shape)))
+            out.instructions.append(Instr(ins.op, f"{ins.name}#cols{a}:{b}", ins.inputs, [pieces[-1]], index[part],
+                                          ins.attrs))
+        out.instructions.append(Instr(Opcode.CONCAT, ins.name, pieces, ins.outputs, -1, {"axis": [axis]}))
+    return out, parts_quantized
+
+
+def _column_parts(w, q: Quantized, fresh: Placer, budget: int, what: str) -> list[tuple[int, int]]:
+    """Output column ranges of ``w``, as wide as fit ``budget`` arrays (whole column groups of a tile)."""
+    unit, columns = fresh.units, w.shape[1]
+
+    def fits(a: int, b: int) -> bool:
+        signs = q.signs[:, a:b]
+        tiles = [(sign, block) for sign in (1, -1) for block in fresh.blocks(w.shape[0], b - a)
+                 if (signs[block[0]:block[0] + block[1], block[2]:block[2] + block[3]] == sign).any()]
+        return _arrays_alone(tiles, fresh, budget)
+
+    low, high = 0, -(-columns // unit)  # part width in column groups: the most the first part fits
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits(0, middle * unit):
+            low = middle
+        else:
+            high = middle - 1
+    for width in range(low * unit, 0, -unit):  # narrower if a later part's signs need more tiles
+        parts = [(a, min(a + width, columns)) for a in range(0, columns, width)]
+        if all(fits(a, b) for a, b in parts):
+            return parts
+    raise CapacityError(f"{what}: {unit} output columns of its {w.shape[0]}x{columns} layer need more "
+                        f"than one chip of {budget} arrays")
+
+
 def chips_needed(lo: Lowering, target, quantized: dict[str, Quantized]) -> int:
-    """How many chips of ``target``'s geometry the lowered model needs (CapacityError if a layer fits none)."""
-    return len(plan(lo, target, quantized))
+    """How many chips of ``target``'s geometry the lowered model needs (CapacityError if none holds a part)."""
+    split, parts = split_layers(lo, target, quantized)
+    return len(plan(split, target, parts))
 
 
 def chips_hint(lo: Lowering, target, quantized: dict[str, Quantized]) -> str:
@@ -148,17 +243,21 @@ def chips_hint(lo: Lowering, target, quantized: dict[str, Quantized]) -> str:
 
 
 def balanced(lo: Lowering, target, quantized: dict[str, Quantized], chips: int) -> list[Stage]:
-    """Stages for at most ``chips`` chips, their array budgets as even as the cuts allow."""
-    stages = plan(lo, target, quantized)
+    """Stages for at most ``chips`` chips. With more chips than the model needs, their array
+    budgets as even as the cuts allow; with exactly as many, the greedy cut (each chip
+    filled in turn: bisecting the budget would cost one more placement per step)."""
+    blocks = _tile_blocks(lo, quantized, Placer(target.rows, target.cols, target.weight_bits // target.cell_bits))
+    stages = plan(lo, target, quantized, blocks=blocks)
     if len(stages) > chips:
         raise CapacityError(f"{lo.source}: the model needs {len(stages)} chips of {target.arrays} arrays of "
                             f"{target.rows}x{target.cols} cells; {chips} given")
-    low, high = 1, max((s.placer.arrays_needed for s in stages), default=1)
+    used = [s.placer.arrays_needed for s in stages]
+    low, high = max(1, -(-sum(used) // chips)), max(used, default=1)
     best = stages
-    while low < high:  # the smallest budget that needs no more than ``chips`` stages
+    while len(stages) < chips and low < high:  # the smallest budget that needs no more than ``chips`` stages
         middle = (low + high) // 2
         try:
-            trial = plan(lo, target, quantized, budget=middle)
+            trial = plan(lo, target, quantized, budget=middle, blocks=blocks)
         except CapacityError:
             trial = None
         if trial is not None and len(trial) <= chips:
@@ -235,7 +334,7 @@ def partition(lo: Lowering, proto: onnx.ModelProto, target, chips: int | None = 
     ``chips`` with balanced stages, or the chips ``bases`` are on (incremental)."""
     from . import _quantize_layers, place
 
-    quantized = _quantize_layers(lo, target.weight_bits, per_channel)
+    lo, quantized = split_layers(lo, target, _quantize_layers(lo, target.weight_bits, per_channel))
     if bases is not None:
         stages = plan(lo, target, quantized, bases=bases)
     elif chips is not None:
@@ -249,6 +348,6 @@ def partition(lo: Lowering, proto: onnx.ModelProto, target, chips: int | None = 
     for k, (stage, (takes, gives)) in enumerate(zip(stages, ends)):
         sub = _stage_lowering(lo, stage)
         programs.append(place(sub, proto, target, base=None if bases is None else bases[k], per_channel=per_channel,
-                              inputs=takes, outputs=gives))
+                              inputs=takes, outputs=gives, quantized=quantized))
     return Partition(programs, [e[0] for e in ends], [e[1] for e in ends], model_inputs, model_outputs)
 

@@ -27,7 +27,7 @@ LAYERS = 18
 
 def chain(layers: int = LAYERS, extra: bool = False) -> onnx.ModelProto:
     """x -> [MatMul 64x64, Relu] * layers, r3 added back before the last layer; outputs y and r2.
-    ``extra``: one more 64x64 layer ("tsb") added to r7 (a new layer next to a deployed model's)."""
+    ``extra``: one more 64x64 layer ("tsb") added to r16 (a new layer next to a deployed model's)."""
     rng = np.random.default_rng(5)
     nodes, inits, x = [], [], "x"
     for i in range(layers):
@@ -37,11 +37,11 @@ def chain(layers: int = LAYERS, extra: bool = False) -> onnx.ModelProto:
             x = "skip"
         nodes += [helper.make_node("MatMul", [x, f"W{i}"], [f"h{i}"]), helper.make_node("Relu", [f"h{i}"], [f"r{i}"])]
         x = f"r{i}"
-        if extra and i == 7:
+        if extra and i == 16:
             tsb = np.random.default_rng(6).standard_normal((64, 64)) / 8
             inits.append(numpy_helper.from_array(tsb.astype(np.float32), "tsb"))
-            nodes += [helper.make_node("MatMul", [x, "tsb"], ["t"]), helper.make_node("Add", [x, "t"], ["r7t"])]
-            x = "r7t"
+            nodes += [helper.make_node("MatMul", [x, "tsb"], ["t"]), helper.make_node("Add", [x, "t"], ["r16t"])]
+            x = "r16t"
     nodes.append(helper.make_node("Identity", [x], ["y"]))
     graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64]),
@@ -91,6 +91,7 @@ def test_stages_fit_their_chips_and_compute_what_one_chip_does():
 def test_more_chips_balance_the_stages_and_too_few_are_refused():
     lowered = lower_model(chain())
     assert [p.arrays_used for p in partition(*lowered, Target(arrays=16), chips=3).programs] == [3, 3, 3]
+    assert [p.arrays_used for p in partition(*lowered, SMALL, chips=3).programs] == [4, 4, 1]  # filled in turn
     with pytest.raises(CapacityError, match="needs 3 chips of 4 arrays of 256x256 cells; 2 given"):
         partition(*lowered, SMALL, chips=2)
 
@@ -119,10 +120,10 @@ def test_nvcim_device_with_a_list_splits_and_single_device_calls_refuse_it(chain
 
 def test_selective_verify_goes_to_the_chip_holding_the_layer(chain_path):
     noisy = "emu://?arrays=4&sigma=0.3&seed={}"
-    mask = {"W14": np.ones((64, 64), bool)}
+    mask = {"W16": np.ones((64, 64), bool)}
     with driver.load(chain_path, device=[noisy.format(k) for k in range(3)], policy="selective",
                      verify_mask=mask) as sess:
-        assert sess.layer_chip("W14") == [2]
+        assert sess.layer_chip("W16") == [2]
         iterations = [d.counters()["verify_iters"] for d in sess.devices]
     assert iterations[2] > 0 and iterations[:2] == [0, 0]
     with pytest.raises(driver.InvalidArgument, match="no verify_mask layer\\(s\\) W99"):
@@ -137,7 +138,7 @@ def test_a_new_layer_on_a_partitioned_model_goes_to_the_chip_of_its_neighbours(c
         bases = sess.programs
         grown = chain(extra=True)
         part = partition(*lower_model(grown), SMALL, bases=bases)
-        assert [[layer.name for layer in p.layers if layer.name == "tsb"] for p in part.programs] == [[], ["tsb"], []]
+        assert [[layer.name for layer in p.layers if layer.name == "tsb"] for p in part.programs] == [[], [], ["tsb"]]
         def cells(program):  # where each layer's tiles lie (not where their bytes are in the file)
             return {layer.name: [(t.sign, t.array, t.row, t.col, t.in_start, t.in_count, t.out_start, t.out_count)
                                  for t in layer.tiles] for layer in program.layers}
@@ -147,9 +148,9 @@ def test_a_new_layer_on_a_partitioned_model_goes_to_the_chip_of_its_neighbours(c
         writes = [d.counters()["write_pulses"] for d in sess.devices]
         stats = [driver.deploy(d, p, verify=True, layers={"tsb"} & {layer.name for layer in p.layers})
                  for d, p in zip(sess.devices, part.programs)]
-        assert [s.cells for s in stats][::2] == [0, 0] and stats[1].cells > 0
-        assert [d.counters()["write_pulses"] for d in sess.devices][::2] == writes[::2]
-        grown_session = MultiChipSession(grown, part, sess.devices, stats[1])
+        assert [s.cells for s in stats][:2] == [0, 0] and stats[2].cells > 0
+        assert [d.counters()["write_pulses"] for d in sess.devices][:2] == writes[:2]
+        grown_session = MultiChipSession(grown, part, sess.devices, stats[2])
         x = inputs(8)
         for g, w in zip(grown_session.run(None, {"x": x}), onnxruntime_outputs(grown, x), strict=True):
             np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * float(np.abs(w).max()))
@@ -169,3 +170,26 @@ def test_compile_with_chips_writes_one_program_each_and_disasm_shows_the_partiti
     assert "; partition: 3 chips, 9 arrays of 256x256" in listing.output
     assert "r3 (N, 64) <- chip 0" in listing.output and "x (N, 64) <- host" in listing.output
     assert listing.output.count("; nvcim program") == 3
+
+
+def test_a_layer_bigger_than_a_chip_is_cut_by_output_columns():
+    """A 3x3 conv of 8 -> 512 channels needs 16 tiles of 72 rows (6 arrays): on chips of 4
+    it runs as column parts on two chips joined by a CONCAT, with the layer's one scale."""
+    rng = np.random.default_rng(2)
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])]
+    inits = [numpy_helper.from_array(rng.standard_normal((512, 8, 3, 3)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.standard_normal(512).astype(np.float32), "B")]
+    graph = helper.make_graph(nodes, "wide", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 512, 5, 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    part = partition(*lower_model(model), SMALL)
+    assert len(part) == 2 and all(p.arrays_used <= 4 for p in part.programs)
+    names = [layer.name for p in part.programs for layer in p.layers]
+    assert len(names) == 2 and all(n.startswith("W#cols") for n in names)
+    assert len({float(layer.scale) for p in part.programs for layer in p.layers}) == 1
+    x = np.random.default_rng(3).standard_normal((3, 8, 5, 5)).astype(np.float32)
+    env = {"x": x}
+    for program, takes, gives in zip(part.programs, part.inputs, part.outputs):
+        env.update(zip(gives, reference.run(program, [env[name] for name in takes])))
+    whole, = reference.run(compile_model(model, Target(arrays=16)), [x])
+    np.testing.assert_allclose(env[part.model_outputs[0]], whole, rtol=0, atol=1e-5 * float(np.abs(whole).max()))

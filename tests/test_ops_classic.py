@@ -189,3 +189,23 @@ def test_integer_input_used_as_anything_but_indices_is_refused():
     with pytest.raises(CompileError, match="input 'i' is INT64; the chip takes float32 inputs \\(integer inputs "
                                            "only as the indices of a Gather"):
         compile_model(model, source="m.onnx")
+
+
+def test_embedding_session_takes_integer_indices_and_refuses_out_of_range_ones(tmp_path):
+    from nvcim import driver
+
+    nodes = [helper.make_node("Gather", ["table", "idx"], ["y"])]
+    table = x(9, 4)
+    path = tmp_path / "embedding.onnx"
+    onnx.save(build(nodes, {"idx": (3,)}, ["y"], {"table": table}, types={"idx": TensorProto.INT64}), path)
+    idx = np.array([[0, 8, -9], [4, 4, -1]], np.int64)
+    with driver.load(path, device="emu://?sigma=0") as sess:
+        assert [i.type for i in sess.get_inputs()] == ["tensor(int64)"]
+        got, = sess.run(None, {"idx": idx})
+        want, = ort.InferenceSession(quantized_model(onnx.load(path)).SerializeToString()).run(None, {"idx": idx})
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * float(np.abs(want).max()))
+        with pytest.raises(driver.InvalidArgument, match="input 'idx' holds index 9 at \\(1, 2\\), outside "
+                                                         "\\[-9, 9\\) \\(the table has 9 rows\\)"):
+            sess.run(None, {"idx": np.array([[0, 1, 2], [3, 4, 9]], np.int64)})
+        with pytest.raises(driver.InvalidArgument, match="actual float32, expected int64"):
+            sess.run(None, {"idx": idx.astype(np.float32)})
