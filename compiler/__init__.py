@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -9,7 +10,8 @@ import onnx
 from onnx import numpy_helper
 
 from nvcim.firmware_emu.contract.geometry import Geometry
-from nvcim.firmware_emu.contract.program_format import Layer, Program, Tile, pack_cells
+from nvcim.firmware_emu.contract.program_format import (MAX_RANK, MAX_SAMPLE_ELEMENTS, Layer, Program, Tile,
+                                                       pack_cells)
 
 from . import frontend, lower, partition
 from .frontend import CompileError
@@ -54,6 +56,7 @@ def lower_model(model: str | os.PathLike | onnx.ModelProto, shared: str = "commo
         lo.tensor(value.name, (-1, *dims[1:]))
     for i, node in enumerate(graph.node):
         lo.node, lo.label = node, frontend.node_label(node, i)
+        frontend.check_attributes(node, f"{source}: node '{lo.label}' ({node.op_type})")
         lower.HANDLERS[node.op_type](lo, node)
     return lo, proto
 
@@ -84,7 +87,14 @@ def _input_shape(value: onnx.ValueInfoProto, source: str, consumers: list[onnx.N
             raise CompileError(f"{source}: input '{value.name}' has dynamic dimension {i} ('{label}'); "
                                f"only the batch dimension (0) may vary on the chip")
         out.append(d.dim_value)
+    if len(out) > MAX_RANK or math.prod(out[1:]) > MAX_SAMPLE_ELEMENTS:
+        raise CompileError(f"{source}: input '{value.name}' has shape {_dims(out)}; the chip takes at most "
+                           f"{MAX_RANK} axes and {MAX_SAMPLE_ELEMENTS} values per sample")
     return out
+
+
+def _dims(dims: list[int | None]) -> str:
+    return "[" + ", ".join("N" if d is None else str(d) for d in dims) + "]"
 
 
 def compile_model(model: str | os.PathLike | onnx.ModelProto, target: Target = Target(), *,
@@ -134,8 +144,23 @@ def place(lo: lower.Lowering, proto: onnx.ModelProto, target: Target, *, base: P
             for tile in layer.tiles:
                 placer.reserve(tile)
 
+    for name, w in lo.weights.items():
+        old = pinned.get(name)
+        if old is not None and (old.in_features, old.out_features) != w.shape:
+            raise CompileError(f"{lo.source}: layer '{name}' is pinned with shape "
+                               f"{old.in_features}x{old.out_features}, the model has {w.shape[0]}x{w.shape[1]}")
     if quantized is None:
         quantized = _quantize_layers(lo, target.weight_bits, per_channel)
+    placed: dict[str, list[Tile]] = {}  # every tile placed (cheap) before any is sliced and packed (costly)
+    for name, w in lo.weights.items():
+        old = pinned.get(name)
+        placed[name] = [Tile(**vars(t)) for t in old.tiles] if old is not None else \
+            [placer.place(sign, block) for sign in (1, -1) for block in placer.blocks(*w.shape)
+             if _has_sign(quantized[name].signs, block, sign)]
+    if placer.arrays_needed > target.arrays:
+        raise CapacityError(f"{lo.source}: the model needs {placer.arrays_needed} arrays of "
+                            f"{target.rows}x{target.cols} cells; the chip has {target.arrays}"
+                            + ("" if base is not None else partition.chips_hint(lo, target, quantized)))
     layers: list[Layer] = []
     cells: list[bytes] = []
     offset = 0
@@ -143,16 +168,7 @@ def place(lo: lower.Lowering, proto: onnx.ModelProto, target: Target, *, base: P
         q = quantized[name]
         states = slice_levels(q.levels, target.weight_bits, target.cell_bits)
         old = pinned.get(name)
-        if old is not None and (old.in_features, old.out_features) != w.shape:
-            raise CompileError(f"{lo.source}: layer '{name}' is pinned with shape "
-                               f"{old.in_features}x{old.out_features}, the model has {w.shape[0]}x{w.shape[1]}")
-        if old is not None:
-            tiles = [Tile(**vars(t)) for t in old.tiles]
-        else:
-            tiles = [placer.place(sign, block)
-                     for sign in (1, -1)
-                     for block in placer.blocks(*w.shape)
-                     if _has_sign(q.signs, block, sign)]
+        tiles = placed[name]
         for tile in tiles:
             block = (slice(tile.in_start, tile.in_start + tile.in_count),
                      slice(tile.out_start, tile.out_start + tile.out_count))
@@ -169,10 +185,6 @@ def place(lo: lower.Lowering, proto: onnx.ModelProto, target: Target, *, base: P
                                f"but its weights changed sign; recompile without base to move it")
         scale = q.scale if np.ndim(q.scale) == 0 else np.asarray(q.scale, np.float32).reshape(-1)
         layers.append(Layer(name, w.shape[0], w.shape[1], scale, tiles))
-    if placer.arrays_needed > target.arrays:
-        raise CapacityError(f"{lo.source}: the model needs {placer.arrays_needed} arrays of "
-                            f"{target.rows}x{target.cols} cells; the chip has {target.arrays}"
-                            + ("" if base is not None else partition.chips_hint(lo, target, quantized)))
     if outputs is None:
         outputs = [o.name for o in proto.graph.output]
     if inputs is None:

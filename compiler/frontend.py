@@ -20,6 +20,7 @@ graph:
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -28,6 +29,8 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
+
+from nvcim.firmware_emu.contract.program_format import MAX_SAMPLE_ELEMENTS
 
 from . import batchnorm
 
@@ -154,6 +157,33 @@ def initializers(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in graph.initializer}
 
 
+# attributes with a range of their own, by name: flags, counts and sizes (every float must be finite)
+_FLAGS = {"transA", "transB", "ceil_mode", "count_include_pad", "keepdims", "noop_with_empty_axes", "allowzero",
+          "training_mode", "select_last_index"}
+_AT_LEAST_ONE = {"group", "kernel_shape", "strides", "dilations", "size", "num_outputs"}
+_NOT_NEGATIVE = {"epsilon"}
+
+
+def check_attributes(node: onnx.NodeProto, where: str) -> None:
+    """CompileError naming ``where`` (the file and node) for an attribute no op takes: a
+    non-finite float, a flag other than 0 or 1, a group, window, stride or size below 1, a
+    negative epsilon. Lowering then only meets values its arithmetic is defined for."""
+    for a in node.attribute:
+        value = helper.get_attribute_value(a)
+        values = list(value) if a.type in (onnx.AttributeProto.INTS, onnx.AttributeProto.FLOATS) else [value]
+        if a.type in (onnx.AttributeProto.FLOAT, onnx.AttributeProto.FLOATS) and \
+                not all(np.isfinite(v) for v in values):
+            raise CompileError(f"{where}: attribute {a.name}={value} is not finite")
+        if a.type not in (onnx.AttributeProto.INT, onnx.AttributeProto.INTS, onnx.AttributeProto.FLOAT):
+            continue
+        if a.name in _FLAGS and not all(v in (0, 1) for v in values):
+            raise CompileError(f"{where}: attribute {a.name}={value}; a flag is 0 or 1")
+        if a.name in _AT_LEAST_ONE and not all(v >= 1 for v in values):
+            raise CompileError(f"{where}: attribute {a.name}={value}; it must be >= 1")
+        if a.name in _NOT_NEGATIVE and not all(v >= 0 for v in values):
+            raise CompileError(f"{where}: attribute {a.name}={value}; it must be >= 0")
+
+
 def node_label(node: onnx.NodeProto, index: int) -> str:
     """How messages name a node: its name, or its op and position when it has none."""
     return node.name or f"{node.op_type}#{index}"
@@ -202,6 +232,7 @@ def _fold_pass(proto: onnx.ModelProto, source: str, symbolic: set[str]) -> tuple
     consts = initializers(graph)
     initial = set(consts)
     shapes = shapes_of(proto)
+    limit = max([MAX_SAMPLE_ELEMENTS] + [v.size for v in consts.values()])  # what a fold may produce
     kept: list[tuple[int, onnx.NodeProto]] = []
     problems: list[str] = []
     for index, node in enumerate(graph.node):
@@ -226,6 +257,13 @@ def _fold_pass(proto: onnx.ModelProto, source: str, symbolic: set[str]) -> tuple
         if marked and node.op_type not in _SHAPE_MOVING:
             kept.append((index, node))
             continue
+        too_big = [(name, shapes[name]) for name in node.output if name in shapes
+                   and None not in shapes[name] and math.prod(shapes[name]) > limit]
+        if too_big:
+            name, dims = too_big[0]
+            raise CompileError(f"{source}: node '{node_label(node, index)}' ({node.op_type}) would fold into "
+                               f"'{name}' of shape {dims}, more values than the model's largest weight or a "
+                               f"chip's tensor ({limit})")
         try:
             results = _evaluate(node, [consts[i] for i in node.input if i], opsets)
         except Exception as e:  # the reference implementation raises whatever numpy raises

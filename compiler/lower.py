@@ -25,7 +25,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from nvcim.firmware_emu.contract.ops import OPS, PAD_MODES, by_onnx, output_shapes
-from nvcim.firmware_emu.contract.program_format import Instr, Opcode, TensorDecl
+from nvcim.firmware_emu.contract.program_format import MAX_SAMPLE_ELEMENTS, Instr, Opcode, TensorDecl, kernel_elements
 
 from .frontend import CompileError
 
@@ -112,6 +112,7 @@ class Lowering:
         ins = [self.ids_for(n) for n in inputs]
         names = [outputs] if isinstance(outputs, str) else outputs
         instr = Instr(op, self.label, ins, [], layer, attrs or {})
+        self._check_size(instr)
         try:
             shapes = output_shapes(instr, [self.probe(t) for t in ins], self._probe_weights.__getitem__)
         except (ValueError, IndexError) as e:
@@ -123,12 +124,27 @@ class Lowering:
             instr.outputs.append(self.tensor(name, (-1, *shape[1:])))
         self.instructions.append(instr)
 
+    def _check_size(self, instr: Instr) -> None:
+        """Refuse an instruction whose kernel would hold more values per sample than a chip's
+        tensor, before its shape rule allocates them."""
+        shapes = [(1, *self.tensors[t].shape[1:]) if t not in self.constants else self.constants[t].shape
+                  for t in instr.inputs]
+        try:
+            need = kernel_elements(instr, shapes, lambda i: self._probe_weights[i].shape[1])
+        except ValueError as e:
+            raise self.error(str(e)) from None
+        if need > MAX_SAMPLE_ELEMENTS:
+            raise self.error(f"would compute {need} values per sample; a chip's tensor holds at most "
+                             f"{MAX_SAMPLE_ELEMENTS}")
+
     def add_layers(self, source: str, matrices: list[np.ndarray], channel_axis: int) -> int:
         """Register the crossbar layers one node uses (one per conv group); return the first index.
 
         A weight that several nodes use is one set of layers ("common") or one per node
         ("separate"); a weight used once is named by its initializer in both modes.
         """
+        if not all(np.isfinite(w).all() for w in matrices):
+            raise self.error(f"weight '{source}' holds non-finite values")
         names = [source] if len(matrices) == 1 else [f"{source}/group{g}" for g in range(len(matrices))]
         if self.shared == "separate" and self.uses.get(source, 0) > 1:
             names = [f"{n}@{self.label}" for n in names]
