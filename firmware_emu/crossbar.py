@@ -64,12 +64,18 @@ class CellArrays:
         """Program the (masked) region and stamp its cells with ``clock``."""
         h, w = targets.shape
         sl = (array, slice(row, row + h), slice(col, col + w))
-        sel = np.ones(targets.shape, dtype=bool) if mask is None else mask
-        t = targets[sel]
-        stuck_sel = None if stuck is None else stuck[sl[1:]][sel]
+        # the chosen cells, row-major, as flat indices into the region and into the array's planes:
+        # numpy moves cells by index 2-3x faster than through a boolean mask
+        local = np.arange(h * w) if mask is None else np.flatnonzero(mask)
+        cells = local + (row * self.shape[2] + col)
+        if w != self.shape[2]:
+            cells += local // w * (self.shape[2] - w)
+        t = np.ravel(targets).take(local)
+        stuck_sel = None if stuck is None else stuck.reshape(-1).take(cells)
         levels = None
         if not model.uniform and model.variation == VariationMode.WEIGHT_MAGNITUDE:
-            levels = region_levels(self.target[array], row, col, targets, model.slices, model.cell_bits)[sel]
+            levels = region_levels(self.target[array], row, col, targets, model.slices,
+                                   model.cell_bits).reshape(-1).take(local)
         # read-after-write: the last read of each cell is its captured deviation
         if verify:
             res = write_verify(model, t, tol, max_iter, rng, stuck_sel, levels)
@@ -80,10 +86,10 @@ class CellArrays:
             seen = model.read(g, rng)
             stats = WriteStats(t.size, t.size, t.size)
         captured = seen - t.astype(np.float32)
-        self.g[sl][sel] = g
-        self.noise[sl][sel] = captured
-        np.copyto(self.target[sl], targets, casting="unsafe", where=sel)  # = t, without a second gather
-        self.ages.stamp(array, sl[1], sl[2], None if mask is None else sel, clock)
+        self.g[array].reshape(-1)[cells] = g  # (each array's planes are contiguous: views)
+        self.noise[array].reshape(-1)[cells] = captured
+        self.target[array].reshape(-1)[cells] = t
+        self.ages.stamp(array, sl[1], sl[2], mask, clock)
         self.generation += 1
         self.dirty.add(array)
         return stats
