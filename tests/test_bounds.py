@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import math
 import re
+import zlib
 
 import pytest
 from chip_programs import build, load, new_chip, parse, refused, run, small_program, state
 
 from nvcim.firmware_emu.chip import ChipError
+from nvcim.firmware_emu.contract.program_format import FORMAT_VERSION, HeaderStruct
 from nvcim.firmware_emu.contract.protocol import Command, ErrorCode, ProgramLoadArgs
 
 # fields whose every value is valid to the chip: free text, and where the host's program
@@ -302,3 +304,62 @@ def test_capacity_is_refused_before_any_cell_is_sliced(monkeypatch):
                    [_weight("w", 256, 256)])
     with pytest.raises(CapacityError, match="needs 512 arrays of 32x32 cells; the chip has 4"):
         compile_model(model, Target(arrays=4, rows=32, cols=32))
+
+
+# -- the CLI: one line per error, a traceback only with --debug ---------------------
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from nvcim.tools.cli import main
+
+    return CliRunner().invoke(main, list(map(str, args)))
+
+
+def _one_line(result, pattern: str) -> None:
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    assert "Traceback" not in result.output and re.search(pattern, lines[0]), lines[0]
+
+
+def test_cli_errors_are_one_line(tmp_path, valid):
+    from onnx import helper, save
+
+    big = tmp_path / "big.onnx"
+    save(_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")], [("x", ["N", 256])], ("y", 2),
+                [_weight("w", 256, 256)]), big)
+    _one_line(_cli("compile", big, "-o", tmp_path / "p.bin", "--arrays", 4, "--rows", 32, "--cols", 32),
+              "needs 512 arrays")
+    _one_line(_cli("compile", big, "-o", tmp_path / "p.bin", "--arrays", 0), "arrays=0 must be in 1..65535")
+    garbage = tmp_path / "garbage.bin"
+    garbage.write_bytes(bytes(range(256)) * 3)
+    _one_line(_cli("disasm", garbage), "garbage.bin: bad magic")
+    program, code = valid
+    tree = parse(code)
+    tree.outputs[0] = 10 ** 6
+    program_file = tmp_path / "bad_id.bin"
+    program_file.write_bytes(_program_file(program, build(tree)))
+    _one_line(_cli("disasm", program_file), "program output 0 is tensor 1000000, which is beyond the")
+
+
+def _program_file(program, code: bytes) -> bytes:
+    """A program file holding ``code`` as its code section, every CRC right."""
+    header = HeaderStruct.build(dict(
+        version=FORMAT_VERSION, weight_bits=program.weight_bits, cell_bits=program.cell_bits,
+        array_rows=program.array_rows, array_cols=program.array_cols, arrays_used=program.arrays_used,
+        code_size=len(code), code_crc=zlib.crc32(code), cells_size=len(program.cells),
+        cells_crc=zlib.crc32(program.cells)))
+    return header + zlib.crc32(header).to_bytes(4, "little") + code + program.cells
+
+
+def test_an_unexpected_error_is_one_line_and_its_traceback_shows_with_debug(monkeypatch, tmp_path):
+    """The group catches for every command, the bring-up ones included."""
+    from nvcim import driver
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("link driver fell over")
+
+    monkeypatch.setattr(driver, "open", broken)
+    _one_line(_cli("identify", "--device", "emu://"), "RuntimeError: link driver fell over .*--debug")
+    result = _cli("--debug", "identify", "--device", "emu://")
+    assert isinstance(result.exception, RuntimeError)

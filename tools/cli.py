@@ -76,9 +76,46 @@ def age_option(what: str):
                         help=f"Time span (3600, 12h, 1d, 10y): {what}.")
 
 
-@click.group()
+def error_line(e: BaseException) -> str:
+    """One line saying what went wrong: the message of the errors nvcim raises for bad input
+    (they name the file, node, field or register), else the exception's type and message."""
+    from nvcim.driver import NvcimError
+    from nvcim.firmware_emu.contract.program_format import ProgramFormatError
+
+    from .chip import FlowError
+    from .datasets import DatasetError
+    from .onnx_io import ModelFileError
+
+    if isinstance(e, OSError) and e.filename:
+        text = f"{e.filename}: {e.strerror or e}"
+    elif isinstance(e, (CompileError, ProgramFormatError, NvcimError, FlowError, DatasetError, ModelFileError,
+                        ValueError, OSError)):
+        text = str(e) or type(e).__name__
+    else:
+        text = f"{type(e).__name__}: {e} (an internal error; --debug shows where)"
+    return " ".join(text.split("\n")[0].split()) if "\n" in text else text
+
+
+class Commands(click.Group):
+    """nvcim's command group: whatever a command raises becomes one line ``Error: ...`` and
+    exit status 1, never a traceback, unless ``nvcim --debug`` (then the traceback shows).
+    The one place every command's errors go through, bring-up commands included."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as e:
+            if ctx.params.get("debug"):
+                raise
+            raise click.ClickException(error_line(e)) from None
+
+
+@click.group(cls=Commands)
 @click.version_option(package_name="nvcim")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of an error instead of one line.")
+def main(debug: bool) -> None:
     """nvcim: a virtual NVCIM DNN accelerator - compiler, emulated chip, driver, TSB tools."""
 
 

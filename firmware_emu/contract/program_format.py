@@ -312,7 +312,7 @@ def parse_code(code: bytes, header, arrays: int | None = None) -> Program:
                                  f"{CELL_BITS} dividing M <= 32; rows and cols in 1..{MAX_ARRAY_DIM})")
     try:
         c = _CODE.parse(code)
-    except ConstructError as e:
+    except (ConstructError, UnicodeDecodeError) as e:  # a name that is not UTF-8 too
         raise ProgramFormatError(f"code section malformed: {e}") from None
     try:
         instructions = [Instr(Opcode(int(i.op)), i.name, list(i.inputs), list(i.outputs), i.layer,
@@ -388,8 +388,10 @@ def kernel_elements(ins: Instr, shapes: list[tuple[int, ...]], out_features: Cal
         if any(k < 1 or (k - 1) * d + 1 > n for k, d, n in zip(a["kernel"], a["dilations"], padded)):
             raise ProgramFormatError(f"the {a['kernel']} window (dilations {a['dilations']}) does not fit the "
                                      f"padded input {padded}")
-        windows = math.prod(a["kernel"]) * math.prod(max(n // max(s, 1), 1) for n, s in zip(padded, a["strides"]))
-        return x[0] * x[1] * max(math.prod(padded), windows)
+        out = math.prod((n - (k - 1) * d - 1) // max(s, 1) + 1
+                        for n, k, d, s in zip(padded, a["kernel"], a["dilations"], a["strides"]))
+        columns = out * math.prod(a["kernel"]) if op == Opcode.CONV else out  # a CONV's im2col rows
+        return x[0] * x[1] * max(math.prod(padded), columns)
     return 0
 
 
