@@ -23,7 +23,7 @@
 #define NVCIM_CELLS_WRITE_REPLY_SIZE             16u
 #define NVCIM_CELLS_READ_ARGS_SIZE               21u
 #define NVCIM_CELLS_ERASE_ARGS_SIZE              24u
-#define NVCIM_IDENTIFY_REPLY_SIZE                30u
+#define NVCIM_IDENTIFY_REPLY_SIZE                38u
 
 /* Commands (frame COMMAND byte) */
 #define NVCIM_CMD_PING                           0x01u
@@ -269,6 +269,14 @@
 /* CLOCK (RW): Retention clock, seconds: cells are stamped with it when programmed and drift by the DEVICE_MODEL preset's power law as it advances; only moves forward (a smaller value is BAD_ARGUMENT); non-volatile, kept by SOFT_RESET. */
 #define NVCIM_CLOCK_OFFSET                       0x0C0u
 #define NVCIM_CLOCK_RESET                        0x00000000u
+
+/* UID_LO (RO): Unique chip ID, low word (read first): a fuse set at manufacture, different on every chip (the emulator derives it from the chip's build seed, or keeps the one in its image). */
+#define NVCIM_UID_LO_OFFSET                      0x0D0u
+#define NVCIM_UID_LO_RESET                       0x00000000u
+
+/* UID_HI (RO): Unique chip ID, high word (see UID_LO). */
+#define NVCIM_UID_HI_OFFSET                      0x0D4u
+#define NVCIM_UID_HI_RESET                       0x00000000u
 
 /* CNT_WRITE_PULSES_LO (RO): Write pulses issued since reset, low word. */
 #define NVCIM_CNT_WRITE_PULSES_LO_OFFSET         0x100u

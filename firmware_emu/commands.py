@@ -167,7 +167,8 @@ def ping(chip: Chip, payload: bytes) -> bytes:
 
 def identify(chip: Chip, payload: bytes) -> bytes:
     expect_empty("IDENTIFY", payload)
-    return IdentifyReply.build(Identity(CHIP_ID_VALUE, VERSION_VALUE, chip.config.geometry, MAX_PAYLOAD))
+    return IdentifyReply.build(Identity(CHIP_ID_VALUE, VERSION_VALUE, chip.config.geometry, MAX_PAYLOAD,
+                                        chip.config.unique_id))
 
 
 def reg_read(chip: Chip, payload: bytes) -> bytes:

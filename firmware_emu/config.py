@@ -20,6 +20,7 @@ MAX_CELLS = 1 << 30            # arrays x rows x cols; 13 bytes of host memory p
 MAX_WEIGHT_BITS = 16
 BUFFER_SIZE_RANGE = (1 << 10, 1 << 28)  # staging buffer bytes, allocated when the chip powers up
 MAX_SEED = 0xFFFFFFFF          # SEED is a 32-bit register
+MAX_UID = (1 << 64) - 1        # UID_HI:UID_LO
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class ChipConfig(Geometry):
     stuck_rate: float = 0.0
     dac_bits: int = 0   # every array's input DAC (0: ideal)
     adc_bits: int = 0   # every array's column ADC (0: ideal)
+    uid: int = 0        # the unique-ID fuse (UID_HI:UID_LO); 0: derived from the build seed
 
     def __post_init__(self):
         super().__post_init__()
@@ -50,6 +52,8 @@ class ChipConfig(Geometry):
             raise ValueError(f"buffer_size={self.buffer_size} must be in {low}..{high} bytes (1 KiB..256 MiB)")
         if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed={self.seed} must be in 0..{MAX_SEED}")
+        if not 0 <= self.uid <= MAX_UID:
+            raise ValueError(f"uid={self.uid} must be in 0..2^64-1")
         for name in ("sigma", "read_noise"):
             if not 0 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 2] (units of g_max)")
@@ -84,6 +88,17 @@ class ChipConfig(Geometry):
                            "variation": "weight or cell"}.get(key, "a number")
                 raise ValueError(f"chip option {key}={text!r} is not valid (expected {choices})") from None
         return kwargs
+
+    @property
+    def unique_id(self) -> int:
+        """The chip's unique ID: the ``uid`` fuse, else a 64-bit mix of the build seed (splitmix64), so
+        chips built with different seeds differ and a chip keeps its ID in its image."""
+        if self.uid:
+            return self.uid
+        z = (self.seed + 0x9E3779B97F4A7C15) & MAX_UID
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MAX_UID
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MAX_UID
+        return z ^ (z >> 31)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -61,7 +61,7 @@ class RegisterFile:
         self.regs.update(
             CAP_ARRAYS=c.arrays, CAP_GEOMETRY=c.rows | (c.cols << 16),
             CAP_CELL=c.weight_bits | (c.cell_bits << 8), CAP_BUFFER=c.buffer_size,
-            CAP_MAX_PAYLOAD=MAX_PAYLOAD, SIGMA=round(c.sigma * Q16), SEED=c.seed & 0xFFFFFFFF,
+            CAP_MAX_PAYLOAD=MAX_PAYLOAD, UID_LO=c.unique_id & 0xFFFFFFFF, UID_HI=c.unique_id >> 32, SIGMA=round(c.sigma * Q16), SEED=c.seed & 0xFFFFFFFF,
             DEVICE_MODEL=int(c.model), READ_NOISE=round(c.read_noise * Q16),
             CONFIG=CONFIG_CLIP * int(c.clip) | CONFIG_PER_CELL_STATE * int(c.variation),
             STUCK_RATE=round(c.stuck_rate * Q16), ARRAY_CONVERTERS=c.dac_bits | c.adc_bits << 8)

@@ -47,8 +47,10 @@ class FlowError(ValueError):
 def chip_settings(device: driver.Device) -> dict:
     """The chip's identity, device settings, retention clock and geometry, read from its registers."""
     regs = {name: device.read_register(name) for name in SETTING_REGISTERS}
-    ident = device.identity.geometry
-    return dict(chip_id=f"0x{regs['CHIP_ID']:08X}", version=regs["VERSION"], seed=regs["SEED"],
+    identity = device.identity
+    ident = identity.geometry
+    return dict(chip_id=f"0x{regs['CHIP_ID']:08X}", unique_id=f"0x{identity.unique_id:016X}",
+                version=regs["VERSION"], seed=regs["SEED"],
                 sigma=regs["SIGMA"] / Q16, device_model=DeviceModelCode(regs["DEVICE_MODEL"]).name,
                 variation="cell" if regs["CONFIG"] & CONFIG_PER_CELL_STATE else "weight", clock=regs["CLOCK"],
                 read_noise=regs["READ_NOISE"] / Q16, clip=bool(regs["CONFIG"] & 1),
@@ -270,8 +272,8 @@ class NoiseDump:
 
     def check_chip(self, settings: dict) -> None:
         """Raise unless ``settings`` (chip_settings of a device) are the chip this dump came from."""
-        keys = ("chip_id", "seed", "sigma", "device_model", "variation", "read_noise", "clip", "stuck_rate",
-                "arrays", "rows", "cols", "weight_bits", "cell_bits")
+        keys = ("chip_id", "unique_id", "seed", "sigma", "device_model", "variation", "read_noise", "clip",
+                "stuck_rate", "arrays", "rows", "cols", "weight_bits", "cell_bits")
         diff = [f"{k}={settings.get(k)} (noise file: {self.chip.get(k)})" for k in keys
                 if settings.get(k) != self.chip.get(k)]
         if diff:

@@ -27,7 +27,7 @@ from enum import IntEnum
 from functools import lru_cache
 from typing import Generic, TypeVar
 
-from construct import Construct, GreedyBytes, Int8ul, Int16ul, Int32ul, PrefixedArray, Struct
+from construct import Construct, GreedyBytes, Int8ul, Int16ul, Int32ul, Int64ul, PrefixedArray, Struct
 from zlib_ng.zlib_ng import crc32  # zlib's CRC-32, computed with SIMD: 4x faster on a frame
 
 from .geometry import Geometry
@@ -121,6 +121,7 @@ class Identity:
     version: int
     geometry: Geometry
     max_payload: int
+    unique_id: int  # this very chip (UID_HI:UID_LO): tells two boards of one part apart
 
 
 T = TypeVar("T")
@@ -168,7 +169,7 @@ ProgramFetchReply = Struct("length" / Int32ul, "crc" / Int32ul).compile()  # of 
 GeometryFields = Struct("arrays" / Int32ul, "rows" / Int32ul, "cols" / Int32ul, "weight_bits" / Int8ul,
                         "cell_bits" / Int8ul, "buffer_size" / Int32ul)
 IdentifyReply = Record(Struct("chip_id" / Int32ul, "version" / Int32ul, "geometry" / GeometryFields,
-                              "max_payload" / Int32ul).compile(), Identity, geometry=Geometry)
+                              "max_payload" / Int32ul, "unique_id" / Int64ul).compile(), Identity, geometry=Geometry)
 RegReadArgs = Struct("addr" / Int32ul).compile()
 RegReadReply = Struct("value" / Int32ul).compile()
 RegWriteArgs = Struct("addr" / Int32ul, "value" / Int32ul).compile()

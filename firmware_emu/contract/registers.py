@@ -180,6 +180,10 @@ REGISTERS: tuple[Register, ...] = (
              "Retention clock, seconds: cells are stamped with it when programmed and drift by the DEVICE_MODEL "
              "preset's power law as it advances; only moves forward (a smaller value is BAD_ARGUMENT); "
              "non-volatile, kept by SOFT_RESET."),
+    Register("UID_LO", 0x0D0, Access.RO, 0, "Unique chip ID, low word (read first): a fuse set at manufacture, "
+             "different on every chip (the emulator derives it from the chip's build seed, or keeps the one in its "
+             "image)."),
+    Register("UID_HI", 0x0D4, Access.RO, 0, "Unique chip ID, high word (see UID_LO)."),
     *_counter64("WRITE_PULSES", 0x100, "Write pulses issued since reset"),
     *_counter64("READ_PULSES", 0x108, "Read pulses issued since reset"),
     *_counter64("VERIFY_ITERS", 0x110, "Write-verify corrective pulses since reset"),
