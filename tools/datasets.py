@@ -3,7 +3,9 @@
 * ``digits``: the 1797 real 8x8 handwritten digits shipped with scikit-learn (default);
 * ``.npz`` with ``x`` (images, N first) and ``y`` (integer labels);
 * MNIST IDX files (``train-images-idx3-ubyte`` etc., optionally ``.gz``) in a folder;
-* CIFAR-10 python-pickle batches (``data_batch_1..5``, ``test_batch``) in a folder.
+* CIFAR-10 python-pickle batches (``data_batch_1..5``, ``test_batch``) in a folder, read
+  by an unpickler that builds nothing but the dicts, lists, bytes and numpy arrays of that
+  format: a batch file cannot run code (``pickle.load`` would run any it holds).
 
 Every loader returns images as float32 (N, C, H, W) in [0, 1] (npz: as stored) and
 int64 labels. ``load(spec, image_size=...)`` resizes bilinearly, e.g. digits 8x8 -> 28x28
@@ -141,6 +143,36 @@ def mnist(folder: str | Path) -> Split:
     return Split(*parts, name="mnist")
 
 
+# the only globals a CIFAR-10 batch names: a numpy array rebuilt from its bytes (pickle protocol
+# 2-4 or 5), numpy scalars (labels written as numpy integers), and bytes written by Python 3 at protocol 2
+_CIFAR_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                  ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+                  ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+                  ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR-10 batch and nothing else: any other global (a function to call,
+    a class to build) is refused before it is looked up, so a file cannot run code."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which is not part of a CIFAR-10 batch "
+                                         f"(refused: a data file never runs code)")
+        return super().find_class(module, name)
+
+
+def read_cifar_batch(path: Path) -> dict:
+    """The dict of one CIFAR-10 python batch, read without running anything the file holds."""
+    with open(path, "rb") as f:
+        d = _CifarUnpickler(f, encoding="bytes").load()
+    if not isinstance(d, dict):
+        raise TypeError(f"it holds a {type(d).__name__}, not a dict")
+    if not isinstance(d.get(b"data"), np.ndarray) or d[b"data"].dtype.hasobject:
+        raise TypeError("its data is not a numeric numpy array")
+    return d
+
+
 def cifar10(folder: str | Path) -> Split:
     """CIFAR-10 from the python-pickle batches (``data_batch_1..5``, ``test_batch``) in ``folder``."""
     folder = Path(folder)
@@ -150,11 +182,10 @@ def cifar10(folder: str | Path) -> Split:
         if not path.is_file():
             raise DatasetError(f"{folder}: no {name} (a CIFAR-10 folder holds data_batch_1..5 and test_batch)")
         try:
-            with open(path, "rb") as f:
-                d = pickle.load(f, encoding="bytes")
+            d = read_cifar_batch(path)
             data = np.asarray(d[b"data"], dtype=np.uint8)
             labels = np.asarray(d[b"labels"], dtype=np.int64)
-        except (pickle.UnpicklingError, KeyError, EOFError, TypeError) as e:
+        except (pickle.UnpicklingError, KeyError, EOFError, TypeError, ValueError, AttributeError, IndexError) as e:
             raise DatasetError(f"{path}: not a CIFAR-10 python batch ({type(e).__name__}: {e})") from None
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
             raise DatasetError(f"{path}: data {data.shape} / labels {labels.shape}; expected (N, 3072) and (N,)")

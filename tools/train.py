@@ -204,7 +204,7 @@ def load_checkpoint(path: str | Path) -> tuple[Net, dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
-    record = torch.load(path, map_location="cpu", weights_only=False)
+    record = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data: never code
     cfg = dict(record["config"])
     tsb = cfg.pop("tsb", None)
     model = build(**cfg, tsb=tsb)
