@@ -89,7 +89,9 @@ class CellArrays:
         self.g[array].reshape(-1)[cells] = g  # (each array's planes are contiguous: views)
         self.noise[array].reshape(-1)[cells] = captured
         self.target[array].reshape(-1)[cells] = t
-        self.ages.stamp(array, sl[1], sl[2], mask, clock)
+        # only cells not stamped with this clock yet (a region erased just now holds it): no page written in vain
+        restamp = self.ages.programmed_at[sl] != clock
+        self.ages.stamp(array, sl[1], sl[2], restamp if mask is None else restamp & mask, clock)
         self.generation += 1
         self.dirty.add(array)
         return stats
