@@ -144,9 +144,9 @@ class NvmImage:
                 raise ImageError(f"{manifest_path}: damaged (its contents do not match its SHA-256)")
             generation, files = body["generation"], body["files"]
             config, clock = body["config"], body["clock"]
-            if not (isinstance(generation, int) and isinstance(files, dict) and isinstance(config, dict)
-                    and isinstance(clock, int)):
-                raise ImageError(f"{manifest_path}: generation, files, config or clock has the wrong type")
+            if not (isinstance(generation, int) and generation >= 0 and isinstance(files, dict)
+                    and isinstance(config, dict) and isinstance(clock, int)):
+                raise ImageError(f"{manifest_path}: generation, files, config or clock has the wrong type or sign")
         except ImageError:
             raise
         except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError) as e:

@@ -68,7 +68,7 @@ def power_up(chip_class: type[Chip], path: str, explicit: dict) -> Chip:
     if state.rng_state is not None and config.seed == stored.seed:
         try:
             chip.registers.rng.bit_generator.state = state.rng_state
-        except (TypeError, ValueError, KeyError) as e:
+        except (TypeError, ValueError, KeyError, OverflowError) as e:
             raise ImageError(f"{manifest}: stored random generator state is not usable ({e})") from None
     image.sweep()
     return chip

@@ -94,9 +94,12 @@ class _Connection:
 
     def gone(self) -> bool:
         """The client has hung up, though its thread may not have read that far yet."""
-        poller = select.poll()
-        poller.register(self.sock, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
-        return bool(poller.poll(0))
+        try:
+            poller = select.poll()
+            poller.register(self.sock, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+            return bool(poller.poll(0))
+        except (OSError, ValueError):  # closed by its thread meanwhile
+            return True
 
 
 class SessionLock:
@@ -231,6 +234,8 @@ class TcpServer:
             log.info("%s sent no token line within %g s: disconnected", peer, self.lock.idle_timeout)
         except OSError as e:  # reset, broken pipe: the client is gone; the chip and the server stay
             log.info("%s lost: %s", peer, e.strerror or e)
+        except Exception:  # a fault of this server: this connection ends, the others and the chip go on
+            log.exception("%s: internal error, connection closed", peer)
         finally:
             self.lock.release(conn)
             self._open.release()

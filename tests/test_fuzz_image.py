@@ -14,27 +14,23 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from nvcim import driver
 from nvcim.firmware_emu.chip import Chip
 from nvcim.firmware_emu.nvm_image import ImageError
 
+from fuzzing import fuzz
 from zoo import export_mlp
 
-settings.register_profile("nvcim-fast", max_examples=40, deadline=None, database=None, derandomize=True,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("nvcim-long", max_examples=4000, deadline=None, database=None, derandomize=True,
-                          suppress_health_check=[HealthCheck.too_slow])
-FUZZ = settings.get_profile("nvcim-long" if os.environ.get("NVCIM_FUZZ") == "long" else "nvcim-fast")
+FUZZ = fuzz()
 
 TALLY: collections.Counter = collections.Counter()
 

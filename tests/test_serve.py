@@ -4,22 +4,27 @@ keeps out hosts without it; the emulator's options are bounded and its CLI error
 
 from __future__ import annotations
 
+import collections
 import socket
 import struct
 import subprocess
 import sys
+import time
 import urllib.parse
 from pathlib import Path
 
 import pytest
 import serial
 from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
 
 from nvcim import driver
 from nvcim.driver.link import Link
 from nvcim.firmware_emu.__main__ import cli
-from nvcim.firmware_emu.contract.protocol import BufWriteHeader, Command, encode
+from nvcim.firmware_emu.contract.protocol import BufReadArgs, BufWriteHeader, Command, ErrorCode, FrameReader, encode
 
+from fuzzing import fuzz
 from polling import poll_until
 
 IDLE = 2.0  # the served chip's idle timeout, seconds
@@ -188,3 +193,90 @@ def test_cli_errors_are_one_line_without_a_traceback(tmp_path):
             assert lines[0].startswith("Error: ") and message in lines[0]
         with_debug = _cli_error(["--tcp", str(port)], debug=True)
         assert isinstance(with_debug.exception, OSError)  # --debug lets the exception (and traceback) through
+
+
+# -- misbehaving clients, fuzzed: they never reach the chip, the server or the next client -------------------
+
+KNOWN = bytes(range(256)) * 4  # what the staging buffer holds while the misbehaving clients come and go
+KNOWN_AT = 4096                # (where no other test of the module writes)
+SERVE_TALLY: collections.Counter = collections.Counter()
+
+client_action = st.one_of(
+    st.tuples(st.just("half frame"), st.integers(1, (64 << 10) + 15), st.booleans()),
+    st.tuples(st.just("replies pending"), st.integers(1, 32), st.booleans()),
+    st.tuples(st.just("garbage"), st.binary(min_size=1, max_size=4096), st.booleans()),
+    st.tuples(st.just("second host"), st.integers(0, 0xFFFE), st.booleans()),
+)
+
+
+def _exchange(sock: socket.socket, command: Command, payload: bytes, seq: int = 1):
+    """One request on a raw connection, and its reply frame."""
+    sock.sendall(encode(command, seq, payload))
+    reader = FrameReader()
+    while not (items := reader.feed(sock.recv(1 << 16))):
+        pass
+    return items[0]
+
+
+def _served(sock: socket.socket, command: Command, payload: bytes, tries: int = 10_000):
+    """``_exchange``, again while the reply is BUSY: a client that just left may still have
+    requests on the chip (they finish first). ``tries`` only keeps a hung server from hanging the test."""
+    for seq in range(1, tries + 1):
+        reply = _exchange(sock, command, payload, seq)
+        if not _busy(reply):
+            SERVE_TALLY["BUSY while a gone client's requests finished"] += seq - 1
+            return reply
+        time.sleep(0.001)
+    raise AssertionError(f"{command.name}: still BUSY after {tries} tries")
+
+
+def _busy(reply) -> bool:
+    return reply.is_error and reply.error()[0] == ErrorCode.BUSY
+
+
+def _misbehave(server: Server, action: tuple) -> None:
+    kind, arg, reset = action
+    if kind == "second host":  # while one host holds the chip, another sends a frame: BUSY, nothing else
+        with socket.create_connection(server.address) as holder, socket.create_connection(server.address) as other:
+            assert not _served(holder, Command.PING, b"mine").is_error
+            reply = _exchange(other, Command.BUF_WRITE, BufWriteHeader.build(dict(offset=KNOWN_AT)) + b"\xee" * 64, arg)
+            assert _busy(reply), reply
+        SERVE_TALLY[kind] += 1
+        return
+    with socket.create_connection(server.address) as sock:
+        if kind == "half frame":
+            frame = encode(Command.BUF_WRITE, 1, BufWriteHeader.build(dict(offset=KNOWN_AT)) + b"\x5a" * (64 << 10))
+            sock.sendall(frame[:arg])
+        elif kind == "replies pending":
+            sock.sendall(b"".join(encode(Command.PING, seq, bytes(2048)) for seq in range(1, arg + 1)))
+        else:
+            sock.sendall(arg)
+        if reset:
+            _reset_on_close(sock)
+    SERVE_TALLY[f"{kind}, {'reset' if reset else 'close'}"] += 1
+
+
+@pytest.fixture(scope="module")
+def known_buffer(server) -> bytes:
+    with driver.open(server.url, timeout=2) as dev:
+        dev.buffer_write(KNOWN, offset=KNOWN_AT)
+    return KNOWN
+
+
+@fuzz(fast=25, long=4000)
+@given(actions=st.lists(client_action, min_size=1, max_size=4))
+def test_misbehaving_clients_never_reach_the_chip_or_the_next_client(server, known_buffer, actions):
+    for action in actions:
+        _misbehave(server, action)
+    with socket.create_connection(server.address) as sock:  # the next well-behaved client, served at once
+        reply = _served(sock, Command.BUF_READ, BufReadArgs.build(dict(offset=KNOWN_AT, length=len(known_buffer))))
+        assert bytes(reply.payload) == known_buffer
+    assert server.alive()
+    SERVE_TALLY["well-behaved clients after them, served right"] += 1
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _print_serve_tally():
+    yield
+    if SERVE_TALLY:
+        print("\nserving fuzz:", dict(sorted(SERVE_TALLY.items())))
