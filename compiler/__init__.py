@@ -49,16 +49,40 @@ def lower_model(model: str | os.PathLike | onnx.ModelProto, shared: str = "commo
             uses[name] = uses.get(name, 0) + 1
     inputs = [v for v in graph.input if v.name not in consts]
     shapes = [_input_shape(v, source, [n for n in graph.node if v.name in n.input]) for v in inputs]
-    batch = {dims[0] for dims in shapes}
+    # the batch is dim 0 where the shape names it (symbolic); inputs of fixed shape beside
+    # such ones hold no batch. In a model of fixed shapes, dim 0 is taken as the batch unless
+    # the graph then mixes it with the other dims: then no input holds one.
+    symbolic = {v.name for v, dims in zip(inputs, shapes) if dims[0] is None}
+    try:
+        lo = _lower(proto, source, consts, shared, uses, inputs, shapes, unbatched=set() if not symbolic else
+                    {v.name for v in inputs if v.name not in symbolic})
+    except lower.BatchMixingError as first:
+        if symbolic or not inputs:
+            raise
+        try:
+            lo = _lower(proto, source, consts, shared, uses, inputs, shapes, unbatched={v.name for v in inputs})
+        except CompileError:
+            raise first from None
+    return lo, proto
+
+
+def _lower(proto: onnx.ModelProto, source: str, consts: dict, shared: str, uses: dict[str, int],
+           inputs: list[onnx.ValueInfoProto], shapes: list[list[int | None]], unbatched: set[str]) -> lower.Lowering:
+    """Lower the graph, the inputs named in ``unbatched`` holding no batch dimension."""
+    batch = {dims[0] for v, dims in zip(inputs, shapes) if v.name not in unbatched}
     lo = lower.Lowering(source, consts, shared, uses, batch.pop() if len(batch) == 1 and None not in batch else None)
-    lo.graph_outputs = {o.name for o in graph.output}
+    lo.graph_outputs = {o.name for o in proto.graph.output}
     for value, dims in zip(inputs, shapes):
-        lo.tensor(value.name, (-1, *dims[1:]))
-    for i, node in enumerate(graph.node):
+        if value.name in unbatched:
+            lo.replicated.add(lo.tensor(value.name, (-1, *dims)))
+        else:
+            lo.tensor(value.name, (-1, *dims[1:]))
+    for i, node in enumerate(proto.graph.node):
         lo.node, lo.label = node, frontend.node_label(node, i)
         frontend.check_attributes(node, f"{source}: node '{lo.label}' ({node.op_type})")
+        lower.check_replicated(lo, node)
         lower.HANDLERS[node.op_type](lo, node)
-    return lo, proto
+    return lo
 
 
 INDEX_TYPES = frozenset({onnx.TensorProto.INT64, onnx.TensorProto.INT32})  # integer inputs: Gather indices

@@ -30,8 +30,18 @@ from nvcim.firmware_emu.contract.program_format import MAX_SAMPLE_ELEMENTS, Inst
 from .frontend import CompileError
 
 
+class BatchMixingError(CompileError):
+    """An op would mix the batch dimension (dim 0) with the others: for a model of fixed
+    shapes, the sign that its dim 0 is no batch."""
+
+
 class Lowering:
-    """The program being built: tensors, constants, weight layers and instructions."""
+    """The program being built: tensors, constants, weight layers and instructions.
+
+    Every tensor's dim 0 is the batch on the chip. A graph input whose dim 0 is no batch
+    (``replicated``) travels with a batch axis put in front of its own dims, each sample a
+    copy of the whole input, and so does what only elementwise ops make of it.
+    """
 
     def __init__(self, source: str, consts: dict[str, np.ndarray], shared: str, uses: dict[str, int],
                  batch_size: int | None):
@@ -53,10 +63,17 @@ class Lowering:
         self.node: onnx.NodeProto | None = None
         self.label = ""
         self.graph_outputs: set[str] = set()             # names the model returns
+        self.replicated: set[int] = set()                # tensors whose dim 0 was put in front of their own
 
     # -- helpers for handlers -------------------------------------------------------
     def error(self, message: str) -> CompileError:
         return CompileError(f"{self.source}: node '{self.label}' ({self.node.op_type}): {message}")
+
+    def batch_error(self, message: str) -> BatchMixingError:
+        return BatchMixingError(f"{self.source}: node '{self.label}' ({self.node.op_type}): {message}")
+
+    def is_replicated(self, name: str) -> bool:
+        return self.ids_for(name) in self.replicated
 
     def tensor(self, name: str, shape: tuple[int, ...]) -> int:
         self.ids[name] = len(self.tensors)
@@ -119,9 +136,12 @@ class Lowering:
             raise self.error(str(e)) from None
         for name, shape in zip(names, shapes):
             if not shape or shape[0] != 1:
-                raise self.error(f"output '{name}' would mix the batch dimension (dim 0) with others "
+                raise self.batch_error(f"output '{name}' would mix the batch dimension (dim 0) with others "
                                  f"(shape {shape} for a batch of 1); the chip keeps dim 0 as the batch")
             instr.outputs.append(self.tensor(name, (-1, *shape[1:])))
+        computed = [t for t in ins if t not in self.constants]
+        if computed and all(t in self.replicated for t in computed):
+            self.replicated.update(instr.outputs)
         self.instructions.append(instr)
 
     def _check_size(self, instr: Instr) -> None:
@@ -176,7 +196,7 @@ def _axis(lo: Lowering, axis: int, rank: int, what: str = "axis") -> int:
         raise lo.error(f"{what}={axis} is outside a rank-{rank} tensor")
     axis %= rank
     if axis == 0:
-        raise lo.error(f"{what}=0 would work across the batch dimension; the chip keeps dim 0 as the batch")
+        raise lo.batch_error(f"{what}=0 would work across the batch dimension; the chip keeps dim 0 as the batch")
     return axis
 
 
@@ -477,8 +497,34 @@ _REDUCE = by_onnx("ReduceMean", "ReduceSum", "ReduceMax")
 _ONE_TO_ONE = by_onnx("GlobalAveragePool", "GlobalMaxPool", "Softmax", "LogSoftmax")
 
 
+def _aligned(lo: Lowering, names: list[str]) -> list[str]:
+    """Operands of a broadcasting op, a replicated one reshaped so that its own dims line up
+    with the others' as ONNX aligns them (from the right), its batch axis with theirs."""
+    if not any(n not in lo.consts and lo.is_replicated(n) for n in names):
+        return names
+    ranks = [len(np.shape(lo.consts[n])) if n in lo.consts else len(lo.shape(n)) - lo.is_replicated(n)
+             for n in names]
+    batched = any(n not in lo.consts and not lo.is_replicated(n) for n in names)
+    after_batch = max(ranks) - 1 if batched else max(ranks)  # the result's dims after its batch axis
+    out = []
+    for name, rank in zip(names, ranks):
+        if name in lo.consts or not lo.is_replicated(name) or rank == after_batch:
+            out.append(name)
+            continue
+        dims = list(lo.shape(name)[1:])
+        if rank > after_batch and dims[0] != 1:
+            raise lo.batch_error(f"input '{name}' (no batch dimension, shape {tuple(dims)}) would meet the batch "
+                                 f"dimension of the other operands with size {dims[0]}")
+        shape = [-1, *dims[1:]] if rank > after_batch else [-1, *[1] * (after_batch - rank), *dims]
+        aligned = f"{name}/aligned@{lo.label}"
+        if aligned not in lo.ids:
+            _reshape_to(lo, name, shape, aligned)
+        out.append(aligned)
+    return out
+
+
 def _binary(lo: Lowering, node: onnx.NodeProto) -> None:
-    lo.emit(_BINARY[node.op_type], list(node.input[:2]), node.output[0])
+    lo.emit(_BINARY[node.op_type], _aligned(lo, list(node.input[:2])), node.output[0])
 
 
 def _sum(lo: Lowering, node: onnx.NodeProto) -> None:
@@ -486,7 +532,9 @@ def _sum(lo: Lowering, node: onnx.NodeProto) -> None:
     if len(node.input) == 1:
         lo.alias(node.output[0], acc)
         return
-    for i, term in enumerate(node.input[1:], start=1):
+    terms = _aligned(lo, list(node.input))
+    acc = terms[0]
+    for i, term in enumerate(terms[1:], start=1):
         out = node.output[0] if i == len(node.input) - 1 else f"{node.output[0]}/sum{i}"
         lo.emit(Opcode.ADD, [acc, term], out)
         acc = out
@@ -519,7 +567,7 @@ def _reduce(lo: Lowering, node: onnx.NodeProto) -> None:
         if lo.attr("noop_with_empty_axes", 0):
             lo.alias(node.output[0], x)
             return
-        raise lo.error("reducing over every axis would include the batch dimension; give axes")
+        raise lo.batch_error("reducing over every axis would include the batch dimension; give axes")
     axes = sorted({_axis(lo, a, rank, "axes") for a in axes})
     lo.emit(_REDUCE[node.op_type], [x], node.output[0],
             attrs={"axes": axes, "keepdims": [int(lo.attr("keepdims", 1))]})
@@ -555,14 +603,14 @@ def _reshape(lo: Lowering, node: onnx.NodeProto) -> None:
     rest_in = math.prod(src[1:])
     dims = [src[i] if (t == 0 and not allowzero and i < len(src)) else t for i, t in enumerate(target)]
     if not dims:
-        raise lo.error("a reshape to a scalar would drop the batch dimension")
+        raise lo.batch_error("a reshape to a scalar would drop the batch dimension")
     head, tail = dims[0], dims[1:]
     known = math.prod(d for d in tail if d != -1)
     fits = head == -1 or head == lo.batch_size
     if tail.count(-1) == 1 and known and rest_in % known == 0:
         tail[tail.index(-1)] = rest_in // known
     if not fits or -1 in tail or math.prod(tail) != rest_in:
-        raise lo.error(f"reshape of {_show(src)} to {target} would mix the batch dimension with others; "
+        raise lo.batch_error(f"reshape of {_show(src)} to {target} would mix the batch dimension with others; "
                        f"the first entry must keep the batch (0, -1 or the batch size) and the rest "
                        f"must hold the {rest_in} values of one sample")
     _reshape_to(lo, x, [-1, *tail], node.output[0])
@@ -577,7 +625,7 @@ def _flatten(lo: Lowering, node: onnx.NodeProto) -> None:
     shape = lo.shape(x)
     axis = lo.attr("axis", 1)
     if (axis + len(shape) if axis < 0 else axis) != 1:
-        raise lo.error(f"axis={axis} would mix the batch dimension into the features; only axis=1 is supported")
+        raise lo.batch_error(f"axis={axis} would mix the batch dimension into the features; only axis=1 is supported")
     _reshape_to(lo, x, [-1, math.prod(shape[1:])], node.output[0])
 
 
@@ -618,7 +666,7 @@ def _transpose(lo: Lowering, node: onnx.NodeProto) -> None:
     if sorted(perm) != list(range(rank)):
         raise lo.error(f"perm {perm} is not a permutation of {rank} axes")
     if perm[0] != 0:
-        raise lo.error(f"perm {perm} moves the batch dimension; the chip keeps dim 0 as the batch")
+        raise lo.batch_error(f"perm {perm} moves the batch dimension; the chip keeps dim 0 as the batch")
     lo.emit(Opcode.TRANSPOSE, [x], node.output[0], attrs={"perm": perm})
 
 
@@ -645,7 +693,7 @@ def _slice(lo: Lowering, node: onnx.NodeProto) -> None:
         if axis % len(shape) == 0:
             if start == 0 and end >= 2 ** 31 - 1 and step == 1:
                 continue  # the whole batch
-            raise lo.error("slicing the batch dimension is not supported; the chip keeps dim 0 as the batch")
+            raise lo.batch_error("slicing the batch dimension is not supported; the chip keeps dim 0 as the batch")
         axis = _axis(lo, axis, len(shape))
         first, stop, step = slice(start, end, step).indices(shape[axis])
         plan[axis] = (first, len(range(first, stop, step)), step)
@@ -673,7 +721,7 @@ def _pad(lo: Lowering, node: onnx.NodeProto) -> None:
     for i, a in enumerate(axes):
         pads[a], pads[rank + a] = given[i], given[len(axes) + i]
     if pads[0] or pads[rank]:
-        raise lo.error("padding the batch dimension is not supported; the chip keeps dim 0 as the batch")
+        raise lo.batch_error("padding the batch dimension is not supported; the chip keeps dim 0 as the batch")
     attrs = {"pads": pads, "mode": [_PAD_MODES[mode]], "value": [float(0.0 if value is None else value)]}
     lo.emit(Opcode.PAD, [x], node.output[0], attrs=attrs)
 
@@ -695,6 +743,18 @@ def _split(lo: Lowering, node: onnx.NodeProto) -> None:
         raise lo.error(f"split sizes {sizes} do not cut axis {axis} of size {shape[axis]} into {len(outputs)}")
     names = [o or f"{node.output[0]}/unused{i}" for i, o in enumerate(outputs)]
     lo.emit(Opcode.SPLIT, [x], names, attrs={"axis": [axis], "sizes": sizes})
+
+
+def check_replicated(lo: Lowering, node: onnx.NodeProto) -> None:
+    """Only elementwise ops take an input whose dim 0 is no batch (right-aligned broadcasting
+    keeps the batch axis put in front of it out of their way); refuse the rest by name."""
+    if node.op_type in ELEMENTWISE:
+        return
+    for name in node.input:
+        if name and name not in lo.consts and lo.is_replicated(name):
+            raise lo.batch_error(f"input '{name}' has no batch dimension (its dim 0 is data); only elementwise "
+                                 f"ops ({', '.join(sorted(ELEMENTWISE))}) take such a tensor: give the model's "
+                                 f"batch dimension a symbolic name (e.g. 'N') where it has one")
 
 
 HANDLERS: dict[str, Callable[[Lowering, onnx.NodeProto], None]] = {
@@ -729,3 +789,6 @@ HANDLERS: dict[str, Callable[[Lowering, onnx.NodeProto], None]] = {
     "Pad": _pad,
     "Split": _split,
 }
+
+# ops that take a tensor whose dim 0 is no batch (see check_replicated)
+ELEMENTWISE = frozenset({*_BINARY, *_UNARY, "Sum", "Clip", "Identity", "Dropout", "Cast"})

@@ -29,7 +29,7 @@ from nvcim.firmware_emu.contract.protocol import WriteStats
 
 from .device import Device
 from .errors import InvalidArgument
-from .session import Session, deploy, index_depths
+from .session import Session, deploy, index_depths, without_batch
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,8 @@ class MultiChipSession(Session):
         self.programs = part.programs
         self.devices = devices
         self._depths = index_depths(part.programs)
+        self._no_batch, copies = without_batch(model, part.programs)
+        self._copied_outputs = [name in copies for name in part.model_outputs]
 
     def layer_chip(self, name: str) -> list[int]:
         """The chips (stage indices) holding layer ``name`` (more than one for a weight shared across stages)."""

@@ -36,6 +36,28 @@ _ONNX_TYPES = {onnx.TensorProto.FLOAT: ("tensor(float)", np.float32),
 _DTYPES = dict(_ONNX_TYPES.values())  # "tensor(float)" -> np.float32
 
 
+def without_batch(model: onnx.ModelProto, programs: list[Program]) -> tuple[set[str], set[str]]:
+    """The model inputs whose dim 0 is no batch, and every tensor computed from them alone.
+
+    The chip holds such an input with a batch axis in front of its own dims (each sample
+    a copy: the host repeats it), so its program tensor has one axis more than the ONNX
+    input; what only elementwise ops make of it is a copy per sample as well (the
+    compiler's rule, replayed over the programs in order), and the host returns sample 0.
+    """
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in model.graph.input}
+    inputs = {p.tensors[t].name for p in programs for t in p.inputs
+              if len(p.tensors[t].shape) == ranks.get(p.tensors[t].name, -2) + 1}
+    names = set(inputs)
+    for p in programs:
+        copies = {tid for tid, t in enumerate(p.tensors) if t.name in names}
+        for ins in p.instructions:
+            computed = [t for t in ins.inputs if t not in p.constants]
+            if computed and all(t in copies for t in computed):
+                copies.update(ins.outputs)
+        names |= {p.tensors[t].name for t in copies}
+    return inputs, names
+
+
 def index_depths(programs: list[Program]) -> dict[str, int]:
     """Inputs holding table indices (read by ONE_HOT) -> the table's rows."""
     return {p.tensors[ins.inputs[0]].name: ins.attrs["depth"][0]
@@ -183,6 +205,8 @@ class Session:
         self._outputs = _node_args(model.graph.output)
         self._output_bytes = sum(4 * int(np.prod(program.tensors[t].shape[1:])) for t in program.outputs)
         self._depths = index_depths([program])
+        self._no_batch, copies = without_batch(model, [program])
+        self._copied_outputs = [program.tensors[t].name in copies for t in program.outputs]
 
     # onnxruntime-compatible surface ---------------------------------------------------
     def get_inputs(self) -> list[NodeArg]:
@@ -203,7 +227,8 @@ class Session:
             if name not in known_out:
                 raise InvalidArgument(f"invalid output name: '{name}' (model outputs: {', '.join(known_out)})")
         feeds = self._check_feed(input_feed)
-        outputs = dict(zip(known_out, self._execute(feeds)))
+        results = [r[0] if copied else r for r, copied in zip(self._execute(feeds), self._copied_outputs)]
+        outputs = dict(zip(known_out, results))
         return [outputs[name] for name in wanted]
 
     def _execute(self, feeds: list[np.ndarray]) -> list[np.ndarray]:
@@ -237,15 +262,20 @@ class Session:
                 raise InvalidArgument(f"input '{arg.name}' has rank {x.ndim}, expected {len(arg.shape)} "
                                       f"(shape {arg.shape})")
             for axis, (got, want) in enumerate(zip(x.shape, arg.shape)):
-                if axis > 0 and got != want:
+                if (axis > 0 or arg.name in self._no_batch) and got != want:
                     raise InvalidArgument(f"input '{arg.name}' has dimension {axis} = {got}, expected {want}")
+            if arg.name in self._no_batch:
+                feeds.append(x)
+                continue
             if batch is not None and x.shape[0] != batch:
                 raise InvalidArgument(f"input '{arg.name}' has batch {x.shape[0]}, other inputs have {batch}")
             batch = x.shape[0]
             feeds.append(self._indices(arg.name, x) if want_dtype != np.float32 else x)
         if batch == 0:
             raise InvalidArgument("batch size 0")
-        return feeds
+        # an input without a batch goes to the chip once per sample (a view, copied when sent)
+        return [np.broadcast_to(f, (batch or 1, *f.shape)) if arg.name in self._no_batch else f
+                for arg, f in zip(self._inputs, feeds)]
 
     def _indices(self, name: str, x: np.ndarray) -> np.ndarray:
         """Integer indices as the chip takes them (float32), each checked against its table."""

@@ -209,3 +209,59 @@ def test_embedding_session_takes_integer_indices_and_refuses_out_of_range_ones(t
             sess.run(None, {"idx": np.array([[0, 1, 2], [3, 4, 9]], np.int64)})
         with pytest.raises(driver.InvalidArgument, match="actual float32, expected int64"):
             sess.run(None, {"idx": idx.astype(np.float32)})
+
+
+# -- graph inputs whose dim 0 is no batch ------------------------------------------------
+def _fixed(nodes, inputs: dict[str, tuple], outputs: list[str], inits: dict | None = None) -> onnx.ModelProto:
+    """Inputs of the given shapes exactly ('N' where a shape says so)."""
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(k, TensorProto.FLOAT, v)
+                                           for k, v in inputs.items()],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in (inits or {}).items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def _session_matches_onnxruntime(model: onnx.ModelProto, feeds: dict[str, np.ndarray], tmp_path) -> None:
+    from nvcim import driver
+
+    path = tmp_path / "model.onnx"
+    onnx.save(model, path)
+    want = ort.InferenceSession(quantized_model(model).SerializeToString()).run(None, feeds)
+    with driver.load(path, device="emu://?sigma=0") as sess:
+        got = sess.run(None, feeds)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * max(1.0, float(np.abs(w).max())))
+
+
+def test_fixed_shape_model_whose_dim_0_is_data(tmp_path):
+    """A (10, 10) input meeting a (10, 10) constant: dim 0 cannot be a batch, so the chip
+    holds the whole input as one sample (the PoissonNLLLoss export's form)."""
+    nodes = [helper.make_node("Exp", ["x"], ["e"]), helper.make_node("Mul", ["t", "x"], ["m"]),
+             helper.make_node("Sub", ["e", "m"], ["y"])]
+    model = _fixed(nodes, {"x": [10, 10]}, ["y"], {"t": x(10, 10)})
+    program = compile_model(model)
+    assert program.tensors[program.inputs[0]].shape == (-1, 10, 10)
+    _session_matches_onnxruntime(model, {"x": x(10, 10)}, tmp_path)
+
+
+def test_fixed_shape_inputs_beside_a_batched_one_are_no_batch(tmp_path):
+    """x has the batch 'N'; b (4,) and c (3, 1) have none: broadcast as ONNX does, and an
+    output computed from b alone comes back with b's shape."""
+    nodes = [helper.make_node("Add", ["x", "b"], ["s"]), helper.make_node("Mul", ["s", "c"], ["p"]),
+             helper.make_node("MatMul", ["p", "W"], ["y"]), helper.make_node("Relu", ["b"], ["rb"]),
+             helper.make_node("Sum", ["x", "c", "b"], ["z"])]
+    model = _fixed(nodes, {"x": ["N", 3, 4], "b": [4], "c": [3, 1]}, ["y", "rb", "z"], {"W": x(4, 5)})
+    _session_matches_onnxruntime(model, {"x": x(6, 3, 4), "b": x(4), "c": x(3, 1)}, tmp_path)
+
+
+def test_an_input_without_batch_into_a_non_elementwise_op_is_refused():
+    nodes = [helper.make_node("Add", ["x", "b"], ["s"]), helper.make_node("Softmax", ["b"], ["y"], name="sm")]
+    model = _fixed(nodes, {"x": ["N", 4], "b": [4]}, ["s", "y"])
+    with pytest.raises(CompileError, match="node 'sm' \\(Softmax\\): input 'b' has no batch dimension"):
+        compile_model(model, source="m.onnx")
+    # a fixed-shape model the graph cannot run per sample either way: the batch error stands
+    nodes = [helper.make_node("Mul", ["t", "x"], ["m"]), helper.make_node("Softmax", ["m"], ["y"], axis=0)]
+    with pytest.raises(CompileError, match="would (mix|work across) the batch dimension"):
+        compile_model(_fixed(nodes, {"x": [10, 10]}, ["y"], {"t": x(10, 10)}), source="m.onnx")
