@@ -24,7 +24,7 @@ import math
 import zlib
 from dataclasses import dataclass, field
 from enum import IntEnum
-from functools import lru_cache
+from functools import cache
 from typing import Callable
 
 import numpy as np
@@ -545,7 +545,7 @@ def packed_size(count: int, cell_bits: int) -> int:
     return -(-count // per_byte)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _unpack_table(cell_bits: int) -> np.ndarray:
     """Per byte value, its 8/K cells as the bytes of one little-endian integer (first cell lowest)."""
     per_byte = 8 // cell_bits

@@ -24,7 +24,7 @@ import io
 import struct
 from dataclasses import asdict, dataclass, fields
 from enum import IntEnum
-from functools import lru_cache
+from functools import cache
 from typing import Generic, TypeVar
 
 from construct import Construct, GreedyBytes, Int8ul, Int16ul, Int32ul, Int64ul, PrefixedArray, Struct
@@ -185,7 +185,7 @@ class PayloadError(ValueError):
     """A payload too short or too long for its declaration."""
 
 
-@lru_cache(maxsize=None)
+@cache
 def _size(layout: Construct) -> int:
     """A fixed-size struct's size (construct recomputes it on every sizeof(): ~100 us a frame)."""
     return layout.sizeof()
