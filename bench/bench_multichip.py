@@ -102,9 +102,9 @@ def resnet(tmp: Path, image: int, batch: int) -> None:
         torch.onnx.export(net, (torch.zeros(1, 3, image, image),), str(path), dynamo=False, input_names=["x"],
                           output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
     target = Target()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     lowered = lower_model(path)
-    t_lower = time.perf_counter() - t0
+    t_lower, c_lower = time.perf_counter() - t0, time.process_time() - c0
     weights = sum(w.size for w in lowered[0].weights.values())
     t0 = time.perf_counter()
     try:
@@ -114,18 +114,20 @@ def resnet(tmp: Path, image: int, batch: int) -> None:
         message = str(e)
     t_refuse = time.perf_counter() - t0
     chips = int(message.split("it fits ")[1].split(" chips")[0])
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     part = partition(*lowered, target, chips=chips)
-    t_split = time.perf_counter() - t0
+    t_split, c_split = time.perf_counter() - t0, time.process_time() - c0
     print(f"ResNet-50 ({weights / 1e6:.1f} M weights, input 3x{image}x{image}, default chip of {target.arrays} "
           f"arrays of {target.rows}x{target.cols}):")
     print(f"  one chip: {message.split(': ', 1)[1]}")
-    print(f"  front end + lowering {t_lower:.2f} s; placing on one chip and naming the chip count {t_refuse:.2f} s; "
-          f"partition over {chips} chips {t_split:.2f} s; compile total {t_lower + t_split:.2f} s")
+    print(f"  placing on one chip and naming the chip count {t_refuse:.2f} s")
+    print(f"  compile for {chips} chips: front end + lowering {t_lower:.2f} s, partition and placement "
+          f"{t_split:.2f} s, total {t_lower + t_split:.2f} s wall, {c_lower + c_split:.2f} s CPU of this process")
     print(f"  arrays per chip {[p.arrays_used for p in part.programs]}")
     t0 = time.perf_counter()
     sess = driver.load(path, device=["emu://?sigma=0"] * chips)
-    print(f"  driver.load on {chips} in-process chips (compile and program {sum(len(p.cells) for p in part.programs) * 8 // 2 / 1e6:.0f} M cells): "
+    cells = sum(len(p.cells) * 8 // target.cell_bits for p in part.programs)
+    print(f"  driver.load on {chips} in-process chips (compile, then program {cells / 1e6:.0f} M cells): "
           f"{time.perf_counter() - t0:.1f} s")
     x = np.random.default_rng(0).standard_normal((batch, 3, image, image)).astype(np.float32)
     with sess:

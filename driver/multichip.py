@@ -16,6 +16,7 @@ so the host keeps, per micro-batch, every tensor a later stage or the caller sti
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import onnx
 
+from nvcim.compiler import lower_model
 from nvcim.compiler.lower import Lowering
 from nvcim.compiler.partition import Partition, partition
 from nvcim.firmware_emu.contract.protocol import WriteStats
@@ -45,6 +47,26 @@ class MultiChipSession(Session):
         self._depths = index_depths(part.programs)
         self._no_batch, copies = without_batch(model, part.programs)
         self._copied_outputs = [name in copies for name in part.model_outputs]
+
+    def extend(self, model: str | os.PathLike | onnx.ModelProto, *, verify: bool = True) -> WriteStats:
+        """Run ``model``, this one grown by new layers (a TSB), from now on.
+
+        It is compiled against the chips' programs: every layer already on a chip keeps its
+        tiles and cells, and each new layer goes to the chip where its instruction runs
+        (CapacityError if that chip has no room left for it); only the new layers' cells are
+        written, write-verified unless ``verify`` is False. Returns what that writing took.
+        """
+        lowered, proto = lower_model(model)
+        part = partition(lowered, proto, self.devices[0].identity.geometry, bases=self.programs)
+        added = WriteStats()
+        for device, old, new in zip(self.devices, self.programs, part.programs):
+            fresh = {layer.name for layer in new.layers} - {layer.name for layer in old.layers}
+            added += deploy(device, new, verify=verify, layers=fresh)
+        total = WriteStats()
+        total += self.write_stats
+        total += added
+        MultiChipSession.__init__(self, proto, part, self.devices, total)
+        return added
 
     def layer_chip(self, name: str) -> list[int]:
         """The chips (stage indices) holding layer ``name`` (more than one for a weight shared across stages)."""

@@ -25,9 +25,9 @@ CHIP = "emu://?arrays=4&sigma=0"
 LAYERS = 18
 
 
-def chain(layers: int = LAYERS, extra: bool = False) -> onnx.ModelProto:
+def chain(layers: int = LAYERS, extra: bool = False, at: int = 16) -> onnx.ModelProto:
     """x -> [MatMul 64x64, Relu] * layers, r3 added back before the last layer; outputs y and r2.
-    ``extra``: one more 64x64 layer ("tsb") added to r16 (a new layer next to a deployed model's)."""
+    ``extra``: one more 64x64 layer ("tsb") added to r<at> (a new layer next to a deployed model's)."""
     rng = np.random.default_rng(5)
     nodes, inits, x = [], [], "x"
     for i in range(layers):
@@ -37,11 +37,11 @@ def chain(layers: int = LAYERS, extra: bool = False) -> onnx.ModelProto:
             x = "skip"
         nodes += [helper.make_node("MatMul", [x, f"W{i}"], [f"h{i}"]), helper.make_node("Relu", [f"h{i}"], [f"r{i}"])]
         x = f"r{i}"
-        if extra and i == 16:
+        if extra and i == at:
             tsb = np.random.default_rng(6).standard_normal((64, 64)) / 8
             inits.append(numpy_helper.from_array(tsb.astype(np.float32), "tsb"))
-            nodes += [helper.make_node("MatMul", [x, "tsb"], ["t"]), helper.make_node("Add", [x, "t"], ["r16t"])]
-            x = "r16t"
+            nodes += [helper.make_node("MatMul", [x, "tsb"], ["t"]), helper.make_node("Add", [x, "t"], [f"r{i}t"])]
+            x = f"r{i}t"
     nodes.append(helper.make_node("Identity", [x], ["y"]))
     graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64]),
@@ -131,28 +131,26 @@ def test_selective_verify_goes_to_the_chip_holding_the_layer(chain_path):
 
 
 def test_a_new_layer_on_a_partitioned_model_goes_to_the_chip_of_its_neighbours(chain_path):
-    """As a TSB is added next to a deployed backbone: compiled against the chips' programs,
-    the new layer lands on the chip its instruction belongs to, every deployed layer keeps
-    its tiles, and only the new cells are written."""
-    with driver.load(chain_path, device=[CHIP] * 3) as sess:
-        bases = sess.programs
-        grown = chain(extra=True)
-        part = partition(*lower_model(grown), SMALL, bases=bases)
-        assert [[layer.name for layer in p.layers if layer.name == "tsb"] for p in part.programs] == [[], [], ["tsb"]]
-        def cells(program):  # where each layer's tiles lie (not where their bytes are in the file)
-            return {layer.name: [(t.sign, t.array, t.row, t.col, t.in_start, t.in_count, t.out_start, t.out_count)
-                                 for t in layer.tiles] for layer in program.layers}
+    """As a TSB is added next to a deployed backbone: the grown model is compiled against the
+    chips' programs, the new layer lands on the chip its instruction runs on, every deployed
+    layer keeps its tiles, and only the new cells are written (write-verified)."""
+    def cells(program):  # where each layer's tiles lie (not where their bytes are in the file)
+        return {layer.name: [(t.sign, t.array, t.row, t.col, t.in_start, t.in_count, t.out_start, t.out_count)
+                             for t in layer.tiles] for layer in program.layers}
 
-        for old, new in zip(bases, part.programs):
-            assert cells(old).items() <= cells(new).items()
+    with driver.load(chain_path, device=[CHIP] * 3) as sess:
+        before = [cells(p) for p in sess.programs]
         writes = [d.counters()["write_pulses"] for d in sess.devices]
-        stats = [driver.deploy(d, p, verify=True, layers={"tsb"} & {layer.name for layer in p.layers})
-                 for d, p in zip(sess.devices, part.programs)]
-        assert [s.cells for s in stats][:2] == [0, 0] and stats[2].cells > 0
-        assert [d.counters()["write_pulses"] for d in sess.devices][:2] == writes[:2]
-        grown_session = MultiChipSession(grown, part, sess.devices, stats[2])
+        with pytest.raises(CapacityError, match="more than chip 0 \\(with the layers its base program holds\\)"):
+            sess.extend(chain(extra=True, at=3))  # chip 0 is full: refused, nothing written
+        grown = chain(extra=True)
+        added = sess.extend(grown)
+        assert [[layer.name for layer in p.layers if layer.name == "tsb"] for p in sess.programs] == [[], [], ["tsb"]]
+        assert all(old.items() <= cells(new).items() for old, new in zip(before, sess.programs))
+        after = [d.counters()["write_pulses"] for d in sess.devices]
+        assert after[:2] == writes[:2] and added.cells > 0 and added.write_pulses == after[2] - writes[2] > 0
         x = inputs(8)
-        for g, w in zip(grown_session.run(None, {"x": x}), onnxruntime_outputs(grown, x), strict=True):
+        for g, w in zip(sess.run(None, {"x": x}), onnxruntime_outputs(grown, x), strict=True):
             np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * float(np.abs(w).max()))
 
 
@@ -176,7 +174,8 @@ def test_a_layer_bigger_than_a_chip_is_cut_by_output_columns():
     """A 3x3 conv of 8 -> 512 channels needs 16 tiles of 72 rows (6 arrays): on chips of 4
     it runs as column parts on two chips joined by a CONCAT, with the layer's one scale."""
     rng = np.random.default_rng(2)
-    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])]
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["y"])]
     inits = [numpy_helper.from_array(rng.standard_normal((512, 8, 3, 3)).astype(np.float32), "W"),
              numpy_helper.from_array(rng.standard_normal(512).astype(np.float32), "B")]
     graph = helper.make_graph(nodes, "wide", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 5, 5])],
