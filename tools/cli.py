@@ -407,8 +407,9 @@ def _seeds(text: str) -> tuple[int, ...]:
 
 # -- bring-up: identify, regs, trace, seq, inspect (tools/cli_bringup.py) -------------------------------
 from .cli_bringup import COMMANDS as _BRINGUP_COMMANDS  # noqa: E402 (after main, which they join)
+from .cli_experiments import COMMANDS as _EXPERIMENT_COMMANDS  # noqa: E402 (method, nft, experiment)
 
-for _command in _BRINGUP_COMMANDS:
+for _command in _BRINGUP_COMMANDS + _EXPERIMENT_COMMANDS:
     main.add_command(_command)
 
 if __name__ == "__main__":
