@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -69,8 +70,11 @@ class MultiChipSession(Session):
         return added
 
     def layer_chip(self, name: str) -> list[int]:
-        """The chips (stage indices) holding layer ``name`` (more than one for a weight shared across stages)."""
-        return [k for k, p in enumerate(self.programs) if any(layer.name == name for layer in p.layers)]
+        """The chips (stage indices) holding layer ``name``: more than one for a weight used in
+        several stages, or a layer split by columns over several chips."""
+        return [k for k, p in enumerate(self.programs)
+                if any(layer.name == name or (m := _PART.match(layer.name)) and m["layer"] == name
+                       for layer in p.layers)]
 
     def _micro_batch(self, feeds: list[np.ndarray]) -> int:
         """Samples per micro-batch: enough micro-batches to keep every chip busy (two per chip),
@@ -124,6 +128,38 @@ class MultiChipSession(Session):
             device.close()
 
 
+_PART = re.compile(r"^(?P<layer>.*)#cols(?P<start>\d+):(?P<stop>\d+)$")  # a column part of a split layer
+
+
+def stage_masks(part: Partition, verify_mask: dict[str, np.ndarray] | None) -> list[dict[str, np.ndarray] | None]:
+    """Per chip, the ``verify_mask`` entries of the layers it holds; a layer split over chips
+    by output columns gets, on each, the columns of its part."""
+    if verify_mask is None:
+        return [None] * len(part.programs)
+    out: list[dict[str, np.ndarray] | None] = []
+    found = set()
+    for program in part.programs:
+        masks = {}
+        for layer in program.layers:
+            whole = _PART.match(layer.name)
+            name = whole["layer"] if whole and layer.name not in verify_mask else layer.name
+            if name not in verify_mask:
+                continue
+            mask = np.asarray(verify_mask[name], dtype=bool)
+            if name != layer.name:
+                if mask.ndim != 2 or mask.shape[1] < int(whole["stop"]):
+                    raise InvalidArgument(f"verify_mask for layer '{name}' has shape {mask.shape}; its parts "
+                                          f"reach column {whole['stop']}")
+                mask = mask[:, int(whole["start"]):int(whole["stop"])]
+            masks[layer.name] = mask
+            found.add(name)
+        out.append(masks)
+    unknown = set(verify_mask) - found
+    if unknown:
+        raise InvalidArgument(f"program has no verify_mask layer(s) {', '.join(sorted(unknown))}")
+    return out
+
+
 def load_multichip(lowered: Lowering, model: onnx.ModelProto, urls: list[str], *, policy: str,
                    verify_mask: dict[str, np.ndarray] | None, timeout: float) -> MultiChipSession:
     """Open the chips at ``urls``, split the lowered model over them, program each and return the session."""
@@ -139,16 +175,11 @@ def load_multichip(lowered: Lowering, model: onnx.ModelProto, urls: list[str], *
         part = partition(lowered, model, target, chips=len(devices))
         if len(part) < len(devices):
             log.info("the model fills %d of the %d chips given; the others stay idle", len(part), len(devices))
-        held = {layer.name for p in part.programs for layer in p.layers}
-        unknown = set(verify_mask or {}) - held
-        if unknown:
-            raise InvalidArgument(f"program has no verify_mask layer(s) {', '.join(sorted(unknown))}")
+        masks = stage_masks(part, verify_mask)
         used = devices[:len(part)]
 
         def program(k: int) -> WriteStats:
-            names = {layer.name for layer in part.programs[k].layers}
-            mask = None if verify_mask is None else {n: m for n, m in verify_mask.items() if n in names}
-            return deploy(used[k], part.programs[k], verify=policy == "write-verify", verify_mask=mask)
+            return deploy(used[k], part.programs[k], verify=policy == "write-verify", verify_mask=masks[k])
 
         with ThreadPoolExecutor(len(used), thread_name_prefix="nvcim-deploy") as pool:
             stats = WriteStats()

@@ -192,3 +192,20 @@ def test_a_layer_bigger_than_a_chip_is_cut_by_output_columns():
         env.update(zip(gives, reference.run(program, [env[name] for name in takes])))
     whole, = reference.run(compile_model(model, Target(arrays=16)), [x])
     np.testing.assert_allclose(env[part.model_outputs[0]], whole, rtol=0, atol=1e-5 * float(np.abs(whole).max()))
+
+
+def test_verify_mask_of_a_split_layer_goes_to_its_parts():
+    from nvcim.driver.multichip import stage_masks
+
+    rng = np.random.default_rng(4)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "wide",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 256])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 512])],
+                              [numpy_helper.from_array(rng.standard_normal((256, 512)).astype(np.float32), "W")])
+    part = partition(*lower_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                                    ir_version=8)), SMALL)
+    mask = rng.random((256, 512)) < 0.5
+    routed = stage_masks(part, {"W": mask})
+    assert len(part) == 4 and [list(m) for m in routed] == [[f"W#cols{a}:{a + 128}"] for a in range(0, 512, 128)]
+    parts = [m[f"W#cols{a}:{a + 128}"] for m, a in zip(routed, range(0, 512, 128))]
+    np.testing.assert_array_equal(np.concatenate(parts, axis=1), mask)
