@@ -93,14 +93,14 @@ def plan(lo: Lowering, target, quantized: dict[str, Quantized], budget: int | No
     slices = target.weight_bits // target.cell_bits
     fresh = Placer(target.rows, target.cols, slices)
     blocks = _tile_blocks(lo, quantized, fresh) if blocks is None else blocks
-    home: dict[str, int] = {}
+    home: dict[str, set[int]] = {}  # layer -> the chips whose base program holds it
     stages = [Stage(placer=_copy(fresh))]
     if bases is not None:
         stages = []
         for k, base in enumerate(bases):
             placer = _copy(fresh)
             for layer in base.layers:
-                home.setdefault(layer.name, k)
+                home.setdefault(layer.name, set()).add(k)
                 for tile in layer.tiles:
                     placer.reserve(tile)
             stages.append(Stage(placer=placer))
@@ -108,15 +108,16 @@ def plan(lo: Lowering, target, quantized: dict[str, Quantized], budget: int | No
     for index, ins in enumerate(lo.instructions):
         names = instruction_layers(lo, ins)
         pinned = [home[n] for n in names if n in home]
-        if bases is not None and pinned:
-            if min(pinned) < current or len(set(pinned)) > 1:
+        if pinned:
+            chips = [k for k in set.intersection(*pinned) if k >= current]
+            if not chips:
                 raise CapacityError(f"{lo.source}: instruction '{ins.name}' reads layers the base programs hold on "
-                                    f"chips {sorted(set(pinned))}, out of stage order (stage {current} reached); "
-                                    f"partition the model again without bases")
-            current = pinned[0]
+                                    f"chips {sorted(set.union(*pinned))}, none of them at or after stage {current} "
+                                    f"holding them all; partition the model again without bases")
+            current = min(chips)
         stage = stages[current]
         new = [n for n in names if n not in stage.layers]
-        unplaced = [n for n in new if not (bases is not None and home.get(n) == current)]
+        unplaced = [n for n in new if current not in home.get(n, ())]
         tiles = [t for n in unplaced for t in blocks[n]]
         placed = _fits(stage.placer, tiles, budget)
         if placed is None and bases is None and stage.layers:
