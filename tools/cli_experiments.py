@@ -124,15 +124,19 @@ def nft_cmd(variant, arch, width, epochs, stop_fraction, lr, sigma_train, beta, 
 @click.option("--scheduler", default="local", show_default=True,
               help="'local' (a Dask LocalCluster), 'serial', or a running cluster's tcp://HOST:PORT.")
 @click.option("--workers", type=int, default=2, show_default=True, help="Workers of the local cluster.")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("out/experiments"), show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("out/experiments"), show_default=True,
+              help="Folder of the tables, rows and plots.")
+@click.option("--cache", type=click.Path(path_type=Path), default=None,
+              help="Folder of the trained backbones [default: OUT/backbones].")
 @_clear_errors
 def experiment(name, model, width, data, seeds, sigmas, sigma, epochs, budgets, smoke, scheduler, workers,
-               out) -> None:
+               out, cache) -> None:
     """Regenerate one of the papers' comparisons on emulated chips: table (.md), rows (.json), plot (.png)."""
     from .experiments import ExperimentConfig, run_experiment
 
     settings = dict(model=model, width=width, data=data, seeds=_seeds(seeds), sigmas=_floats(sigmas), sigma=sigma,
-                    epochs=epochs, budgets=_floats(budgets), scheduler=scheduler, workers=workers, out=out)
+                    epochs=epochs, budgets=_floats(budgets), scheduler=scheduler, workers=workers, out=out,
+                    cache=cache)
     if smoke:
         defaults = ExperimentConfig()
         cfg = ExperimentConfig.smoke(**{k: v for k, v in settings.items() if v != getattr(defaults, k)})

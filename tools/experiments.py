@@ -59,6 +59,7 @@ class ExperimentConfig:
     scheduler: str = "local"
     workers: int = 2
     out: Path = Path("out/experiments")
+    cache: Path | None = None                        # trained backbones [default: <out>/backbones]
 
     @classmethod
     def smoke(cls, **overrides) -> ExperimentConfig:
@@ -104,7 +105,7 @@ class Backbones:
 
     def __init__(self, cfg: ExperimentConfig, log: Callable[[str], None]):
         self.cfg, self.log = cfg, log
-        self.root = cfg.out / "backbones"
+        self.root = cfg.cache or cfg.out / "backbones"
 
     def _key(self, kind: str, sigma_train: float, device_model: str) -> str:
         c = self.cfg

@@ -61,6 +61,7 @@ class ChipRow:
     tsb_seconds: float
     identical: bool
     backbone_cells: int
+    deploy_pulses: int = 0             # the open-loop deploy before the TSB: part of the method's cost
     aged: float | None = None          # with TSB, after cfg.age_s seconds of drift
 
 
@@ -140,12 +141,13 @@ def _one_chip(cfg: FlowConfig, dev: driver.Device, tag: str, seed, data: dataset
                      tsb=DeviceSettings(cfg.tsb.sigma_verified))
     echo(f"chip {tag} (sigma={settings['sigma']:.3f}, seed {settings['seed']}): deployed {cost.cells} cells open loop; "
          f"accuracy {deployed:.2%} -> with TSB {with_tsb:.2%} (TSB trained in {trained.seconds:.1f} s; "
-         f"{report.cost.write_pulses} pulses vs {report.full_verify.write_pulses} for a full write-verify; "
+         f"{cost.write_pulses} open-loop + {report.cost.write_pulses} TSB = "
+         f"{cost.write_pulses + report.cost.write_pulses} pulses vs {report.full_verify.write_pulses} for a full write-verify; "
          f"{report.backbone_cells} backbone cells bit-identical)"
          + (f"; after {format_age(cfg.age_s)} of drift {aged:.2%}" if aged is not None else ""))
     return ChipRow(seed, deployed, with_tsb, mc, report.verified_fraction, report.cost.write_pulses,
                    report.full_verify.write_pulses, report.cost.busy_ns, report.full_verify.busy_ns,
-                   trained.seconds, report.identical, report.backbone_cells, aged)
+                   trained.seconds, report.identical, report.backbone_cells, cost.write_pulses, aged)
 
 
 def _summary(cfg: FlowConfig, data, ideal: float, deployed_mc: MonteCarlo, trained, b_weights: int,
@@ -161,7 +163,8 @@ def _summary(cfg: FlowConfig, data, ideal: float, deployed_mc: MonteCarlo, train
         chips=[dict(seed=r.seed, deployed=r.deployed, tsb=r.tsb, gap_deployed=ideal - r.deployed, gap_tsb=ideal - r.tsb,
                     gap_ratio=_ratio(ideal - r.tsb, ideal - r.deployed),
                     tsb_mc=dict(mean=r.tsb_mc.mean, ci95=r.tsb_mc.ci95, spread95=r.tsb_mc.spread95),
-                    verified_fraction=r.verified_fraction, tsb_pulses=r.tsb_pulses, full_verify_pulses=r.full_pulses,
+                    verified_fraction=r.verified_fraction, tsb_pulses=r.tsb_pulses, deploy_pulses=r.deploy_pulses,
+                    total_pulses=r.deploy_pulses + r.tsb_pulses, full_verify_pulses=r.full_pulses,
                     tsb_busy_ns=r.tsb_busy_ns, full_verify_busy_ns=r.full_busy_ns, tsb_seconds=r.tsb_seconds,
                     backbone_identical=r.identical, backbone_cells=r.backbone_cells, tsb_aged=r.aged) for r in rows],
         mean_gap_deployed=float(gaps_d.mean()), mean_gap_tsb=float(gaps_t.mean()),
@@ -178,24 +181,29 @@ def summary_table(s: dict) -> list[str]:
     lines = ["", f"TSB flow: {s['model']} (width {s['width']}) on {s['data']}, chips sigma={s['sigma']} "
                  f"{s['device_model']}, ideal (8-bit, sigma=0) accuracy {s['ideal']:.2%}",
              f"{'chip':>6} {'ideal':>7} {'deployed':>9} {'with TSB':>9} {'TSB MC (95% CI)':>22} {'gap ratio':>9} "
-             f"{'verified':>9} {'TSB pulses':>10} {'full WV':>8} {'TSB train':>9} {'backbone':>9}"]
+             f"{'verified':>9} {'pulses (deploy+TSB)':>19} {'full WV':>8} {'TSB train':>9} {'backbone':>9}"]
     for c in s["chips"]:
         lo, hi = c["tsb_mc"]["ci95"]
         lines.append(f"{c['seed']:>6} {s['ideal']:>7.2%} {c['deployed']:>9.2%} {c['tsb']:>9.2%} "
                      f"{c['tsb_mc']['mean']:>8.2%} ({lo:.1%}..{hi:.1%}) {c['gap_ratio']:>9.3f} "
-                     f"{c['verified_fraction']:>9.2%} {c['tsb_pulses']:>10} {c['full_verify_pulses']:>8} "
+                     f"{c['verified_fraction']:>9.2%} {c['deploy_pulses']:>8}+{c['tsb_pulses']:<10} "
+                     f"{c['full_verify_pulses']:>8} "
                      f"{c['tsb_seconds']:>8.1f}s {'identical' if c['backbone_identical'] else 'CHANGED':>9}")
     chips = s["chips"]
     mean = lambda k: float(np.mean([c[k] for c in chips]))  # noqa: E731
     lines.append(f"{'mean':>6} {s['ideal']:>7.2%} {mean('deployed'):>9.2%} {mean('tsb'):>9.2%} "
                  f"{float(np.mean([c['tsb_mc']['mean'] for c in chips])):>8.2%} {'':>16} {s['gap_ratio']:>9.3f} "
-                 f"{mean('verified_fraction'):>9.2%} {mean('tsb_pulses'):>10.0f} {mean('full_verify_pulses'):>8.0f} "
+                 f"{mean('verified_fraction'):>9.2%} {mean('deploy_pulses'):>8.0f}+{mean('tsb_pulses'):<10.0f} "
+                 f"{mean('full_verify_pulses'):>8.0f} "
                  f"{mean('tsb_seconds'):>8.1f}s")
     d = s["deployed_mc"]
     lines += ["",
               f"accuracy gap (ideal - on chip), mean over {len(chips)} chip(s): deployed backbone "
               f"{s['mean_gap_deployed']:.2%}, with TSB {s['mean_gap_tsb']:.2%}: gap ratio {s['gap_ratio']:.3f} "
               f"({1 / s['gap_ratio'] if s['gap_ratio'] > 0 else float('inf'):.1f}x smaller)",
+              f"write pulses in all: {mean('total_pulses'):,.0f} per chip (open-loop deploy "
+              f"{mean('deploy_pulses'):,.0f} + TSB {mean('tsb_pulses'):,.0f}) against {mean('full_verify_pulses'):,.0f} for a full write-verify "
+              f"({mean('full_verify_pulses') / mean('total_pulses'):.2f}x)",
               f"deployed backbone over {d['draws']} simulated chips: {d['mean']:.2%} "
               f"(95% CI {d['ci95'][0]:.2%}..{d['ci95'][1]:.2%}; 95% of chips in {d['spread95'][0]:.1%}..{d['spread95'][1]:.1%})",
               f"training time: backbone {s['backbone_seconds']:.1f} s ({s['backbone_epochs']} of a {s['plan_epochs']}-epoch "
