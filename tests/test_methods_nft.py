@@ -44,29 +44,24 @@ def test_ovf_loss_is_the_papers_formula():
     torch.testing.assert_close(loss, expected)
 
 
-def test_irs_feedback_shapes_the_backbone_not_its_heads():
+def test_irs_loss_is_the_papers_formula_over_block_end_snapshots():
     torch.manual_seed(0)
     model = build("lenet3", 1, 10)
     irs = IRS(model, beta=0.5)
     assert len(irs.heads) == 2
     x, y = torch.rand(8, 1, 28, 28), torch.arange(8) % 10
     params = dict(model.named_parameters())
-    loss, _ = irs.loss(model, {n: params[n] for n in model.weight_names()}, x, y, torch.Generator())
-    loss.backward()
-    head_grads = [p.grad.clone() for p in irs.parameters()]
-    # the heads' gradient is that of their own cross-entropy alone
-    for p in irs.parameters():
-        p.grad = None
-    feats = []
-    hooks = [dict(model.named_modules())[m].register_forward_hook(lambda m, i, o: feats.append(o.detach()))
-             for m in ("bn1", "bn2")]
-    model(x)
-    for h in hooks:
-        h.remove()
-    sum(torch.nn.functional.cross_entropy(h(f), y) for h, f in zip(irs.heads, feats)).backward()
-    for a, p in zip(head_grads, irs.parameters()):
-        torch.testing.assert_close(a, p.grad)
-    assert model.conv1.weight.grad.abs().sum() > 0
+    weights = {n: params[n] for n in model.weight_names()}
+    loss, out = irs.loss(model, weights, x, y, torch.Generator())
+
+    # by hand: the features after each conv block, through the heads, gamma_n = 10^(1 - n), a = 1 / 3
+    f1 = model.conv1(x)
+    f2 = model.conv2(torch.nn.functional.max_pool2d(torch.relu(f1), 2))
+    feedback = irs.heads[0](f1) + 0.1 * irs.heads[1](f2)
+    expected = torch.nn.functional.cross_entropy(model(x) / 3 - 0.5 * feedback / 3, y)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()  # one loss trains the backbone and the heads together (Algorithm 2)
+    assert model.conv1.weight.grad.abs().sum() > 0 and all(p.grad is not None for p in irs.parameters())
 
 
 def test_nft_backbones_deploy_with_and_without_a_tsb(data, tmp_path):

@@ -18,6 +18,7 @@ stopped, NFT) is the caller's choice: every method takes any backbone ONNX file.
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -78,11 +79,25 @@ def retrain_method(which: str) -> Callable[..., Outcome]:
     return run
 
 
+_SCORES: dict[tuple, dict] = {}
+
+
+def _scores(backbone: Path, rule: str, data: Split, seed: int) -> dict:
+    """Selection scores, kept per process for the same backbone, rule, data and seed (a sweep reuses them)."""
+    key = (hashlib.sha256(backbone.read_bytes()).hexdigest(), rule, seed,
+           hashlib.sha256(data.x_train.tobytes() + data.y_train.tobytes()).hexdigest())
+    if key not in _SCORES:
+        if len(_SCORES) >= 8:
+            _SCORES.pop(next(iter(_SCORES)))
+        model, _ = load_deploy(backbone)
+        _SCORES[key] = scores(model, rule, data.x_train, data.y_train, seed=seed)
+    return _SCORES[key]
+
+
 def selective(dev: driver.Device, backbone: Path, data: Split, workdir: Path, rule: str = "uswim",
               budget: float = 0.01, seed: int = 0) -> Outcome:
     """Open loop except the ``budget`` fraction of weights ``rule`` ranks first, which are write-verified."""
-    model, _ = load_deploy(backbone)
-    chosen = select(scores(model, rule, data.x_train, data.y_train, seed=seed), budget)
+    chosen = select(_scores(backbone, rule, data, seed), budget)
     masks = verify_masks(backbone, chosen)
     program = compile_for(dev, backbone)
     before = dev.counters()

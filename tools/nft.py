@@ -12,10 +12,9 @@ where O_backbone is the noisy forward pass and Out_1..Out_N are deliberately wor
 * IRS (intermediate representation snapshot): N snapshot classifiers read the features at
   the ends of blocks (LeNet-3: both convs; VGG-8: the end of its first three stages;
   ResNet-18: the end of its first three stages); gamma_n = 10^(1 - n): the earliest weighs
-  most. A head is average pooling to 2 x 2, FC to 64, ReLU, FC to the classes. The heads
-  learn to classify from their own cross-entropy on detached features; the feedback term
-  uses them with their weights detached, so it shapes only the backbone. They exist for
-  training only and are never exported.
+  most. A head is average pooling to 2 x 2, FC to 64, ReLU, FC to the classes. As in the
+  paper's Algorithm 2 the heads train with the backbone on the one combined loss (they read
+  the noisy forward pass's features); they exist for training only and are never exported.
 
 The result is an ordinary backbone: deploy it as it is, or put a TSB on it (tools/methods.py).
 """
@@ -108,11 +107,9 @@ class IRS:
         finally:
             self._active = False
         feats, self._features = self._features, []
-        frozen = [{k: v.detach() for k, v in h.named_parameters()} for h in self.heads]
-        feedback = [functional_call(h, p, (f,)) for h, p, f in zip(self.heads, frozen, feats)]
+        feedback = [h(f) for h, f in zip(self.heads, feats)]
         gammas = [10.0 ** (1 - k) for k in range(1, len(feedback) + 1)]
-        heads_own = sum(torch.nn.functional.cross_entropy(h(f.detach()), y) for h, f in zip(self.heads, feats))
-        return torch.nn.functional.cross_entropy(_combine(out, feedback, gammas, self.beta), y) + heads_own, out
+        return torch.nn.functional.cross_entropy(_combine(out, feedback, gammas, self.beta), y), out
 
 
 def objective(variant: str, cfg: TrainConfig, beta: float = 1e-2) -> Callable[[Net], Objective]:
