@@ -59,6 +59,9 @@ def test_retrain_reflashes_only_its_layers_and_counts_the_deploy(data, backbone,
     layers = run_method("retrain-last-layers", backbone, CHIP, data, epochs=1)
     assert layers.params["layers"] == ["conv2.weight", "fc.weight"] and layers.verified_weights == 450 + 4900
     assert last.train_seconds > 0
+    open_loop = run_method("retrain-last", backbone, CHIP, data, epochs=1, verify=False)
+    reflash = open_loop.stages["reflash"]
+    assert open_loop.verified_weights == 0 and reflash.write_pulses == reflash.cells > 0  # one pulse a cell
 
     # the conv layers' cells stay exactly as the open-loop deploy left them
     from nvcim.tools.baselines import RetrainConfig, reflash_layers, retrained_model

@@ -3,8 +3,9 @@
 The backbone is deployed open loop, the chip's noise dump is fetched, and the chosen
 layers (the paper's per-model choice, ``RETRAINED``) are fine-tuned with every other
 weight held at what the chip holds (w_q + its captured noise). The retrained layers are
-then written again with write-verify, so during training they see fresh noise of
-verified devices (sigma ~ 0.03) every step, as the TSB does. Only their cells are
+then written again, with write-verify by default, so during training they see fresh
+noise of verified devices (sigma ~ 0.03) every step, as the TSB does; written open loop
+instead (``verify=False``), they see the chip's own device noise. Only their cells are
 touched; every other layer keeps its tiles and cells (incremental compile on the chip's
 own program).
 """
@@ -43,7 +44,8 @@ class RetrainConfig:
     epochs: int = 10
     lr: float = 1e-3
     batch: int = 64
-    sigma_verified: float = 0.03   # the retrained layers are written with write-verify
+    sigma_verified: float = 0.03   # noise of the retrained layers while training (written with write-verify)
+    device_model: str = "GAUSSIAN"  # ... and its device model (the chip's, when they are written open loop)
     seed: int = 0
 
 
@@ -70,7 +72,7 @@ def retrain(model: Net, fixed: dict[str, torch.Tensor], names: list[str], data: 
         p.requires_grad_(True)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    device = DeviceSettings(cfg.sigma_verified)
+    device = DeviceSettings(cfg.sigma_verified, cfg.device_model)
     opt = torch.optim.Adam(trained, lr=cfg.lr)
     held = {k: v for k, v in fixed.items() if k not in names}
     xt, yt = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
@@ -86,15 +88,15 @@ def retrain(model: Net, fixed: dict[str, torch.Tensor], names: list[str], data: 
 
 
 def reflash_layers(device: driver.Device, onnx_path: str | Path, dump: NoiseDump,
-                   names: list[str]) -> tuple[object, Cost, int]:
-    """Write the layers holding weights ``names`` of ``onnx_path`` with write-verify; leave every other layer's
-    tiles and cells as the chip holds them. Returns (program, cost, weights written)."""
+                   names: list[str], verify: bool = True) -> tuple[object, Cost, int]:
+    """Write the layers holding weights ``names`` of ``onnx_path`` (with write-verify, or open loop); leave
+    every other layer's tiles and cells as the chip holds them. Returns (program, cost, weights written)."""
     chip_program = program_on_chip(device)
     keep = {layer for layer, src in dump.layers.items() if src not in names}
     program = compile_for(device, onnx_path, base=program_subset(chip_program, keep))
     layers = {layer.name for layer in program.layers if layer.name not in keep}
     before = device.counters()
-    stats = driver.deploy(device, program, verify=True, layers=layers)
+    stats = driver.deploy(device, program, verify=verify, layers=layers)
     written = sum(layer.in_features * layer.out_features for layer in program.layers if layer.name in layers)
     return program, Cost.between(before, device.counters(), stats), written
 

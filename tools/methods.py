@@ -3,6 +3,7 @@
     deployed             the backbone programmed open loop (one pulse a cell), used as is
     write-verify         every cell written with write-verify
     retrain-last         open loop, retrain the last layer on the chip's noise, reflash it verified
+                         (verify=False: reflash it open loop)
     retrain-last-layers  the same with the paper's last layers (tools/baselines.py)
     selective            open loop except a budget fraction of weights, verified; chosen by
                          rule = uswim | magnitude | random (tools/selective.py)
@@ -65,16 +66,18 @@ def write_verify(dev: driver.Device, backbone: Path, data: Split, workdir: Path)
 def retrain_method(which: str) -> Callable[..., Outcome]:
     """The baseline retraining ``which`` ("last" or "last-layers") on the chip's own noise dump."""
     def run(dev: driver.Device, backbone: Path, data: Split, workdir: Path, epochs: int = 10, lr: float = 1e-3,
-            seed: int = 0) -> Outcome:
+            verify: bool = True, seed: int = 0) -> Outcome:
         program, deploy_cost = deploy_backbone(dev, backbone)
         dump = fetch_noise(dev, backbone)
-        onnx_path, names, seconds = retrained_model(backbone, dump, which, data,
-                                                    RetrainConfig(epochs=epochs, lr=lr, seed=seed),
+        cfg = RetrainConfig(epochs=epochs, lr=lr, seed=seed)
+        if not verify:  # the retrained layers land with the chip's own variation
+            cfg.sigma_verified, cfg.device_model = dump.chip["sigma"], dump.chip["device_model"]
+        onnx_path, names, seconds = retrained_model(backbone, dump, which, data, cfg,
                                                     workdir / f"retrained-{which}.onnx")
-        program, cost, written = reflash_layers(dev, onnx_path, dump, names)
+        program, cost, written = reflash_layers(dev, onnx_path, dump, names, verify=verify)
         acc = chip_accuracy(dev, program, data.x_test, data.y_test)
-        return Outcome(f"retrain-{which}", dict(epochs=epochs, lr=lr, layers=names), None, acc,
-                       _ideal(backbone, data), written, _weights(program), seconds,
+        return Outcome(f"retrain-{which}", dict(epochs=epochs, lr=lr, layers=names, verify=verify), None, acc,
+                       _ideal(backbone, data), written if verify else 0, _weights(program), seconds,
                        {"deploy": deploy_cost, "reflash": cost})
     return run
 
