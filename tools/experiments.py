@@ -405,7 +405,7 @@ def tsb_ablation(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> d
     data = cfg.data_spec.load()
     net = build(cfg.model, data.image_shape[0], data.num_classes, image=cfg.image_size, width=cfg.width)
     c0, points = default_tsb_width(cfg.model, cfg.width), len(net.tsb_shapes)
-    widths = sorted({max(1, c0 // 4), max(1, c0 // 2), c0, c0 * 2})
+    widths = sorted({max(1, c0 // 2), c0, c0 * 2})
     variants = [dict(c=c, label=f"c={c}, all points, common") for c in widths]
     variants += [dict(c=c0, points=[p], label=f"c={c0}, point {p} only") for p in range(points)]
     if points > 2:
@@ -507,8 +507,8 @@ def write_cycles(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> d
 
 @experiment("nft")
 def nft(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> dict:
-    """Backbones trained with noise injection, NFT OVF and NFT IRS at ``cfg.sigma``, across chip sigma,
-    deployed as they are and with a TSB."""
+    """Backbones trained with noise injection, NFT OVF and NFT IRS at ``cfg.sigma``, deployed as they are
+    across chip sigma, and with a TSB at ``cfg.sigma``."""
     store = Backbones(cfg, log)
     backbones = {k: store.get(k, cfg.sigma, 1.0) for k in ("ni", "ovf", "irs")}
     names = {"ni": "noise injection", "ovf": "NFT OVF", "irs": "NFT IRS"}
@@ -517,8 +517,9 @@ def nft(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> dict:
         for sigma in cfg.sigmas:
             for s in cfg.seeds:
                 chip = ChipSpec(sigma, s)
-                tasks += [Task.of("deployed", chip, b.name, label=f"{names[kind]}, deployed"),
-                          Task.of("tsb", chip, b.name, epochs=cfg.tsb_epochs, label=f"{names[kind]} + TSB")]
+                tasks.append(Task.of("deployed", chip, b.name, label=f"{names[kind]}, deployed"))
+                if sigma == cfg.sigma:
+                    tasks.append(Task.of("tsb", chip, b.name, epochs=cfg.tsb_epochs, label=f"{names[kind]} + TSB"))
     rows = _grid(cfg, tasks, {b.name: b for b in backbones.values()}, log)
     labels = list(dict.fromkeys(r["label"] for r in rows))
     acc = summarise(rows, ("label", "sigma"), "accuracy")
@@ -528,12 +529,14 @@ def nft(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> dict:
              + "; host training: " + ", ".join(f"{names[k]} {b.seconds:.0f} s" for k, b in backbones.items()) + ".", "",
              "| backbone | " + " | ".join(f"sigma {s:g}" for s in cfg.sigmas) + " |",
              "|---|" + "---:|" * len(cfg.sigmas)]
-    table += [f"| {lab} | " + " | ".join(_pct(acc[(lab, s)]) for s in cfg.sigmas) + " |" for lab in labels]
+    table += [f"| {lab} | " + " | ".join(_pct(acc[(lab, s)]) if (lab, s) in acc else "" for s in cfg.sigmas) + " |"
+              for lab in labels]
     fig, (ax,) = _figure()
     for lab in labels:
-        m = np.array([acc[(lab, s)][:3] for s in cfg.sigmas])
-        ax.errorbar(cfg.sigmas, 100 * m[:, 0], yerr=100 * np.abs(m[:, 1:].T - m[:, 0]), capsize=3,
-                    fmt="o--" if "TSB" in lab else "o-", label=lab)
+        sig = [s for s in cfg.sigmas if (lab, s) in acc]
+        m = np.array([acc[(lab, s)][:3] for s in sig])
+        ax.errorbar(sig, 100 * m[:, 0], yerr=100 * np.abs(m[:, 1:].T - m[:, 0]), capsize=3,
+                    fmt="D" if "TSB" in lab else "o-", ms=7 if "TSB" in lab else 5, label=lab)
     ax.set_xlabel("device sigma of the chip (fraction of g_max)")
     ax.set_ylabel("accuracy on the chip (%)")
     ax.set_title(f"NFT vs noise injection, {cfg.model} / {cfg.data} (trained at sigma {cfg.sigma:g})")

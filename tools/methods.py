@@ -27,7 +27,7 @@ from pathlib import Path
 from nvcim import driver
 
 from .baselines import RetrainConfig, reflash_layers, retrained_model
-from .chip import Cost, FlowError, chip_accuracy, compile_for, deploy_backbone, fetch_noise, flash_tsb
+from .chip import Cost, FlowError, chip_accuracy, chip_settings, compile_for, deploy_backbone, fetch_noise, flash_tsb
 from .datasets import Split
 from .evaluate import accuracy, quantized_params
 from .onnx_io import export, load_deploy
@@ -154,8 +154,6 @@ def run_method(name: str, backbone: str | Path, chip: ChipSpec | str, data: Spli
         with driver.open(url) as dev:
             outcome = METHODS[name](dev, Path(backbone), data, wd, **params)
             if not isinstance(chip, ChipSpec):
-                from .chip import chip_settings
-
                 s = chip_settings(dev)
                 chip = ChipSpec(round(s["sigma"], 6), s["seed"], s["device_model"])
     outcome.chip = chip
