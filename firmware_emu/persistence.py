@@ -35,7 +35,9 @@ def power_up(chip_class: type[Chip], path: str, explicit: dict) -> Chip:
     """
     image = NvmImage(path)
     if not image.exists():
-        chip = chip_class(ChipConfig(**explicit), image)
+        config = ChipConfig(**explicit)
+        # the unique-ID fuse is burnt with the image: later seed options do not change it
+        chip = chip_class(dataclasses.replace(config, uid=config.unique_id), image)
         commit(chip, set(), program_changed=False)
         return chip
     state = image.load()
@@ -44,10 +46,11 @@ def power_up(chip_class: type[Chip], path: str, explicit: dict) -> Chip:
         stored = ChipConfig.from_dict(state.config)
     except (TypeError, ValueError, KeyError) as e:
         raise ImageError(f"{manifest}: stored chip configuration is not usable ({e})") from None
-    clash = [f"{k}={explicit[k]} (image has {getattr(stored, k)})" for k in GEOMETRY_FIELDS
+    stored = dataclasses.replace(stored, uid=stored.unique_id)  # an image from before the fuse: burn it now
+    clash = [f"{k}={explicit[k]} (image has {getattr(stored, k)})" for k in (*GEOMETRY_FIELDS, "uid")
              if k in explicit and explicit[k] != getattr(stored, k)]
     if clash:
-        raise ValueError(f"image {path} was made for another chip geometry: {', '.join(clash)}")
+        raise ValueError(f"image {path} was made for another chip geometry or ID: {', '.join(clash)}")
     config = dataclasses.replace(stored, **explicit)
     _check_fits(state, stored, manifest)
     program = None

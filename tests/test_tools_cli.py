@@ -37,7 +37,8 @@ def test_step_by_step_on_a_chip_image(tmp_path):
     _ok(runner, ["noise", "fetch", bb, "--device", other, "-o", tmp_path / "other.npz"])
     bad = runner.invoke(main, ["tsb", "flash", str(bb), str(tsb), "--noise", str(tmp_path / "other.npz"),
                                "--device", chip])
-    assert bad.exit_code == 1 and "comes from another chip: seed=3 (noise file: 4)" in bad.output
+    assert bad.exit_code == 1 and "comes from another chip: unique_id=" in bad.output \
+        and "seed=3 (noise file: 4)" in bad.output
     bad = runner.invoke(main, ["eval", str(tsb), "--no-chip", "--draws", 3])
     assert bad.exit_code == 1 and "pass the noise file it was trained on" in bad.output
     bad = runner.invoke(main, ["deploy", str(tmp_path / "missing.onnx"), "--device", chip])

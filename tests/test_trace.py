@@ -81,9 +81,13 @@ def test_replay_matches_the_same_chip_and_names_the_first_difference(tmp_path):
         _session(dev)
     same = replay(path, serial.serial_for_url(SMALL))
     assert same.difference is None and same.requests == 9  # the STATUS read after the refusal included
-    other = replay(path, serial.serial_for_url(SMALL.replace("seed=3", "seed=4")))
+    another_board = replay(path, serial.serial_for_url(SMALL.replace("seed=3", "seed=4"))).difference
+    assert another_board is not None and another_board.request.startswith("IDENTIFY")  # its unique ID differs
+    with driver.open(SMALL) as dev:
+        uid = dev.identity.unique_id
+    other = replay(path, serial.serial_for_url(SMALL.replace("seed=3", f"seed=4&uid={uid}")))
     diff = other.difference
-    # the seed shows first in the cells written: the CELLS_WRITE reply's pulse counts, or the read-back
+    # the same board reseeded: the seed shows first in the cells written (pulse counts, or the read-back)
     assert diff is not None and diff.request.startswith(("CELLS_WRITE", "BUF_READ"))
     lines = path.read_text().splitlines()
     assert json.loads(lines[diff.line - 1])["cmd"] == diff.request.split()[0]

@@ -119,7 +119,7 @@ def test_bad_inputs_are_clear_errors(data, backbone, tmp_path):
         model, fixed, _ = load_for_training(backbone, tmp_path / "mine.npz", 5)
         tsb_path = export(model, tmp_path / "tsb.onnx", role="tsb")
 
-        with pytest.raises(FlowError, match="comes from another chip: seed=7 .noise file: 8."):
+        with pytest.raises(FlowError, match="comes from another chip: unique_id=.*, seed=7 .noise file: 8."):
             flash_tsb(dev, backbone, tsb_path, NoiseDump.load(tmp_path / "chip8.npz"))
         with pytest.raises(FlowError, match="captured from another model"):
             load_for_training(other_model, tmp_path / "mine.npz", 5)

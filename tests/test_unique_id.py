@@ -33,11 +33,15 @@ def test_the_id_is_a_fuse_writing_seed_or_resetting_does_not_change_it():
         assert _uid_registers(dev) == uid
 
 
-def test_an_image_keeps_its_chip_id_across_power_cycles(tmp_path):
+def test_an_image_keeps_its_chip_id_across_power_cycles_and_seed_options(tmp_path):
     with driver.open(f"emu://?image={tmp_path / 'chip'}&seed=3") as dev:
         uid = dev.identity.unique_id
     with driver.open(f"emu://?image={tmp_path / 'chip'}") as dev:
         assert dev.identity.unique_id == uid
+    with driver.open(f"emu://?image={tmp_path / 'chip'}&seed=9") as dev:  # another seed: the same chip
+        assert dev.identity.unique_id == uid and dev.read_register("SEED") == 9
+    with pytest.raises(Exception, match="uid"):  # a fuse cannot be set again
+        driver.open(f"emu://?image={tmp_path / 'chip'}&uid=5")
 
 
 def test_an_explicit_uid_option_sets_the_fuse_and_a_bad_one_is_refused():
