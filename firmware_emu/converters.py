@@ -188,6 +188,8 @@ class LayerConverters:
         self.adc_all_finite = bool(finite.all())
         self.adc_any_finite = bool(finite.any())
         self.adc_top = torch.from_numpy(np.where(finite, adc_top, np.float32(np.inf)))
+        tops = np.unique(adc_top[finite])
+        self.adc_levels = float(tops[0]) if self.adc_all_finite and len(tops) == 1 else 0.0
         self.adc_finite = torch.from_numpy(finite)
         self.per_vector = bool((self.dac_fs == 0).any())
         # the outputs: one sum over groups when every group maps its columns to the same outputs
@@ -259,7 +261,9 @@ class LayerConverters:
             else:
                 sums = torch.bmm(u, cells)                                   # ADC input in steps
             adc_top = self.adc_top[g]
-            if self.adc_all_finite:
+            if self.adc_levels:                                               # one resolution everywhere
+                sums.round_().clamp_(-self.adc_levels, self.adc_levels)
+            elif self.adc_all_finite:
                 sums.round_()
                 torch.minimum(sums, adc_top, out=sums)
                 torch.maximum(sums, -adc_top, out=sums)

@@ -1,0 +1,74 @@
+"""The analog datapath's cost: the chip with finite converters and read noise against its
+ideal path and onnxruntime, in one run on the same nets.
+
+LeNet-3 (1x28x28) at batch 256 and VGG-8 (3x32x32, full width) at batch 64, through the
+driver over the in-process link. Prints images/s of onnxruntime on the float model, of
+the chip with ideal converters, and of the chip with 8-bit DACs and ADCs on every array
+plus read noise 0.01 (of g_max), and the converter path's time over the ideal path's
+(issue 11's targets: at most 3x; LeNet-3 >= 15k img/s, VGG-8 >= 60 img/s). Each figure is
+the best of a few timed runs after a warm-up (a burst of other work on a shared machine
+slows whichever run it hits; the best run is what the code does when left alone).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from nvcim import driver
+from nvcim.firmware_emu.contract.registers import Q16
+from nvcim.tools.models import VGG8, LeNet3
+
+READ_NOISE = 0.01
+TARGETS = {"LeNet-3": 15e3, "VGG-8": 60.0}
+
+
+def _export(model: torch.nn.Module, shape: tuple[int, ...], path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model.eval(), (torch.zeros(1, *shape),), str(path), dynamo=False,
+                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+
+
+def _rate(run, x: np.ndarray, repeats: int) -> float:
+    """Images/s of ``run(x)``: the best of ``repeats`` timed runs after one warm-up."""
+    run(x)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run(x)
+        best = min(best, time.perf_counter() - t0)
+    return len(x) / best
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    nets = {"LeNet-3": (LeNet3(), (1, 28, 28), 256, 8), "VGG-8": (VGG8(), (3, 32, 32), 64, 1)}
+    print(f"{'model':<8} {'batch':>5} {'onnxruntime':>12} {'chip ideal':>11} {'chip 8b+noise':>14} "
+          f"{'conv/ideal':>11} {'target':>8}   (img/s; read noise {READ_NOISE} of g_max)")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (model, shape, batch, repeats) in nets.items():
+            path = Path(tmp) / f"{name}.onnx"
+            _export(model, shape, path)
+            x = np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
+            ref = ort.InferenceSession(str(path))
+            onnx_rate = _rate(lambda v, ref=ref: ref.run(None, {"x": v}), x, 2 * repeats)
+            with driver.load(path, device="emu://?sigma=0.3&seed=1&arrays=4096") as sess:
+                run = lambda v: sess.run(None, {"x": v})  # noqa: E731
+                ideal = _rate(run, x, 2 * repeats)
+                sess.device.write_register("ARRAY_CONVERTERS", 8 | 8 << 8)   # ARRAY_SELECT: all arrays
+                sess.device.write_register("READ_NOISE", round(READ_NOISE * Q16))
+                analog = _rate(run, x, repeats)
+            target = TARGETS[name]
+            print(f"{name:<8} {batch:>5} {onnx_rate:>12.0f} {ideal:>11.0f} {analog:>14.1f} {ideal / analog:>11.2f} "
+                  f"{target:>8.0f}   {'met' if analog >= target and ideal / analog <= 3 else 'missed'}")
+
+
+if __name__ == "__main__":
+    main()
