@@ -297,7 +297,8 @@ class FrameReader:
         while True:
             start = buf.find(SYNC, pos)
             if start < 0:
-                keep = len(buf) - 1 if buf.endswith(SYNC[:1]) else len(buf)
+                # a last byte that may start a SYNC is kept, unless a frame just parsed ended in it
+                keep = max(pos, len(buf) - 1) if buf.endswith(SYNC[:1]) else len(buf)
                 self.discarded += keep - pos
                 return out, keep
             self.discarded += start - pos
