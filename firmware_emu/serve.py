@@ -38,6 +38,7 @@ CHUNK = 1 << 16
 MAX_CONNECTIONS = 32          # open connections at once; more are closed at once
 DEFAULT_IDLE_TIMEOUT = 60.0   # seconds
 IDLE_TIMEOUT_RANGE = (0.1, 86400.0)
+GONE_HOLDER_WAIT = 1.0        # seconds a host waits for the request of a holder that hung up to end
 DENIED_REPLIES, DENIED_LINGER = 4, 2.0  # a host without the token: frames answered, seconds waited for one
 
 log = logging.getLogger("nvcim.serve")
@@ -81,8 +82,7 @@ def is_loopback(host: str) -> bool:
 
 
 class _Connection:
-    """One TCP client: its socket, its own frame parser (for the frames it sends while another
-    host holds the chip) and its activity, which the session lock reads."""
+    """One TCP client: its socket and its activity, which the session lock reads."""
 
     def __init__(self, sock: socket.socket, peer: str):
         self.sock, self.peer = sock, peer
@@ -111,7 +111,7 @@ class SessionLock:
     def __init__(self, idle_timeout: float, on_take: Callable[[_Connection], None]):
         self.idle_timeout, self.on_take = idle_timeout, on_take
         self.holder: _Connection | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
 
     def take(self, conn: _Connection) -> bool:
         """True if ``conn`` holds the chip now: it did, or the chip was free, or its holder idle."""
@@ -127,6 +127,7 @@ class SessionLock:
     def leave(self, conn: _Connection) -> None:
         with self._lock:
             conn.in_request, conn.last_active = False, time.monotonic()
+            self._lock.notify_all()
 
     def release(self, conn: _Connection) -> None:
         with self._lock:
@@ -143,9 +144,15 @@ class SessionLock:
                     f"try again later")
 
     def _take(self, conn: _Connection) -> bool:
-        holder, now = self.holder, time.monotonic()
+        holder = self.holder
         if holder is conn:
             return True
+        if holder is not None and holder.in_request and holder.gone():  # its last request is ending: wait for it
+            self._lock.wait_for(lambda: self.holder is not holder or not holder.in_request, GONE_HOLDER_WAIT)
+            holder = self.holder
+            if holder is conn:
+                return True
+        now = time.monotonic()
         if holder is not None:
             if holder.in_request:
                 return False

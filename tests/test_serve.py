@@ -27,7 +27,7 @@ from nvcim.firmware_emu.contract.protocol import BufReadArgs, BufWriteHeader, Co
 from fuzzing import fuzz
 from polling import poll_until
 
-IDLE = 2.0  # the served chip's idle timeout, seconds
+IDLE = 3.0  # the served chip's idle timeout, seconds
 
 
 class Server:
@@ -237,9 +237,11 @@ def _busy(reply) -> bool:
 def _misbehave(server: Server, action: tuple) -> None:
     kind, arg, reset = action
     if kind == "second host":  # while one host holds the chip, another sends a frame: BUSY, nothing else
-        with socket.create_connection(server.address) as holder, socket.create_connection(server.address) as other:
+        with socket.create_connection(server.address) as holder:
             assert not _served(holder, Command.PING, b"mine").is_error
-            reply = _exchange(other, Command.BUF_WRITE, BufWriteHeader.build(dict(offset=KNOWN_AT)) + b"\xee" * 64, arg)
+            with socket.create_connection(server.address) as other:  # only now: the holder is known
+                reply = _exchange(other, Command.BUF_WRITE, BufWriteHeader.build(dict(offset=KNOWN_AT)) + b"\xee" * 64,
+                                  arg)
             assert _busy(reply), reply
         SERVE_TALLY[kind] += 1
         return
