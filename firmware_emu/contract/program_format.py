@@ -21,6 +21,7 @@ Conventions:
 from __future__ import annotations
 
 import math
+import struct
 import zlib
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -312,7 +313,8 @@ def parse_code(code: bytes, header, arrays: int | None = None) -> Program:
                                  f"{CELL_BITS} dividing M <= 32; rows and cols in 1..{MAX_ARRAY_DIM})")
     try:
         c = _CODE.parse(code)
-    except (ConstructError, UnicodeDecodeError) as e:  # a name that is not UTF-8 too
+    # the compiled parser reports running out of bytes as struct.error; a name may not be UTF-8
+    except (ConstructError, struct.error, UnicodeDecodeError, ValueError, OverflowError) as e:
         raise ProgramFormatError(f"code section malformed: {e}") from None
     try:
         instructions = [Instr(Opcode(int(i.op)), i.name, list(i.inputs), list(i.outputs), i.layer,
