@@ -79,9 +79,17 @@ def _lower(proto: onnx.ModelProto, source: str, consts: dict, shared: str, uses:
             lo.tensor(value.name, (-1, *dims[1:]))
     for i, node in enumerate(proto.graph.node):
         lo.node, lo.label = node, frontend.node_label(node, i)
-        frontend.check_attributes(node, f"{source}: node '{lo.label}' ({node.op_type})")
-        lower.check_replicated(lo, node)
-        lower.HANDLERS[node.op_type](lo, node)
+        where = f"{source}: node '{lo.label}' ({node.op_type})"
+        frontend.check_attributes(node, where)
+        try:
+            lower.check_replicated(lo, node)
+            lower.HANDLERS[node.op_type](lo, node)
+        except CompileError:
+            raise
+        except (TypeError, ValueError, IndexError, KeyError, ZeroDivisionError, OverflowError, AttributeError) as e:
+            # an input or attribute of a form the handler does not check for (a tensor where a
+            # scalar belongs, an index past a list): still named by its node, never a traceback
+            raise CompileError(f"{where}: cannot be lowered: {type(e).__name__}: {e}") from None
     return lo
 
 
