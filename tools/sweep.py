@@ -102,6 +102,15 @@ def monte_carlo_chunk(onnx: bytes, data: DataSpec, sigma: float, device_model: s
                        seed=seed).accuracies
 
 
+def _warm_up() -> None:
+    """Import what every task needs once per worker, while the cluster starts (torch, the chip, the optimiser)."""
+    import torch
+
+    from . import methods  # noqa: F401
+
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # its first use imports torch._dynamo
+
+
 @contextlib.contextmanager
 def executor(scheduler: str = "local", workers: int = 2) -> Iterator[Runner]:
     """A ``map(fn, argument tuples) -> results in order`` on the chosen scheduler."""
@@ -120,6 +129,7 @@ def executor(scheduler: str = "local", workers: int = 2) -> Iterator[Runner]:
         cluster, client = None, Client(scheduler, timeout="20s")
     else:
         raise ValueError(f"scheduler {scheduler!r}: expected 'serial', 'local' or a tcp://HOST:PORT address")
+    client.run(_warm_up)
     shared = {}  # scattered once per cluster and kept: a released key scattered again could vanish mid-run
     try:
         def run(fn: Callable, args: list[tuple]) -> list:
