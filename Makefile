@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test fuzz bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# the fuzz tests' long profile (>= 100,000 frames, >= 10,000 program/ONNX/image mutations): docs/reliability.md
+fuzz: $(STAMP)
+	NVCIM_FUZZ=long $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/test_fuzz_frames.py \
+		tests/test_fuzz_program.py tests/test_fuzz_onnx.py tests/test_fuzz_image.py
 
 bench: $(STAMP)
 	for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

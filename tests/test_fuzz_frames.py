@@ -12,6 +12,9 @@ at random points, to a chip holding a small program. Asserted for every piece:
 * a piece answered by error replies alone (or by none: a damaged or partial frame) changes
   no state: registers (but the error ones), cells, staging buffer, loaded program, counters.
 
+And through an emulated noisy link (bytes flipped, dropped, duplicated at a given rate):
+results equal the clean link's bit for bit, or the call raises a LinkError.
+
 The fast profile runs in the default suite; ``NVCIM_FUZZ=long`` the long one
 (docs/reliability.md#bounded-inputs gives its figures; ``-s`` prints the tallies).
 """
@@ -21,8 +24,9 @@ from __future__ import annotations
 import collections
 import hashlib
 
+import numpy as np
 import pytest
-from chip_programs import load, new_chip, small_program
+from chip_programs import load, new_chip, small_model, small_program
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -33,7 +37,7 @@ from nvcim.firmware_emu.contract.protocol import (FLAG_ERROR, FLAG_RESPONSE, HEA
                                                   encode)
 from nvcim.firmware_emu.contract.registers import REGISTERS
 
-from fuzzing import fuzz
+from fuzzing import LONG, fuzz
 from polling import poll_until
 
 PIECES_PER_STREAM = 50
@@ -117,11 +121,16 @@ def _state(chip) -> str:
     return h.hexdigest()
 
 
-@pytest.fixture(scope="module")
-def code() -> bytes:
-    yield small_program().code_bytes()
+@pytest.fixture(scope="module", autouse=True)
+def _tallies():
+    yield
     if TALLY:
         print("\nframe fuzz:", dict(sorted(TALLY.items())))
+
+
+@pytest.fixture(scope="module")
+def code() -> bytes:
+    return small_program().code_bytes()
 
 
 def _replies(data: bytes) -> list[Frame]:
@@ -189,3 +198,41 @@ def test_a_frame_ending_in_the_first_sync_byte_leaves_nothing_behind():
     items = reader.feed(frame)
     assert len(items) == 1 and isinstance(items[0], Frame) and items[0].command == 0x42
     assert not reader.buf and reader.discarded == 0
+
+
+LINK_RUNS = 600 if LONG else 12  # runs per link error rate
+
+
+@pytest.mark.parametrize("rate", [1e-4, 1e-3, 1e-2])
+def test_a_noisy_link_gives_the_clean_results_or_a_named_link_error(rate):
+    """INFER/RUN through an emulated link that flips, drops or duplicates each byte with
+    probability ``rate`` (both ways): every result equals the clean link's bit for bit, or
+    the call raises a LinkError after its retries; never a wrong result, never a hang."""
+    from nvcim import driver
+    from nvcim.driver import LinkError
+
+    url = "emu://?arrays=16&rows=32&cols=32&buffer_size=65536&sigma=0"
+    x = np.random.default_rng(2).standard_normal((4, 2, 8, 8)).astype(np.float32)
+    with driver.load(small_model(), device=url) as sess:
+        clean = sess.run(None, {"x": x})[0]
+    try:
+        sess = driver.load(small_model(), device=f"{url}&link_faults={rate}&link_seed=7")
+    except LinkError:  # programming through the link failed after all retries: a named error too
+        TALLY[f"link {rate:g}: LinkError while programming"] += 1
+        assert rate > 1e-3
+        return
+    with sess:
+        for _ in range(LINK_RUNS):
+            try:
+                got = sess.run(None, {"x": x})[0]
+            except LinkError:
+                TALLY[f"link {rate:g}: LinkError"] += 1
+                continue
+            assert np.array_equal(got, clean)
+            TALLY[f"link {rate:g}: same result"] += 1
+        link = sess.device.link
+        port = link.port
+        TALLY[f"link {rate:g}: faults injected"] += port.faults_to_chip.injected + port.faults_from_chip.injected
+        TALLY[f"link {rate:g}: retransmissions"] += link.retransmissions
+    if rate <= 1e-3:
+        assert TALLY[f"link {rate:g}: LinkError"] == 0
