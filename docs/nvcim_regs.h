@@ -239,6 +239,9 @@
 #define NVCIM_ARRAY_CONVERTERS_ADC_BITS_SHIFT    8u  /* column ADC bits, sign included (0: ideal, else 1..24) */
 #define NVCIM_ARRAY_CONVERTERS_ADC_BITS_WIDTH    8u
 #define NVCIM_ARRAY_CONVERTERS_ADC_BITS_MASK     0x0000FF00u
+#define NVCIM_ARRAY_CONVERTERS_SHIFT_ADD_SHIFT   16u  /* readout: 0 one ADC per bit line (each of a weight's S slice columns converted, shifted and added digitally); 1 analog shift-add, the S slice currents of a weight summed with gains 2^(jK) into one ADC per weight column (ADC_FS and its automatic bound then refer to that fused sum) */
+#define NVCIM_ARRAY_CONVERTERS_SHIFT_ADD_WIDTH   1u
+#define NVCIM_ARRAY_CONVERTERS_SHIFT_ADD_MASK    0x00010000u
 
 /* ARRAY_DAC_FS (RW): Input DAC full scale of the selected array(s), Q16.16 in input units: a row input x drives clip(x / DAC_FS, -1, 1) (0: per vector, each input vector scaled by its own largest abs(x) on the tile's rows). Set at deploy from calibration data. */
 #define NVCIM_ARRAY_DAC_FS_OFFSET                0x068u

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from .contract.geometry import Geometry
-from .contract.registers import DeviceModelCode
+from .contract.registers import DeviceModelCode, Readout
 from .contract.variation import VariationMode
 
 MAX_DAC_BITS, MAX_ADC_BITS = 16, 24
@@ -38,6 +38,7 @@ class ChipConfig(Geometry):
     stuck_rate: float = 0.0
     dac_bits: int = 0   # every array's input DAC (0: ideal)
     adc_bits: int = 0   # every array's column ADC (0: ideal)
+    readout: Readout = Readout.COLUMN  # every array's ARRAY_CONVERTERS.SHIFT_ADD; option "column" / "shift_add"
     uid: int = 0        # the unique-ID fuse (UID_HI:UID_LO); 0: derived from the build seed
 
     def __post_init__(self):
@@ -78,6 +79,9 @@ class ChipConfig(Geometry):
                     kwargs[key] = float(text)
                 elif key == "clip":
                     kwargs[key] = {"0": False, "1": True, "false": False, "true": True}[text.lower()]
+                elif key == "readout":
+                    kwargs[key] = {"column": Readout.COLUMN, "shift_add": Readout.SHIFT_ADD,
+                                   "0": Readout.COLUMN, "1": Readout.SHIFT_ADD}[text.lower()]
                 elif key == "variation":
                     kwargs[key] = {"weight": VariationMode.WEIGHT_MAGNITUDE, "cell": VariationMode.CELL_STATE,
                                    "0": VariationMode.WEIGHT_MAGNITUDE, "1": VariationMode.CELL_STATE}[text.lower()]
@@ -85,7 +89,7 @@ class ChipConfig(Geometry):
                     kwargs[key] = int(text, 0)
             except (KeyError, ValueError):
                 choices = {"model": ", ".join(m.name for m in DeviceModelCode), "clip": "0 or 1",
-                           "variation": "weight or cell"}.get(key, "a number")
+                           "variation": "weight or cell", "readout": "column or shift_add"}.get(key, "a number")
                 raise ValueError(f"chip option {key}={text!r} is not valid (expected {choices})") from None
         return kwargs
 
@@ -104,6 +108,7 @@ class ChipConfig(Geometry):
         d = dataclasses.asdict(self)
         d["model"] = int(self.model)
         d["variation"] = int(self.variation)
+        d["readout"] = int(self.readout)
         return d
 
     @classmethod
@@ -118,4 +123,5 @@ class ChipConfig(Geometry):
             if not fits:
                 raise TypeError(f"{key}={value!r} is not {'true/false' if kind is bool else 'a number'}")
         return cls(**{**d, "model": DeviceModelCode(d["model"]),
-                      "variation": VariationMode(d.get("variation", VariationMode.WEIGHT_MAGNITUDE))})
+                      "variation": VariationMode(d.get("variation", VariationMode.WEIGHT_MAGNITUDE)),
+                      "readout": Readout(d.get("readout", Readout.COLUMN))})

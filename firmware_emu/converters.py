@@ -92,17 +92,26 @@ class ConverterSettings:
     adc_bits: np.ndarray  # (arrays,) column ADC bits
     dac_fs: np.ndarray    # (arrays,) input full scale in input units; 0: per vector
     adc_fs: np.ndarray    # (arrays,) ADC full scale, normalised column sum; 0: weight bound
+    shift_add: np.ndarray  # (arrays,) bool: the S slice columns of a weight fused before one ADC
 
     def key(self) -> tuple[bytes, ...]:
         """The settings as a hashable value (prepared products are kept while it holds)."""
-        arrays = (self.dac_bits, self.adc_bits, self.dac_fs, self.adc_fs)
+        arrays = (self.dac_bits, self.adc_bits, self.dac_fs, self.adc_fs, self.shift_add)
         return tuple(np.ascontiguousarray(a).tobytes() for a in arrays)
 
     @classmethod
     def uniform(cls, arrays: int, dac_bits: int = 0, adc_bits: int = 0, dac_fs: float = 0.0,
-                adc_fs: float = 0.0) -> ConverterSettings:
+                adc_fs: float = 0.0, shift_add: bool = False) -> ConverterSettings:
         return cls(np.full(arrays, dac_bits, np.int64), np.full(arrays, adc_bits, np.int64),
-                   np.full(arrays, dac_fs, np.float64), np.full(arrays, adc_fs, np.float64))
+                   np.full(arrays, dac_fs, np.float64), np.full(arrays, adc_fs, np.float64),
+                   np.full(arrays, shift_add, bool))
+
+
+def fused_cells(g: np.ndarray, slices: int, cell_bits: int) -> np.ndarray:
+    """A tile's cells (rows, out * S) as analog shift-add reads them: (rows, out), column o
+    = sum_j 2^(jK) g[:, o * S + j], the S slice currents weighted by their place values."""
+    place = (2.0 ** (cell_bits * np.arange(slices))).astype(g.dtype)
+    return g.reshape(g.shape[0], -1, slices) @ place
 
 
 class NoiseStream:
@@ -120,28 +129,28 @@ class NoiseStream:
         return _torch().Generator().manual_seed(int(child.generate_state(1, np.uint64)[0] >> 1))
 
 
-class LayerConverters:
-    """One layer's tiles prepared for products through their converters.
+class _Readout:
+    """The tiles of one layer that one readout reads (per column, or analog shift-add),
+    stacked for one batched product: tiles that see the same input rows through the same
+    DAC form a group; each group's ADC columns (a tile's out * S slice columns, or its out
+    fused columns) are stacked into one zero-padded (groups, rows, columns) tensor."""
 
-    ``cells(i)`` is tile i's conductance (in_count, out_count * S); ``settings`` the
-    per-array converters; ``adc_bound`` each array's weight bound (used where adc_fs is 0).
-    """
-
-    def __init__(self, program: Program, layer_index: int, cells: Callable[[int], np.ndarray],
-                 settings: ConverterSettings, adc_bound: np.ndarray):
+    def __init__(self, program: Program, layer_index: int, tiles: list[int], cells: Callable[[int], np.ndarray],
+                 settings: ConverterSettings, adc_bound: np.ndarray, fused: bool):
         torch = _torch()
         layer = program.layers[layer_index]
-        s, k = program.slices, program.cell_bits
+        k = program.cell_bits
+        s = 1 if fused else program.slices                             # ADC columns per weight column
         self.g_max = float((1 << k) - 1)
         self.slices = s
         self.out_features = layer.out_features
-        self.in_features = layer.in_features
-        self.scale = torch.from_numpy(np.ascontiguousarray(np.broadcast_to(
-            np.asarray(layer.scale, np.float32), (layer.out_features,))))
         self.place = torch.from_numpy((2.0 ** (k * np.arange(s))).astype(np.float32))
+        # read noise of one ADC column in units of the rows' norm: 1, or the fused places' root sum of squares
+        noise_gain = float(np.sqrt(np.sum(4.0 ** (k * np.arange(program.slices))))) if fused else 1.0
         groups: dict[tuple, list[int]] = {}
-        for i, t in enumerate(layer.tiles):
-            a = t.array
+        for i in tiles:
+            a = layer.tiles[i].array
+            t = layer.tiles[i]
             key = (t.in_start, t.in_count, int(settings.dac_bits[a]), float(settings.dac_fs[a]))
             groups.setdefault(key, []).append(i)
         keys = sorted(groups)
@@ -151,7 +160,7 @@ class LayerConverters:
         n = self.groups
         g_all = np.zeros((n, rows, width * s), np.float32)
         gather = np.full((n, rows), layer.in_features, np.int64)     # index in_features: a zero column
-        col_scale = np.zeros((n, width * s), np.float32)              # 1 / ADC step (normalised sum units)
+        col_scale = np.zeros((n, width * s), np.float32)              # read-noise gain / ADC step
         post = np.zeros((n, width), np.float32)                       # sign * ADC step * g_max
         adc_top = np.full((n, 1, width * s), np.nan, np.float32)      # largest ADC level per column (0: ideal)
         out_index = np.full((n, width), layer.out_features, np.int64)  # output of each column group
@@ -172,13 +181,17 @@ class LayerConverters:
                 step = fs / top if bits else 1.0
                 cols = slice(c * s, (c + t.out_count) * s)
                 inv = 1.0 / step if step > 0 else 0.0
-                g_all[gi, :in_count, cols] = cells(i) * np.float32(inv / (self.g_max * (dac_top or 1)))
-                col_scale[gi, cols] = inv
+                g = cells(i)
+                if fused:
+                    g = fused_cells(g.astype(np.float64), program.slices, k)
+                g_all[gi, :in_count, cols] = g * (inv / (self.g_max * (dac_top or 1)))
+                col_scale[gi, cols] = inv * noise_gain
                 adc_top[gi, 0, cols] = top
                 post[gi, c:c + t.out_count] = t.sign * step * self.g_max
                 out_index[gi, c:c + t.out_count] = np.arange(t.out_start, t.out_start + t.out_count)
                 c += t.out_count
         self.cells = torch.from_numpy(g_all)
+        self.width = g_all.shape[2]
         self.gather = torch.from_numpy(gather)
         self.col_scale = torch.from_numpy(col_scale)
         self.post = torch.from_numpy(post)
@@ -215,39 +228,11 @@ class LayerConverters:
             u = torch.where(top > 0, q, u)
         return u, scale
 
-    def product(self, x: np.ndarray, read_noise: float = 0.0, noise: NoiseStream | None = None) -> np.ndarray:
-        """The layer's output (P, out) for inputs x (P, in), through the converters.
-
-        The batch is cut into chunks of about ``CHUNK_SUMS`` column sums, so the passes over
-        them (noise, rounding, shift-add) run in cache, on the worker threads. With read
-        noise each chunk draws from its own generator, taken from ``noise`` in chunk order:
-        the same stream gives the same result whatever the threads do.
-        """
-        if read_noise > 0 and noise is None:
-            raise ValueError("read noise needs a NoiseStream")
-        torch = _torch()
-        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-        p = xt.shape[0]
-        width = max(1, self.cells.shape[2])
-        rows = max(MIN_ROWS, CHUNK_SUMS // (self.groups * width))
-        span = max(1, CHUNK_SUMS // (rows * width))                          # groups per pass
-        cuts = list(range(0, p, rows)) + [p]
-        generators = [noise.generator() if read_noise > 0 else None for _ in cuts[:-1]]
-        y = torch.empty(p, self.out_features)
-        jobs = [(xt[a:b], y[a:b], span, read_noise, gen) for a, b, gen in zip(cuts[:-1], cuts[1:], generators)]
-        if len(jobs) == 1:
-            self._chunk(*jobs[0])
-        else:
-            for future in [_pool().submit(self._chunk, *job) for job in jobs]:
-                future.result()
-        return y.numpy()
-
-    def _chunk(self, x, y, span: int, read_noise: float, generator) -> None:
-        """y = the product for the batch rows x, ``span`` groups at a time."""
+    def add(self, x, out, span: int, read_noise: float, generator) -> None:
+        """out (P, out + 1) += these tiles' digital outputs for the batch rows x, ``span`` groups at a time."""
         torch = _torch()
         u_all, scale_all = self.inputs(x)
         p = x.shape[0]
-        out = torch.zeros(p, self.out_features + 1)
         for g0 in range(0, self.groups, span):
             g = slice(g0, g0 + span)
             u, cells, col_scale = u_all[g], self.cells[g], self.col_scale[g]
@@ -271,23 +256,87 @@ class LayerConverters:
                 torch.where(self.adc_finite[g], sums.round(), sums, out=sums)
                 torch.minimum(sums, adc_top, out=sums)
                 torch.maximum(sums, -adc_top, out=sums)
-            cols = torch.matmul(sums.view(n, p, -1, self.slices), self.place)   # (groups, P, width)
-            cols.mul_(self.post[g].unsqueeze(1)).mul_(scale_all[g])
+            if self.slices == 1:                                              # fused columns: place 1
+                cols = sums.mul_(self.post[g].unsqueeze(1))
+            else:
+                cols = torch.matmul(sums.view(n, p, -1, self.slices), self.place)   # (groups, P, width)
+                cols.mul_(self.post[g].unsqueeze(1))
+            cols.mul_(scale_all[g])
             if self.same_outputs:
                 out.index_add_(1, self.out_index, cols.sum(0))
             else:
                 index = self.out_index.view(self.groups, -1)[g].reshape(-1)
                 out.index_add_(1, index, cols.permute(1, 0, 2).reshape(p, -1))
+
+
+class LayerConverters:
+    """One layer's tiles prepared for products through their converters.
+
+    ``cells(i)`` is tile i's conductance (in_count, out_count * S); ``settings`` the
+    per-array converters; ``adc_bound`` each array's weight bound (used where adc_fs is 0).
+    Tiles on arrays with per-column ADCs and tiles on arrays with analog shift-add readout
+    form one ``_Readout`` each; the layer's output is their sum.
+    """
+
+    def __init__(self, program: Program, layer_index: int, cells: Callable[[int], np.ndarray],
+                 settings: ConverterSettings, adc_bound: np.ndarray):
+        torch = _torch()
+        layer = program.layers[layer_index]
+        self.out_features = layer.out_features
+        self.in_features = layer.in_features
+        self.scale = torch.from_numpy(np.ascontiguousarray(np.broadcast_to(
+            np.asarray(layer.scale, np.float32), (layer.out_features,))))
+        fused = [bool(settings.shift_add[t.array]) for t in layer.tiles]
+        self.readouts = [_Readout(program, layer_index, [i for i, f in enumerate(fused) if f == mode], cells,
+                                  settings, adc_bound, mode) for mode in (False, True) if mode in fused]
+        self.sums = sum(r.groups * r.width for r in self.readouts)   # ADC samples per input vector
+
+    def product(self, x: np.ndarray, read_noise: float = 0.0, noise: NoiseStream | None = None) -> np.ndarray:
+        """The layer's output (P, out) for inputs x (P, in), through the converters.
+
+        The batch is cut into chunks of about ``CHUNK_SUMS`` column sums, so the passes over
+        them (noise, rounding, shift-add) run in cache, on the worker threads. With read
+        noise each chunk draws from its own generator, taken from ``noise`` in chunk order:
+        the same stream gives the same result whatever the threads do.
+        """
+        if read_noise > 0 and noise is None:
+            raise ValueError("read noise needs a NoiseStream")
+        torch = _torch()
+        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        p = xt.shape[0]
+        rows = max(MIN_ROWS, CHUNK_SUMS // max(1, self.sums))
+        cuts = list(range(0, p, rows)) + [p]
+        generators = [noise.generator() if read_noise > 0 else None for _ in cuts[:-1]]
+        y = torch.empty(p, self.out_features)
+        jobs = [(xt[a:b], y[a:b], rows, read_noise, gen) for a, b, gen in zip(cuts[:-1], cuts[1:], generators)]
+        if len(jobs) == 1:
+            self._chunk(*jobs[0])
+        else:
+            for future in [_pool().submit(self._chunk, *job) for job in jobs]:
+                future.result()
+        return y.numpy()
+
+    def _chunk(self, x, y, rows: int, read_noise: float, generator) -> None:
+        """y = the product for the batch rows x (at most ``rows`` of them)."""
+        torch = _torch()
+        out = torch.zeros(x.shape[0], self.out_features + 1)
+        for r in self.readouts:
+            span = max(1, CHUNK_SUMS // (rows * max(1, r.width)))                # groups per pass
+            r.add(x, out, span, read_noise, generator)
         torch.mul(out[:, :self.out_features], self.scale, out=y)
 
 
-def weight_bounds(program: Program, conductance: TileConductance, arrays: int) -> np.ndarray:
-    """Each array's ADC weight bound: max over the program's tiles on it of max_j sum_i |g_ij| / g_max."""
+def weight_bounds(program: Program, conductance: TileConductance, arrays: int,
+                  shift_add: np.ndarray | None = None) -> np.ndarray:
+    """Each array's ADC weight bound: max over the program's tiles on it of max_j sum_i |g_ij| / g_max,
+    for an array in ``shift_add`` of its fused columns (``fused_cells``)."""
     g_max = float((1 << program.cell_bits) - 1)
     bound = np.zeros(arrays, np.float64)
     for li, layer in enumerate(program.layers):
         for i, t in enumerate(layer.tiles):
             g = conductance(li, i)
+            if shift_add is not None and shift_add[t.array]:
+                g = fused_cells(g.astype(np.float64), program.slices, program.cell_bits)
             if g.size:
                 bound[t.array] = max(bound[t.array], float(np.abs(g).sum(axis=0, dtype=np.float64).max()) / g_max)
     return bound
@@ -303,7 +352,7 @@ class ConverterPath:
 
     def __init__(self, program: Program, conductance: TileConductance, settings: ConverterSettings):
         self.program, self.conductance, self.settings = program, conductance, settings
-        self.bound = weight_bounds(program, conductance, len(settings.dac_bits))
+        self.bound = weight_bounds(program, conductance, len(settings.dac_bits), settings.shift_add)
         self._layers: dict[int, LayerConverters] = {}
 
     def layer(self, index: int) -> LayerConverters:

@@ -63,6 +63,13 @@ class DeviceModelCode(int, Enum):
     FEFET6 = 4
 
 
+class Readout(int, Enum):
+    """Values of ARRAY_CONVERTERS.SHIFT_ADD: how an array's bit lines reach its ADCs."""
+
+    COLUMN = 0     # one ADC per bit line; the S slices of a weight shifted and added digitally
+    SHIFT_ADD = 1  # the S slice currents of a weight weighted 2^(jK) and summed before one ADC
+
+
 class OpState(int, Enum):
     """Values of OP_STATUS.STATE: where the running or last background operation stands."""
 
@@ -157,6 +164,10 @@ REGISTERS: tuple[Register, ...] = (
     Register("ARRAY_CONVERTERS", 0x064, Access.RW, 0, "Converter resolution of the selected array(s).", (
         Field("DAC_BITS", 0, 8, "input DAC bits, sign included (0: ideal, else 1..16)"),
         Field("ADC_BITS", 8, 8, "column ADC bits, sign included (0: ideal, else 1..24)"),
+        Field("SHIFT_ADD", 16, 1, "readout: 0 one ADC per bit line (each of a weight's S slice columns "
+                                  "converted, shifted and added digitally); 1 analog shift-add, the S slice "
+                                  "currents of a weight summed with gains 2^(jK) into one ADC per weight column "
+                                  "(ADC_FS and its automatic bound then refer to that fused sum)"),
     )),
     Register("ARRAY_DAC_FS", 0x068, Access.RW, 0,
              "Input DAC full scale of the selected array(s), Q16.16 in input units: a row input x drives "
