@@ -205,6 +205,10 @@ class _Readout:
         self.adc_levels = float(tops[0]) if self.adc_all_finite and len(tops) == 1 else 0.0
         self.adc_finite = torch.from_numpy(finite)
         self.per_vector = bool((self.dac_fs == 0).any())
+        # groups that are the consecutive row blocks of x (the usual tiling): read by one reshape, no gather
+        self.blocked = all(np.array_equal(gather[gi], np.minimum(np.arange(gi * rows, (gi + 1) * rows),
+                                                                layer.in_features)) for gi in range(n))
+        self.rows = rows
         # the outputs: one sum over groups when every group maps its columns to the same outputs
         self.same_outputs = bool((out_index == out_index[:1]).all())
         self.out_index = torch.from_numpy(out_index[0] if self.same_outputs else out_index.reshape(-1))
@@ -213,17 +217,23 @@ class _Readout:
         """The DAC's drive of every group (groups, P, rows), in levels for a finite DAC, and the
         input scale it was divided by: (groups, P, 1) per vector, else (groups, 1, 1)."""
         torch = _torch()
-        padded = torch.nn.functional.pad(x, (0, 1))                     # column in_features reads 0
-        u = padded[:, self.gather].permute(1, 0, 2).contiguous()       # (groups, P, rows)
+        if self.blocked:                                                # (P, groups, rows), a view
+            padded = torch.nn.functional.pad(x, (0, self.groups * self.rows - x.shape[1]))
+            rows = padded.view(x.shape[0], self.groups, self.rows)
+        else:
+            padded = torch.nn.functional.pad(x, (0, 1))                 # column in_features reads 0
+            rows = padded[:, self.gather]
         scale = torch.from_numpy(self.dac_fs).view(-1, 1, 1)
         if self.per_vector:
-            vec = u.abs().amax(dim=2, keepdim=True)
+            vec = rows.abs().amax(dim=2, keepdim=True).transpose(0, 1)  # reduced where rows are contiguous
             scale = torch.where(scale > 0, scale, torch.where(vec > 0, vec, torch.ones_like(vec)))
-        u.div_(scale)
+        rows = rows.transpose(0, 1)                                     # (groups, P, rows)
         top = torch.from_numpy(self.dac_top).view(-1, 1, 1)
-        if (self.dac_top > 0).all():
-            u.clamp_(-1, 1).mul_(top).round_()                           # integer levels
-        elif (self.dac_top > 0).any():
+        if (self.dac_top > 0).all():                                    # integer levels, one copy
+            u = torch.div(rows, scale).clamp_(-1, 1).mul_(top).round_()
+            return u, scale
+        u = torch.div(rows, scale)
+        if (self.dac_top > 0).any():
             q = (u.clamp(-1, 1) * top).round_()
             u = torch.where(top > 0, q, u)
         return u, scale
