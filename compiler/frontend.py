@@ -75,8 +75,14 @@ def load(model: str | os.PathLike | onnx.ModelProto, source: str | None = None) 
 def _check(proto: onnx.ModelProto, source: str) -> None:
     try:
         onnx.checker.check_model(proto)
-    except onnx.checker.ValidationError as e:
+    except (onnx.checker.ValidationError, UnicodeDecodeError) as e:  # a damaged file's text may not be UTF-8
         raise CompileError(f"{source}: invalid ONNX model: {_first_line(e)}") from None
+    g = proto.graph
+    names = [n.name for n in g.node] + [x for n in g.node for x in (*n.input, *n.output)] \
+        + [v.name for v in (*g.input, *g.output, *g.initializer)]
+    for name in names:  # protobuf hands a string field that is not UTF-8 over as bytes
+        if not isinstance(name, str):
+            raise CompileError(f"{source}: invalid ONNX model: name {name!r} is not valid UTF-8")
 
 
 def _infer(proto: onnx.ModelProto, source: str) -> onnx.ModelProto:

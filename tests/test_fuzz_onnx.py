@@ -155,3 +155,12 @@ def test_non_finite_initializer_is_refused_by_node():
     w.CopyFrom(numpy_helper.from_array(value, "fc"))
     with pytest.raises(CompileError, match=r"node 'fc' \(Gemm\): weight 'fc' holds non-finite values"):
         compile_model(model, Target(**GEOMETRY))
+
+
+def test_a_name_that_is_not_utf8_is_a_compile_error(tmp_path):
+    """Found by the fuzz test: protobuf hands such a name over as bytes, and the program's
+    build (or onnx's checker) then failed with an AttributeError or UnicodeDecodeError."""
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(small_model().SerializeToString().replace(b"relu", b"r\xc3lu"))
+    with pytest.raises(CompileError, match="is not valid UTF-8"):
+        compile_model(path, Target(**GEOMETRY))
