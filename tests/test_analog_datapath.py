@@ -1,5 +1,9 @@
 """The analog datapath of one layer: converters and read noise against a per-tile reference.
 
+Both readouts: one ADC per bit line (the S slice columns of a weight each converted, then
+shifted and added digitally) and analog shift-add (the S slice currents of a weight
+summed with gains 2^(jK) before one ADC per weight column).
+
 The reference below is written from the model's statement (docs/device-model.md#dac-and-adc),
 one tile at a time in float64 with plain loops; the code under test stacks all tiles into
 one batched float32 product. They must agree to float rounding (a rare element may land
@@ -48,14 +52,27 @@ def _layer(in_features: int, out_features: int, rows: int, units: int, seed: int
     return program, cells
 
 
+def _fused(g):
+    """A tile's weight columns as analog shift-add sums them: column o = sum_j 4^j g[:, o*S + j]."""
+    g = g.astype(np.float64)
+    w = np.zeros((g.shape[0], g.shape[1] // S))
+    for o in range(w.shape[1]):
+        for j in range(S):
+            w[:, o] += 4.0 ** j * g[:, o * S + j]
+    return w
+
+
 def _reference(program, cells, settings, x, noise=None):
-    """Per tile, float64: DAC, column sums (+ noise), ADC, shift-add, sign, scale."""
+    """Per tile, float64: DAC, column sums (+ noise), ADC, shift-add, sign, scale; on a
+    shift-add array the ADC reads the fused columns and nothing is shifted after it."""
     layer = program.layers[0]
+    fused = [bool(settings.shift_add[t.array]) for t in layer.tiles]
+    read = [_fused(g) if f else g.astype(np.float64) for g, f in zip(cells, fused)]
     bound = np.zeros(len(settings.dac_bits))
-    for t, g in zip(layer.tiles, cells):
-        bound[t.array] = max(bound[t.array], np.abs(g.astype(np.float64)).sum(axis=0).max() / G_MAX)
+    for t, g in zip(layer.tiles, read):
+        bound[t.array] = max(bound[t.array], np.abs(g).sum(axis=0).max() / G_MAX)
     y = np.zeros((len(x), layer.out_features))
-    for i, (t, g) in enumerate(zip(layer.tiles, cells)):
+    for i, (t, g) in enumerate(zip(layer.tiles, read)):
         a = t.array
         xr = x[:, t.in_start:t.in_start + t.in_count].astype(np.float64)
         fs = settings.dac_fs[a] if settings.dac_fs[a] > 0 else np.abs(xr).max(axis=1, keepdims=True)
@@ -64,14 +81,14 @@ def _reference(program, cells, settings, x, noise=None):
         if settings.dac_bits[a]:
             top = max(1, 2 ** (int(settings.dac_bits[a]) - 1) - 1)
             u = np.rint(np.clip(u, -1, 1) * top) / top
-        s = u @ g.astype(np.float64) / G_MAX
+        s = u @ g / G_MAX
         if noise is not None:
             s = s + noise(i, u)
         if settings.adc_bits[a]:
             full = settings.adc_fs[a] if settings.adc_fs[a] > 0 else bound[a]
             top = max(1, 2 ** (int(settings.adc_bits[a]) - 1) - 1)
             s = np.rint(np.clip(s, -full, full) / full * top) * full / top
-        partial = (s * fs * G_MAX).reshape(len(x), t.out_count, S) @ PLACE
+        partial = s * fs * G_MAX if fused[i] else (s * fs * G_MAX).reshape(len(x), t.out_count, S) @ PLACE
         y[:, t.out_start:t.out_start + t.out_count] += t.sign * partial
     return y * np.broadcast_to(layer.scale, (layer.out_features,))
 
@@ -79,7 +96,7 @@ def _reference(program, cells, settings, x, noise=None):
 def _plan(program, cells, settings):
     def conductance(layer, i):
         return cells[i]
-    bound = weight_bounds(program, conductance, len(settings.dac_bits))
+    bound = weight_bounds(program, conductance, len(settings.dac_bits), settings.shift_add)
     return LayerConverters(program, 0, lambda i: cells[i], settings, bound)
 
 
@@ -207,6 +224,95 @@ def test_a_converter_path_prepares_each_layer_once_and_needs_a_stream_for_noise(
         path.product(read_noise=0.1)
 
 
+# -- analog shift-add readout ------------------------------------------------------------
+@pytest.mark.parametrize("dac, adc", [(4, 6), (6, 4), (8, 8), (1, 2), (0, 6), (6, 0), (16, 24), (0, 0)])
+def test_shift_add_readout_matches_the_per_tile_reference(dac, adc):
+    program, cells = _layer(600, 150, 256, 64, seed=dac * 17 + adc + 1, skip={(-1, 256, 64), (1, 512, 0)})
+    settings = ConverterSettings.uniform(6, dac, adc, shift_add=True)
+    settings.adc_bits[3] = max(adc - 2, 0) if adc else 0      # one array coarser than the rest
+    settings.shift_add[4] = False                               # one array keeps one ADC per column
+    settings.dac_fs[1], settings.adc_fs[2] = 1.5, 150.0         # fixed full scales on two arrays
+    x = np.random.default_rng(17).standard_normal((40, 600)).astype(np.float32)
+    got = _plan(program, cells, settings).product(x)
+    want = _reference(program, cells, settings, x)
+    bound = max(np.abs(_fused(g)).sum(axis=0).max() for g in cells) / G_MAX
+    step = 0.01 * G_MAX * np.abs(x).max() * max(bound, 150.0) / (
+        max(1, 2 ** (max(adc - 2, 1) - 1) - 1) if adc else 1e4)
+    _agree(got, want, step)
+    if not (dac or adc):                                        # ideal converters: the effective matrix
+        w = np.zeros((600, 150))
+        for t, g in zip(program.layers[0].tiles, cells):
+            w[t.in_start:t.in_start + t.in_count, t.out_start:t.out_start + t.out_count] += t.sign * _fused(g)
+        np.testing.assert_allclose(got, x @ w * 0.01, rtol=1e-4, atol=1e-4 * np.abs(x @ w * 0.01).max())
+
+
+def test_shift_add_readout_differs_from_column_readout_and_its_bound_is_the_fused_one():
+    program, cells = _layer(300, 70, 128, 32, seed=21)
+    x = np.random.default_rng(18).standard_normal((30, 300)).astype(np.float32)
+    column = _plan(program, cells, ConverterSettings.uniform(6, 6, 6)).product(x)
+    fused = _plan(program, cells, ConverterSettings.uniform(6, 6, 6, shift_add=True)).product(x)
+    assert not np.allclose(column, fused)
+    # a program's converter path finds the fused bound of its shift-add arrays itself
+    settings = ConverterSettings.uniform(6, 6, 6, shift_add=True)
+    path = ConverterPath(program, lambda layer, i: cells[i], settings)
+    bound = max(np.abs(_fused(g)).sum(axis=0).max() for g in cells) / G_MAX
+    _agree(path.product()(0, x), _reference(program, cells, settings, x), 0.01 * G_MAX * np.abs(x).max() * bound / 31)
+    shift_add = np.zeros(6, bool)
+    shift_add[::2] = True
+    bound = weight_bounds(program, lambda layer, i: cells[i], 6, shift_add)
+    for a in range(6):
+        on = [g for t, g in zip(program.layers[0].tiles, cells) if t.array == a]
+        read = [_fused(g) if shift_add[a] else g for g in on]
+        assert bound[a] == pytest.approx(max(np.abs(g).sum(axis=0).max() for g in read) / G_MAX, rel=1e-6)
+
+
+@pytest.mark.parametrize("bits", [4, 6])
+def test_shift_add_gives_a_sample_the_same_output_alone_or_in_a_batch(bits):
+    program, cells = _layer(600, 150, 256, 64, seed=22)
+    plan = _plan(program, cells, ConverterSettings.uniform(6, bits, bits, shift_add=True))
+    x = np.random.default_rng(19).standard_normal((256, 600)).astype(np.float32)
+    x[17] *= 40
+    batch = plan.product(x)
+    for i in (0, 17, 255):
+        assert np.array_equal(plan.product(x[i:i + 1])[0], batch[i])
+
+
+def test_shift_add_read_noise_is_the_cells_noise_through_the_fused_columns():
+    program, cells = _layer(40, 12, 16, 4, seed=23, skip={(-1, 16, 4)})
+    settings = ConverterSettings.uniform(6, shift_add=True)
+    plan = _plan(program, cells, settings)
+    x = np.random.default_rng(20).standard_normal((3, 40)).astype(np.float32)
+    draws, sigma = 4000, 0.05
+    xs = np.repeat(x, draws, axis=0)
+    measured = (plan.product(xs, sigma, NoiseStream(2)) - plan.product(xs)).reshape(3, draws, 12).std(axis=1)
+    # the formula: std read_noise * ||u_rows|| * sqrt(sum_j 4^(jK)) per fused sum (here u = x), in output units
+    variance = np.zeros((3, 12))
+    for t in program.layers[0].tiles:
+        rows = x[:, t.in_start:t.in_start + t.in_count].astype(np.float64)
+        variance[:, t.out_start:t.out_start + t.out_count] += (rows ** 2).sum(axis=1, keepdims=True) * (PLACE ** 2).sum()
+    formula = 0.01 * sigma * G_MAX * np.sqrt(variance)
+    # reference: every cell read draws its own Gaussian, the fused column sums its slices' currents
+    rng = np.random.default_rng(21)
+
+    def noise(i, u):
+        g = cells[i]
+        per_cell = rng.normal(0, sigma * G_MAX, (u.shape[0], *g.shape))
+        columns = np.einsum("pi,pij->pj", u, per_cell) / G_MAX
+        return columns.reshape(u.shape[0], -1, S) @ PLACE
+
+    ref = np.stack([_reference(program, cells, settings, x, noise) for _ in range(1500)])
+    ref_std = (ref - _reference(program, cells, settings, x)).std(axis=0)
+    assert np.abs(measured / formula - 1).max() < 0.08
+    assert abs(np.mean(measured / formula) - 1) < 0.02
+    assert np.abs(ref_std / formula - 1).max() < 0.12
+    assert abs(np.mean(ref_std / formula) - 1) < 0.03
+    # through 8-bit converters: reproducible from the stream, different on the next draw
+    plan = _plan(program, cells, ConverterSettings.uniform(6, 8, 8, shift_add=True))
+    stream = NoiseStream(3)
+    first, second = plan.product(xs[:64], 0.2, stream), plan.product(xs[:64], 0.2, stream)
+    assert np.array_equal(first, plan.product(xs[:64], 0.2, NoiseStream(3))) and not np.array_equal(first, second)
+
+
 # -- on the chip: registers, runs, calibration ------------------------------------------
 CHIP = "emu://?sigma=0.3&seed=2&rows=32&cols=64"
 
@@ -307,3 +413,51 @@ def test_calibration_sets_the_used_arrays_and_narrows_the_adc_range(cnn_path):
 def test_calibration_names_missing_inputs(cnn_path):
     with pytest.raises(ValueError, match="must name exactly the program inputs"):
         driver.load(cnn_path, device=CHIP, calibration={"image": _images(4, 0)})
+
+
+def test_shift_add_is_a_per_array_field_of_array_converters():
+    value = 6 | 7 << 8 | 1 << 16
+    with driver.open("emu://?arrays=4") as dev:
+        dev.write_register("ARRAY_SELECT", 1)
+        dev.write_register("ARRAY_CONVERTERS", value)
+        assert dev.read_register("ARRAY_CONVERTERS") == value
+        dev.write_register("ARRAY_SELECT", 2)
+        assert dev.read_register("ARRAY_CONVERTERS") == 0
+        dev.write_register("ARRAY_SELECT", 1)
+        for bad in (1 << 17, 3 << 16, 1 << 31):
+            with pytest.raises(driver.DeviceError, match="SHIFT_ADD 0 or 1"):
+                dev.write_register("ARRAY_CONVERTERS", bad)
+        assert dev.read_register("ARRAY_CONVERTERS") == value
+        dev.write_register("CONTROL", 1)                       # SOFT_RESET: the build's readout
+        assert dev.read_register("ARRAY_CONVERTERS") == 0
+    with driver.open("emu://?arrays=4&adc_bits=8&readout=shift_add") as dev:
+        dev.write_register("CONTROL", 1)
+        for a in range(4):
+            dev.write_register("ARRAY_SELECT", a)
+            assert dev.read_register("ARRAY_CONVERTERS") == 8 << 8 | 1 << 16
+    with pytest.raises(driver.LinkError, match="readout='fused' is not valid"):
+        driver.open("emu://?readout=fused")
+
+
+def test_calibration_in_shift_add_readout_sets_the_fused_range(cnn_path):
+    from nvcim.driver.calibration import calibrate
+
+    x = _images(32, 5)
+    with driver.load(cnn_path, device=CHIP) as sess:
+        ideal = sess.run(None, {"x": x})[0]
+    errors = {}
+    for calibrated in (False, True):
+        calibration = {"x": _images(128, 6)} if calibrated else None
+        device = f"{CHIP}&dac_bits=8&adc_bits=6&readout=shift_add"
+        with driver.load(cnn_path, device=device, calibration=calibration) as sess:
+            measured = calibrate(sess.program, calibration) if calibrated else None
+            for a in sorted({t.array for layer in sess.program.layers for t in layer.tiles}):
+                sess.device.write_register("ARRAY_SELECT", a)
+                raw = sess.device.read_register("ARRAY_ADC_FS")
+                if calibrated:
+                    assert raw == int(np.ceil(measured.adc_fs_shift_add[a] * 65536))
+                    assert measured.adc_fs_shift_add[a] > measured.adc_fs[a]
+                else:
+                    assert raw == 0
+            errors[calibrated] = np.abs(sess.run(None, {"x": x})[0] - ideal).mean()
+    assert errors[True] < 0.7 * errors[False]
