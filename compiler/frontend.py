@@ -160,7 +160,14 @@ def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def initializers(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    return {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    out = {}
+    for t in graph.initializer:
+        try:
+            out[t.name] = numpy_helper.to_array(t)
+        except (ValueError, TypeError) as e:  # a damaged file: data that does not fill its dims
+            raise CompileError(f"{graph.name or '<model>'}: initializer '{t.name}' cannot be read: "
+                               f"{_first_line(e)}") from None
+    return out
 
 
 # attributes with a range of their own, by name: flags, counts and sizes (every float must be finite)

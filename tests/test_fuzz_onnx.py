@@ -164,3 +164,12 @@ def test_a_name_that_is_not_utf8_is_a_compile_error(tmp_path):
     path.write_bytes(small_model().SerializeToString().replace(b"relu", b"r\xc3lu"))
     with pytest.raises(CompileError, match="is not valid UTF-8"):
         compile_model(path, Target(**GEOMETRY))
+
+
+def test_an_initializer_whose_data_does_not_fill_its_dims_is_a_compile_error():
+    """Found by the fuzz test: a damaged file's initializer made numpy raise ValueError."""
+    model = small_model()
+    w = next(t for t in model.graph.initializer if t.name == "fb")
+    w.data_type = onnx.TensorProto.UINT8  # its 20 bytes read as 20 values of 1 byte for its 5
+    with pytest.raises(CompileError, match="initializer 'fb' cannot be read"):
+        compile_model(model, Target(**GEOMETRY))
