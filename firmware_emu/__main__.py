@@ -10,7 +10,7 @@ from click.core import ParameterSource
 
 from .chip import Chip, ChipConfig
 from .contract.access import check_token
-from .contract.registers import DeviceModelCode
+from .contract.registers import DeviceModelCode, Readout
 from .link_faults import LinkFaults
 from .nvm_image import ImageError
 from .serve import DEFAULT_IDLE_TIMEOUT, IDLE_TIMEOUT_RANGE, TcpServer, is_loopback, serve_pty
@@ -68,6 +68,9 @@ def cli(debug: bool) -> None:
 @click.option("--read-noise", type=float, help="Read noise, relative to g_max [default: 0].")
 @click.option("--dac-bits", type=int, help="Every array's input DAC bits, 0 = ideal [default: 0].")
 @click.option("--adc-bits", type=int, help="Every array's column ADC bits, 0 = ideal [default: 0].")
+@click.option("--readout", type=click.Choice([r.name.lower() for r in Readout], case_sensitive=False),
+              help="Every array's readout: column (one ADC per bit line) or shift_add (a weight's slices "
+                   "summed in the analog domain before one ADC) [default: column].")
 @click.option("--arrays", type=int, help=f"Number of crossbar arrays [default: {_DEFAULTS.arrays}].")
 @click.option("--rows", type=int, help=f"Rows per array [default: {_DEFAULTS.rows}].")
 @click.option("--cols", type=int, help=f"Columns per array [default: {_DEFAULTS.cols}].")
@@ -87,6 +90,8 @@ def serve(use_pty: bool, tcp_port: int | None, host: str, token: str | None, idl
     given = {k: v for k, v in settings.items() if v is not None}
     if "model" in given:
         given["model"] = DeviceModelCode[given["model"].upper()]
+    if "readout" in given:
+        given["readout"] = Readout[given["readout"].upper()]
     try:
         if token is not None:
             check_token(token)

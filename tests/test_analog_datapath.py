@@ -461,3 +461,14 @@ def test_calibration_in_shift_add_readout_sets_the_fused_range(cnn_path):
                     assert raw == 0
             errors[calibrated] = np.abs(sess.run(None, {"x": x})[0] - ideal).mean()
     assert errors[True] < 0.7 * errors[False]
+
+
+def test_the_readout_is_stored_in_the_build_and_an_older_build_reads_column():
+    from nvcim.firmware_emu.config import ChipConfig
+    from nvcim.firmware_emu.contract.registers import Readout
+
+    config = ChipConfig(**ChipConfig.parse_options({"readout": "shift_add", "adc_bits": "6"}))
+    stored = config.to_dict()
+    assert ChipConfig.from_dict(stored) == config and config.readout == Readout.SHIFT_ADD
+    del stored["readout"]                                      # an image written before the option existed
+    assert ChipConfig.from_dict(stored).readout == Readout.COLUMN
