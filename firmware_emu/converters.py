@@ -25,6 +25,13 @@ ARRAY_CONVERTERS / ARRAY_DAC_FS / ARRAY_ADC_FS):
 * The digital unit rescales each column by dac_fs (or the vector's own scale) * g_max,
   shift-adds the S slices with place values 2^(jK), subtracts negative tiles and
   multiplies by the layer's scale.
+* Readout (ARRAY_CONVERTERS.SHIFT_ADD, per array): above, one ADC per column (bit line).
+  With analog shift-add the S slice currents of weight column o are summed with gains
+  2^(jK) before ONE ADC: s_o = sum_j 2^(jK) sum_i u_i g_i,oS+j / g_max, read noise one
+  Gaussian of std read_noise * ||u_rows||_2 * sqrt(sum_j 4^(jK)), adc_fs 0 the fused
+  bound max_o sum_i |sum_j 2^(jK) g_i,oS+j| / g_max; the digital unit only rescales. The
+  product reads each tile through its fused matrix (``fused_cells``): the multiply-adds
+  and noise draws of one sign tile per weight, not S.
 
 Positive and negative tiles are read by separate ADCs, each by its own array's: the
 compiler places the two signs of a block on independent arrays and positions, and each
