@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 # dict's own operations are atomic, and a finalizer (which may run inside any allocation,
 # on any thread) must never wait for one. Two threads may build the same graph; one wins.
 _graphs: dict[tuple[int, ...], tuple[tuple[weakref.ref, ...], ProgramGraph | None]] = {}
+
+
+def cached_graphs() -> int:
+    """How many program graphs (onnxruntime sessions) the cache holds: a leak shows here."""
+    return len(_graphs)
 
 
 def graph_for(program: Program, weights: Callable[[int], np.ndarray]) -> ProgramGraph | None:

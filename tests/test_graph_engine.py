@@ -15,6 +15,7 @@ import pytest
 from nvcim import driver
 from nvcim.compiler import compile_model, reference
 from nvcim.firmware_emu import executor, graph_engine
+
 from zoo import LeNet3, export, randomised
 
 
@@ -64,10 +65,10 @@ def test_sessions_are_freed_with_their_program(mlp_path):
     weights = [reference.ideal_weights(program, i) for i in range(len(program.layers))]
     gc.collect()  # entries of earlier tests' programs go first: only this program's is counted
     graph_engine.graph_for(program, weights.__getitem__)
-    held = len(graph_engine._graphs)
+    held = graph_engine.cached_graphs()
     del program, weights
     gc.collect()
-    assert len(graph_engine._graphs) == held - 1
+    assert graph_engine.cached_graphs() == held - 1
 
 
 def test_a_graph_that_fails_is_declined_once_and_the_interpreter_runs(mlp_path, batch, monkeypatch, caplog):
