@@ -27,7 +27,8 @@ class Geometry:
 
     def __post_init__(self) -> None:
         if self.cell_bits not in CELL_BITS or self.weight_bits % self.cell_bits:
-            raise ValueError(f"cell_bits={self.cell_bits} must be 1, 2, 4 or 8 and divide weight_bits={self.weight_bits}")
+            raise ValueError(f"cell_bits={self.cell_bits} must be 1, 2, 4 or 8 and divide "
+                             f"weight_bits={self.weight_bits}")
         for name in ("arrays", "rows", "cols"):
             if not 0 < getattr(self, name) <= MAX_ARRAY_DIM:
                 raise ValueError(f"{name}={getattr(self, name)} must be in 1..{MAX_ARRAY_DIM}")

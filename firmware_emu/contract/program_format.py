@@ -23,15 +23,29 @@ from __future__ import annotations
 import math
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from functools import cache
-from typing import Callable
 
 import numpy as np
-from construct import (Const, ConstructError, Enum, Float32l, GreedyBytes, Int8sl,
-                       Int8ul, Int16ul, Int32sl, Int32ul, Int64sl, PascalString, Prefixed,
-                       PrefixedArray, Struct)
+from construct import (
+    Const,
+    ConstructError,
+    Enum,
+    Float32l,
+    GreedyBytes,
+    Int8sl,
+    Int8ul,
+    Int16ul,
+    Int32sl,
+    Int32ul,
+    Int64sl,
+    PascalString,
+    Prefixed,
+    PrefixedArray,
+    Struct,
+)
 
 from .geometry import CELL_BITS, MAX_ARRAY_DIM
 
@@ -235,9 +249,9 @@ class Program:
             tensors=[dict(name=t.name, shape=list(t.shape)) for t in self.tensors],
             constants=[dict(tensor=k, data=np.ascontiguousarray(v, dtype="<f4").tobytes())
                        for k, v in sorted(self.constants.items())],
-            layers=[dict(name=l.name, in_features=l.in_features, out_features=l.out_features,
-                         scales=np.ascontiguousarray(l.scale, dtype="<f4").tobytes(),
-                         tiles=[vars(t) for t in l.tiles]) for l in self.layers],
+            layers=[dict(name=layer.name, in_features=layer.in_features, out_features=layer.out_features,
+                         scales=np.ascontiguousarray(layer.scale, dtype="<f4").tobytes(),
+                         tiles=[vars(t) for t in layer.tiles]) for layer in self.layers],
             instructions=[dict(op=int(i.op), name=i.name, layer=i.layer, inputs=i.inputs,
                                outputs=i.outputs, attrs=[_attr(k, v) for k, v in i.attrs.items()])
                           for i in self.instructions],
@@ -254,7 +268,7 @@ class Program:
         return header + zlib.crc32(header).to_bytes(4, "little") + code + self.cells
 
     @classmethod
-    def from_bytes(cls, data: bytes, *, with_cells: bool = True) -> "Program":
+    def from_bytes(cls, data: bytes, *, with_cells: bool = True) -> Program:
         """Parse a program image; every defect is reported with its byte offset."""
         header = parse_header(data)
         code_end = HEADER_SIZE + header.code_size
@@ -340,9 +354,10 @@ def parse_code(code: bytes, header, arrays: int | None = None) -> Program:
         weight_bits=header.weight_bits, cell_bits=header.cell_bits,
         array_rows=header.array_rows, array_cols=header.array_cols,
         tensors=tensors, constants=constants,
-        layers=[Layer(l.name, l.in_features, l.out_features, _scale(l.scales, l.out_features, l.name),
-                      [Tile(**{k: v for k, v in t.items() if not k.startswith("_")}) for t in l.tiles])
-                for l in c.layers],
+        layers=[Layer(layer.name, layer.in_features, layer.out_features,
+                      _scale(layer.scales, layer.out_features, layer.name),
+                      [Tile(**{k: v for k, v in t.items() if not k.startswith("_")}) for t in layer.tiles])
+                for layer in c.layers],
         instructions=instructions, inputs=list(c.inputs), outputs=list(c.outputs))
     check_program(program, arrays)
     return program

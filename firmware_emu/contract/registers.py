@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, StrEnum
 
 from .geometry import Geometry
 from .protocol import MAX_PAYLOAD
 
 
-class Access(str, Enum):
+class Access(StrEnum):
     RO = "RO"    # read only; a write is a bus error
     RW = "RW"    # read / write
     WO = "WO"    # write only (reads return 0), e.g. command strobes
@@ -144,7 +144,8 @@ REGISTERS: tuple[Register, ...] = (
              "Seed of the read noise of runs. Each RUN, INFER or CONTROL.START draws its read noise from the "
              "next stream after this seed, so two runs differ; writing it (even the same value) restarts the "
              "streams, so the same seed and the same runs give the same outputs."),
-    Register("DEVICE_MODEL", 0x040, Access.RW, int(DeviceModelCode.GAUSSIAN), "Cell variation model (DeviceModelCode)."),
+    Register("DEVICE_MODEL", 0x040, Access.RW, int(DeviceModelCode.GAUSSIAN),
+             "Cell variation model (DeviceModelCode)."),
     Register("SIGMA", 0x044, Access.RW, round(0.3 * Q16), "Programming variation sigma, Q16.16 of g_max (<= 2.0)."),
     Register("READ_NOISE", 0x048, Access.RW, 0, "Read noise sigma, Q16.16 of g_max, <= 2.0 (0 = ideal read)."),
     Register("SEED", 0x04C, Access.RW, 0, "Seed of the chip's random processes; writing it reseeds."),
