@@ -10,8 +10,7 @@ import onnx
 from onnx import numpy_helper
 
 from nvcim.firmware_emu.contract.geometry import Geometry
-from nvcim.firmware_emu.contract.program_format import (MAX_RANK, MAX_SAMPLE_ELEMENTS, Layer, Program, Tile,
-                                                       pack_cells)
+from nvcim.firmware_emu.contract.program_format import MAX_RANK, MAX_SAMPLE_ELEMENTS, Layer, Program, Tile, pack_cells
 
 from . import frontend, lower, partition
 from .frontend import CompileError
@@ -23,6 +22,7 @@ __all__ = ["CompileError", "CapacityError", "Target", "compile_model", "lower_mo
 
 
 Target = Geometry  # the chip a program is compiled for: its geometry, as IDENTIFY reports it
+_DEFAULT_TARGET = Target()  # frozen, so one shared default is safe
 
 
 def lower_model(model: str | os.PathLike | onnx.ModelProto, shared: str = "common",
@@ -129,7 +129,7 @@ def _dims(dims: list[int | None]) -> str:
     return "[" + ", ".join("N" if d is None else str(d) for d in dims) + "]"
 
 
-def compile_model(model: str | os.PathLike | onnx.ModelProto, target: Target = Target(), *,
+def compile_model(model: str | os.PathLike | onnx.ModelProto, target: Target = _DEFAULT_TARGET, *,
                   base: Program | None = None, shared: str = "common", per_channel: bool = False,
                   source: str | None = None) -> Program:
     """Compile an ONNX model for ``target``.
@@ -243,7 +243,8 @@ def _has_unplaced_side(signs: np.ndarray, tiles: list[Tile]) -> bool:
 
 
 def _match(layer: Layer, tile: Tile) -> Tile:
-    return next(t for t in layer.tiles if (t.sign, t.in_start, t.out_start) == (tile.sign, tile.in_start, tile.out_start))
+    return next(t for t in layer.tiles
+                if (t.sign, t.in_start, t.out_start) == (tile.sign, tile.in_start, tile.out_start))
 
 
 def quantized_model(model: str | os.PathLike | onnx.ModelProto, weight_bits: int = 8, *,

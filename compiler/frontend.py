@@ -386,7 +386,8 @@ def fold_batchnorm(proto: onnx.ModelProto) -> onnx.ModelProto:
             continue
         w_name = prev.input[1]
         b_name = prev.input[2] if len(prev.input) > 2 and prev.input[2] else None
-        if w_name not in consts or uses.get(w_name) != 1 or (b_name and (b_name not in consts or uses.get(b_name) != 1)):
+        if w_name not in consts or uses.get(w_name) != 1 or (
+                b_name and (b_name not in consts or uses.get(b_name) != 1)):
             continue
         pattrs = {a.name: helper.get_attribute_value(a) for a in prev.attribute}
         w = numpy_helper.to_array(consts[w_name]).astype(np.float64)

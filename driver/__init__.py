@@ -9,8 +9,7 @@ from nvcim.firmware_emu.contract.geometry import Geometry
 from nvcim.firmware_emu.contract.protocol import CellMode, CellQuantity, Identity, WriteStats
 
 from .device import Device
-from .errors import (CompileError, DeviceError, InvalidArgument, LinkError, LinkTimeout, NvcimError,
-                     ProtocolError)
+from .errors import CompileError, DeviceError, InvalidArgument, LinkError, LinkTimeout, NvcimError, ProtocolError
 from .session import NodeArg, Session, deploy, load
 
 
@@ -19,6 +18,7 @@ def open(url: str | None = None, timeout: float = 5.0) -> Device:  # noqa: A001 
     return Device.open(url, timeout=timeout)
 
 
-__all__ = ["load", "open", "Session", "Device", "Identity", "Geometry", "WriteStats", "NodeArg", "deploy", "CellQuantity", "CellMode",
+__all__ = ["load", "open", "Session", "Device", "Identity", "Geometry", "WriteStats", "NodeArg", "deploy",
+           "CellQuantity", "CellMode",
            "NvcimError", "DeviceError", "LinkError", "LinkTimeout", "ProtocolError",
            "InvalidArgument", "CompileError"]

@@ -10,7 +10,8 @@ import math
 import time
 import types
 import zlib
-from typing import Callable, Generic, Literal, TypeVar, overload
+from collections.abc import Callable
+from typing import Generic, Literal, TypeVar, overload
 
 import numpy as np
 import serial
@@ -18,12 +19,31 @@ from tqdm import tqdm
 
 from nvcim.firmware_emu.contract.access import split_token, token_line
 from nvcim.firmware_emu.contract.program_format import Program, pack_cells, parse_code
-from nvcim.firmware_emu.contract.protocol import (FLAG_ASYNC, BufReadArgs, BufWriteHeader, CellMode, CellQuantity,
-                                                  CellsEraseArgs, CellsReadArgs, CellsReadReply, CellsWriteArgs,
-                                                  CellsWriteReply, Command, ErrorCode, Identity, IdentifyReply,
-                                                  ProgramFetchReply, ProgramLoadArgs, RegReadArgs, RegReadReply,
-                                                  RegWriteArgs, RunArgs, WriteStats, parse_fixed,
-                                                  parse_output_shapes)
+from nvcim.firmware_emu.contract.protocol import (
+    FLAG_ASYNC,
+    BufReadArgs,
+    BufWriteHeader,
+    CellMode,
+    CellQuantity,
+    CellsEraseArgs,
+    CellsReadArgs,
+    CellsReadReply,
+    CellsWriteArgs,
+    CellsWriteReply,
+    Command,
+    ErrorCode,
+    IdentifyReply,
+    Identity,
+    ProgramFetchReply,
+    ProgramLoadArgs,
+    RegReadArgs,
+    RegReadReply,
+    RegWriteArgs,
+    RunArgs,
+    WriteStats,
+    parse_fixed,
+    parse_output_shapes,
+)
 from nvcim.firmware_emu.contract.registers import BY_NAME, OpState, field, lookup
 
 from .default_device import resolve_device
@@ -64,7 +84,7 @@ class Operation(Generic[T]):
     ``abort()`` it, or ``wait()`` for its result; other commands are refused with BUSY.
     """
 
-    def __init__(self, device: "Device", command: Command, parse: Callable[[bytes], T],
+    def __init__(self, device: Device, command: Command, parse: Callable[[bytes], T],
                  reply: bytes | None = None):
         self.device, self.command, self._parse = device, command, parse
         self._reply = reply          # the result's payload once fetched (or a chip that ran it at once)
@@ -129,7 +149,7 @@ class Device:
         self.identity = self._identify()
 
     @classmethod
-    def open(cls, url: str | None = None, timeout: float = 5.0) -> "Device":
+    def open(cls, url: str | None = None, timeout: float = 5.0) -> Device:
         url = resolve_device(url)
         try:
             url, token = split_token(url)  # socket://HOST:PORT?token=T: the token line goes first, not to pyserial
@@ -147,7 +167,7 @@ class Device:
     def close(self) -> None:
         self.link.close()
 
-    def __enter__(self) -> "Device":
+    def __enter__(self) -> Device:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -198,7 +218,8 @@ class Device:
 
     @property
     def clock(self) -> int:
-        """The chip's retention clock (CLOCK), seconds: cells drift with the time it shows since they were programmed."""
+        """The chip's retention clock (CLOCK), seconds: cells drift with the time it shows since
+        they were programmed."""
         return self.read_register("CLOCK")
 
     def advance_time(self, seconds: int) -> int:
@@ -349,11 +370,13 @@ class Device:
             if mask is not None:
                 data += pack_cells(np.asarray(mask[r0:r0 + rows_per_op], dtype=np.uint8), 1)
             self.buffer_write(data)
-            args = CellsWriteArgs.build(dict(region=dict(array=array, row=row + r0, col=col, height=t.shape[0], width=w),
+            region = dict(array=array, row=row + r0, col=col, height=t.shape[0], width=w)
+            args = CellsWriteArgs.build(dict(region=region,
                                              mode=CellMode.VERIFY if verify else CellMode.OPEN_LOOP,
                                              masked=int(mask is not None)))
             if background:
-                return Operation(self, Command.CELLS_WRITE, CellsWriteReply.parse, self._start(Command.CELLS_WRITE, args))
+                return Operation(self, Command.CELLS_WRITE, CellsWriteReply.parse,
+                                 self._start(Command.CELLS_WRITE, args))
             total += CellsWriteReply.parse(self.link.transact(Command.CELLS_WRITE, args))
         return total
 

@@ -13,8 +13,18 @@ import time
 
 import serial
 
-from nvcim.firmware_emu.contract.protocol import (FLAG_RESPONSE, MAX_PAYLOAD, Command, ErrorCode, Frame, FrameError,
-                                                  FrameReader, RegReadArgs, RegReadReply, encode)
+from nvcim.firmware_emu.contract.protocol import (
+    FLAG_RESPONSE,
+    MAX_PAYLOAD,
+    Command,
+    ErrorCode,
+    Frame,
+    FrameError,
+    FrameReader,
+    RegReadArgs,
+    RegReadReply,
+    encode,
+)
 from nvcim.firmware_emu.contract.registers import BY_NAME
 
 from .errors import DeviceError, LinkError, LinkTimeout, ProtocolError

@@ -17,8 +17,14 @@ import onnx
 from tqdm import tqdm
 
 from nvcim.compiler import lower_model, place
-from nvcim.firmware_emu.contract.program_format import (Opcode, Program, ProgramFormatError, Tile,
-                                                       check_cell_image, check_program)
+from nvcim.firmware_emu.contract.program_format import (
+    Opcode,
+    Program,
+    ProgramFormatError,
+    Tile,
+    check_cell_image,
+    check_program,
+)
 from nvcim.firmware_emu.contract.protocol import WriteStats
 
 from .cache import cached_program, known_model, model_digest, remember_model
@@ -112,7 +118,8 @@ def deploy(device: Device, program: Program, *, verify: bool = False, layers: se
     """Upload the code and program the cells of ``layers`` (default: every layer).
 
     Each tile region is erased first; then only the cells of weights on the tile's side
-    (level > 0, matching sign) are pulsed. The other cells stay erased, (docs/device-model.md#signed-weights-positive-and-negative-arrays).
+    (level > 0, matching sign) are pulsed. The other cells stay erased,
+    (docs/device-model.md#signed-weights-positive-and-negative-arrays).
     Cells of layers not named are not touched, so a host can reflash only new layers.
     ``verify``: write-verify every cell; ``verify_mask``: per layer, a bool matrix
     (in_features x out_features) of the weights to write-verify, the rest open loop.
@@ -220,7 +227,8 @@ class Session:
         return ModelMetadata(m.producer_name, m.graph.name, m.domain, m.doc_string, m.model_version,
                              {p.key: p.value for p in m.metadata_props})
 
-    def run(self, output_names: list[str] | None, input_feed: dict[str, np.ndarray], run_options=None) -> list[np.ndarray]:
+    def run(self, output_names: list[str] | None, input_feed: dict[str, np.ndarray],
+            run_options=None) -> list[np.ndarray]:
         known_out = [o.name for o in self._outputs]
         wanted = known_out if not output_names else list(output_names)
         for name in wanted:
@@ -291,7 +299,7 @@ class Session:
     def close(self) -> None:
         self.device.close()
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Session:
         return self
 
     def __exit__(self, *exc) -> None:

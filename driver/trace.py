@@ -32,18 +32,42 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from typing import IO, Union
+from typing import IO
 
 import serial
 from serial import SerialBase, SerialException
 
-from nvcim.firmware_emu.contract.protocol import (FLAG_ASYNC, FLAG_ERROR, FLAG_RESPONSE, MAX_PAYLOAD, BufReadArgs,
-                                                  BufWriteHeader, CellMode, CellQuantity, CellsEraseArgs,
-                                                  CellsReadArgs, CellsReadReply, CellsWriteArgs, CellsWriteReply,
-                                                  Command, ErrorCode, Frame, FrameError, FrameReader, IdentifyReply,
-                                                  ProgramFetchReply, ProgramLoadArgs, RegReadArgs, RegReadReply,
-                                                  RegWriteArgs, RunArgs, encode, parse_fixed, parse_output_shapes,
-                                                  split_header)
+from nvcim.firmware_emu.contract.protocol import (
+    FLAG_ASYNC,
+    FLAG_ERROR,
+    FLAG_RESPONSE,
+    MAX_PAYLOAD,
+    BufReadArgs,
+    BufWriteHeader,
+    CellMode,
+    CellQuantity,
+    CellsEraseArgs,
+    CellsReadArgs,
+    CellsReadReply,
+    CellsWriteArgs,
+    CellsWriteReply,
+    Command,
+    ErrorCode,
+    Frame,
+    FrameError,
+    FrameReader,
+    IdentifyReply,
+    ProgramFetchReply,
+    ProgramLoadArgs,
+    RegReadArgs,
+    RegReadReply,
+    RegWriteArgs,
+    RunArgs,
+    encode,
+    parse_fixed,
+    parse_output_shapes,
+    split_header,
+)
 from nvcim.firmware_emu.contract.registers import BY_OFFSET, lookup
 
 TRACE_FORMAT = 1
@@ -51,7 +75,7 @@ KEEP_REPLY_PAYLOAD = 256  # reply payloads up to this size are kept in a JSON tr
 SUMMARY_CHARS = 100
 
 # What a trace goes to: a JSON-lines file (path), a text stream (live lines), or a function of each record.
-TraceSink = Union[str, os.PathLike, IO[str], Callable[["TraceRecord"], None]]
+TraceSink = str | os.PathLike | IO[str] | Callable[["TraceRecord"], None]
 
 
 @dataclass
@@ -101,7 +125,7 @@ class TraceRecord:
         return d
 
     @classmethod
-    def from_json(cls, d: dict) -> "TraceRecord":
+    def from_json(cls, d: dict) -> TraceRecord:
         error = ErrorCode.__members__.get(d.get("error", ""))
         return cls(d["t"], d["dir"], d["code"], d["seq"], d["flags"], d["len"], d["crc"], d["summary"],
                    None if error is None else int(error),
@@ -270,7 +294,7 @@ class JsonLinesSink:
         self.path = Path(path)
         self._file = self.path.open("w", encoding="utf-8")
         header = dict(nvcim_trace=TRACE_FORMAT, port=port,
-                      started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"))
+                      started=datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"))
         self._file.write(json.dumps(header) + "\n")
 
     def __call__(self, record: TraceRecord) -> None:
@@ -315,7 +339,7 @@ class TracingSerial(SerialBase):
     inner: SerialBase | None = None
 
     @classmethod
-    def around(cls, inner: SerialBase, trace: TraceSink) -> "TracingSerial":
+    def around(cls, inner: SerialBase, trace: TraceSink) -> TracingSerial:
         """Trace a port that is already open: to a JSON-lines file (path), a text stream, or a function."""
         port = cls(None, timeout=inner.timeout)
         port._attach(inner, _sinks_for(trace, inner.port or "?"), f"trace:{inner.port}")

@@ -14,8 +14,18 @@ from construct import Construct
 
 from .commands import buffer_range
 from .contract.program_format import packed_size, unpack_cells
-from .contract.protocol import (CellMode, CellQuantity, CellsEraseArgs, CellsReadArgs, CellsReadReply, CellsWriteArgs,
-                                CellsWriteReply, Command, ErrorCode, WriteStats)
+from .contract.protocol import (
+    CellMode,
+    CellQuantity,
+    CellsEraseArgs,
+    CellsReadArgs,
+    CellsReadReply,
+    CellsWriteArgs,
+    CellsWriteReply,
+    Command,
+    ErrorCode,
+    WriteStats,
+)
 from .contract.registers import Q16
 from .errors import ChipError, parse_args
 from .operations import Abort, Operation, Steps, primed

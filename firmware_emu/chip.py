@@ -35,8 +35,16 @@ from .frame_server import FrameServer
 from .layer_weights import LayerWeights
 from .nvm_image import NvmImage
 from .operations import SERVED_WHILE_BUSY, SETTINGS_IN_USE, Operation, OperationEngine, run_to_end
-from .register_file import (CONTROL_ABORT, CONTROL_SOFT_RESET, CONTROL_START, IRQ_ERROR, STATUS_BUSY,
-                            STATUS_PROGRAM_LOADED, STATUS_READY, RegisterFile)
+from .register_file import (
+    CONTROL_ABORT,
+    CONTROL_SOFT_RESET,
+    CONTROL_START,
+    IRQ_ERROR,
+    STATUS_BUSY,
+    STATUS_PROGRAM_LOADED,
+    STATUS_READY,
+    RegisterFile,
+)
 
 __all__ = ["HANDLERS", "Chip", "ChipConfig", "ChipError"]
 

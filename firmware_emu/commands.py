@@ -18,10 +18,28 @@ import numpy as np
 
 from .config import ChipConfig
 from .contract.ops import OPS, PAD_MODES, output_shapes
-from .contract.program_format import (MAX_SAMPLE_ELEMENTS, Instr, Opcode, Program, ProgramFormatError, kernel_elements,
-                                      parse_code)
-from .contract.protocol import (MAX_PAYLOAD, BufReadArgs, BufWriteHeader, ErrorCode, IdentifyReply, Identity,
-                                ProgramFetchReply, ProgramLoadArgs, RegReadArgs, RegReadReply, RegWriteArgs)
+from .contract.program_format import (
+    MAX_SAMPLE_ELEMENTS,
+    Instr,
+    Opcode,
+    Program,
+    ProgramFormatError,
+    kernel_elements,
+    parse_code,
+)
+from .contract.protocol import (
+    MAX_PAYLOAD,
+    BufReadArgs,
+    BufWriteHeader,
+    ErrorCode,
+    IdentifyReply,
+    Identity,
+    ProgramFetchReply,
+    ProgramLoadArgs,
+    RegReadArgs,
+    RegReadReply,
+    RegWriteArgs,
+)
 from .contract.registers import CHIP_ID_VALUE, VERSION_VALUE
 from .errors import ChipError, expect_empty, parse_args, parse_header
 from .operations import Operation

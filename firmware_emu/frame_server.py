@@ -14,8 +14,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
-from .contract.protocol import (FLAG_ASYNC, FLAG_ERROR, FLAG_RESPONSE, MAX_PAYLOAD, ErrorCode, Frame, FrameError,
-                                FrameReader, encode, error_payload)
+from .contract.protocol import (
+    FLAG_ASYNC,
+    FLAG_ERROR,
+    FLAG_RESPONSE,
+    MAX_PAYLOAD,
+    ErrorCode,
+    Frame,
+    FrameError,
+    FrameReader,
+    encode,
+    error_payload,
+)
 from .errors import ChipError
 from .operations import as_chip_error
 

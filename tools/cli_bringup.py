@@ -30,7 +30,8 @@ def _device_url(device: str | None, fallback: str | None = None) -> str:
     Commands that program cells fall back to a fresh in-process chip (or a sequence
     file's own device), never to the flow's image, whose deployed model they would overwrite.
     """
-    from nvcim.driver.default_device import IN_PROCESS_CHIP as FRESH_CHIP, resolve_device
+    from nvcim.driver.default_device import IN_PROCESS_CHIP as FRESH_CHIP
+    from nvcim.driver.default_device import resolve_device
 
     from .cli import CHIP_IMAGE
 

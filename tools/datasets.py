@@ -42,7 +42,7 @@ class Split:
     def image_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
 
-    def validation(self, fraction: float = 0.1, seed: int = 0) -> tuple["Split", "Split"]:
+    def validation(self, fraction: float = 0.1, seed: int = 0) -> tuple[Split, Split]:
         """(train minus validation, validation) carved from the training part; test untouched."""
         order = np.random.default_rng(seed).permutation(len(self.x_train))
         n_val = max(1, int(round(len(order) * fraction)))

@@ -58,7 +58,7 @@ class Region:
     cols: int
 
     @classmethod
-    def whole(cls, dev) -> "Region":
+    def whole(cls, dev) -> Region:
         ident = identity_fields(dev)
         return cls(0, 0, ident["rows"], ident["cols"])
 
@@ -76,7 +76,7 @@ class ChipSettings:
     model: str
 
     @classmethod
-    def read(cls, dev) -> "ChipSettings":
+    def read(cls, dev) -> ChipSettings:
         code = dev.read_register("DEVICE_MODEL")
         model = DeviceModelCode(code).name if code in DeviceModelCode._value2member_map_ else str(code)
         return cls(dev.read_register("SEED"), dev.read_register("SIGMA") / Q16,

@@ -88,7 +88,7 @@ class Net(nn.Module):
             return x
         return self.tsb(x, self.tsb_shapes[i])
 
-    def add_tsb(self, c: int, points: list[int] | None = None) -> "Net":
+    def add_tsb(self, c: int, points: list[int] | None = None) -> Net:
         """Insert one identity-initialised shared block of width ``c`` at ``points`` (indices into
         ``tsb_shapes``; None: every insertion point); returns self."""
         if points is not None:
@@ -110,7 +110,7 @@ class Net(nn.Module):
     def conv_bn_pairs(self) -> list[tuple[str, str]]:
         return []
 
-    def folded(self) -> "Net":
+    def folded(self) -> Net:
         """The deploy form: a copy with every BatchNorm folded into its conv (eval statistics)."""
         cfg = dict(self.config, bn=False)
         tsb, points = cfg.pop("tsb", None), cfg.pop("tsb_points", None)

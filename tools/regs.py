@@ -15,8 +15,18 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from nvcim.firmware_emu.contract.protocol import Command, ErrorCode
-from nvcim.firmware_emu.contract.registers import (BY_NAME, BY_OFFSET, LIMITS, REGISTERS, Access, DeviceModelCode,
-                                                   Field, OpState, Q16, Register)
+from nvcim.firmware_emu.contract.registers import (
+    BY_NAME,
+    BY_OFFSET,
+    LIMITS,
+    Q16,
+    REGISTERS,
+    Access,
+    DeviceModelCode,
+    Field,
+    OpState,
+    Register,
+)
 
 WORD_MAX = 0xFFFFFFFF
 _NAME_WIDTH = max(len(r.name) for r in REGISTERS)
@@ -115,7 +125,8 @@ def parse_value(ref: RegisterRef, value: int | float | str) -> int:
         value = round(value * Q16)
     if not 0 <= value <= ref.max_value:
         shown = f" = {value / Q16:g} in Q16.16" if ref.q16 else ""
-        limit = f"0..{ref.max_value} (0x{ref.max_value:X}" + (f", {ref.max_value / Q16:g} in Q16.16)" if ref.q16 else ")")
+        limit = (f"0..{ref.max_value} (0x{ref.max_value:X}"
+                 + (f", {ref.max_value / Q16:g} in Q16.16)" if ref.q16 else ")"))
         raise RegisterError(f"{ref.name}: value {value}{shown} out of range {limit}")
     return value
 

@@ -133,7 +133,7 @@ class Step:
     line: int
     number: str                # "3", or "5.2" inside a loop
     key_lines: dict[str, int] = field(default_factory=dict)
-    steps: list["Step"] = field(default_factory=list)  # a loop's body
+    steps: list[Step] = field(default_factory=list)  # a loop's body
 
     @property
     def label(self) -> str:
@@ -592,7 +592,8 @@ def _run_cells_read(runner: Runner, value, options) -> str:
     quantity = str(value.get("quantity", "conductance")).lower()
     args = (r["array"], r["row"], r["col"], r["rows"], r["cols"])
     if quantity == "deviation":
-        data = runner.dev.read_cells(*args, CellQuantity.CONDUCTANCE) - runner.dev.read_cells(*args, CellQuantity.TARGET)
+        data = (runner.dev.read_cells(*args, CellQuantity.CONDUCTANCE)
+                - runner.dev.read_cells(*args, CellQuantity.TARGET))
     else:
         data = runner.dev.read_cells(*args, CellQuantity[quantity.upper()])
     stats = dict(mean=float(data.mean()), std=float(data.std()), min=float(data.min()), max=float(data.max()),
