@@ -50,7 +50,8 @@ def main() -> None:
     with driver.open(f"emu://?arrays={ARRAYS}&rows={ROWS}&cols={COLS}") as dev:
         programming(dev)
         link(dev, "in-process", 32)
-    server = subprocess.Popen([sys.executable, "-m", "nvcim.firmware_emu", "serve", "--pty"], stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen([sys.executable, "-m", "nvcim.firmware_emu", "serve", "--pty"],
+                              stdout=subprocess.PIPE, text=True)
     try:
         address = server.stdout.readline().strip().removeprefix("serving on ")
         with driver.open(address) as dev:

@@ -50,8 +50,8 @@ def main() -> None:
         for name, (arch, in_ch, image) in MODELS.items():
             path = Path(tmp) / f"{arch}.onnx"
             _export(arch, in_ch, image, path)
-            t_lower, (lowered, proto) = _best(lambda: lower_model(path))
-            t_place, program = _best(lambda: place(lowered, proto, TARGET))
+            t_lower, (lowered, proto) = _best(lambda path=path: lower_model(path))
+            t_place, program = _best(lambda lowered=lowered, proto=proto: place(lowered, proto, TARGET))
             weights = sum(w.size for w in lowered.weights.values())
             tiles = sum(len(layer.tiles) for layer in program.layers)
             code = len(program.code_bytes())

@@ -18,7 +18,7 @@ import onnxruntime as ort
 import torch
 
 from nvcim import driver
-from nvcim.tools.models import LeNet3, VGG8
+from nvcim.tools.models import VGG8, LeNet3
 
 
 def _export(model: torch.nn.Module, shape: tuple[int, ...], path: Path) -> None:
@@ -61,7 +61,8 @@ def main() -> None:
             with driver.load(path, device="emu://?sigma=0.3&seed=1&arrays=4096") as sess:
                 for batch in (1, 64):
                     x = np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
-                    r, c = _compare(lambda v: ref.run(None, {"x": v}), lambda v: sess.run(None, {"x": v}), x)
+                    r, c = _compare(lambda v, ref=ref: ref.run(None, {"x": v}),
+                                        lambda v: sess.run(None, {"x": v}), x)
                     print(f"{name:<8} {batch:>5} {r:>18.0f} {c:>11.0f} {r / c:>9.2f}")
 
 

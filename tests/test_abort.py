@@ -16,11 +16,23 @@ import pytest
 
 from nvcim import driver
 from nvcim.firmware_emu.cell_commands import WRITE_CHUNK_CELLS
-from nvcim.firmware_emu.run_commands import RUN_SLICE
 from nvcim.firmware_emu.contract.program_format import pack_cells
-from nvcim.firmware_emu.contract.protocol import (FLAG_ASYNC, CellQuantity, CellsEraseArgs, CellsReadArgs, CellsWriteArgs,
-                                   CellsWriteReply, Command, ErrorCode, Frame, FrameReader, encode)
+from nvcim.firmware_emu.contract.protocol import (
+    FLAG_ASYNC,
+    CellQuantity,
+    CellsEraseArgs,
+    CellsReadArgs,
+    CellsWriteArgs,
+    CellsWriteReply,
+    Command,
+    ErrorCode,
+    Frame,
+    FrameReader,
+    encode,
+)
 from nvcim.firmware_emu.contract.registers import BY_NAME, OpState
+from nvcim.firmware_emu.run_commands import RUN_SLICE
+
 from polling import poll_until
 
 ROWS, COLS = 4096, 1024
@@ -246,8 +258,8 @@ def test_an_aborted_run_writes_no_output_and_counts_no_operation(mlp_path):
         assert not start.is_error and not abort.is_error
         code, message = raw.ask(Command.OP_RESULT).error()
         assert code == ErrorCode.ABORTED
-        assert message == f"CONTROL.START aborted after 0 of {len(x)} samples (0 slices of {RUN_SLICE}); no output written, " \
-                          f"buffer unchanged"
+        assert message == (f"CONTROL.START aborted after 0 of {len(x)} samples (0 slices of {RUN_SLICE}); "
+                           f"no output written, buffer unchanged")
         assert dev.buffer_read(x.nbytes) == x.tobytes()
         assert dev.counters()["mvm_ops"] == mvm
         # the same staged inputs run to the end through the driver

@@ -8,6 +8,7 @@ from nvcim.compiler import Target, compile_model
 from nvcim.firmware_emu.contract.program_format import effective_weights
 from nvcim.firmware_emu.contract.protocol import CellQuantity, Command, ErrorCode
 from nvcim.firmware_emu.contract.registers import CHIP_ID_VALUE, OpState
+
 from polling import poll_until
 from zoo import export, export_mlp
 

@@ -177,7 +177,8 @@ def test_binary_ops_with_constants_and_tensors():
 
 @pytest.mark.parametrize("axis", [1, 2, -1])
 def test_softmax_and_log_softmax(axis):
-    nodes = [helper.make_node("Softmax", ["x"], ["a"], axis=axis), helper.make_node("LogSoftmax", ["x"], ["b"], axis=axis)]
+    nodes = [helper.make_node("Softmax", ["x"], ["a"], axis=axis),
+             helper.make_node("LogSoftmax", ["x"], ["b"], axis=axis)]
     check(build(nodes, {"x": (3, 4, 5)}, ["a", "b"]), x=(3, 4, 5))
 
 
@@ -276,7 +277,8 @@ BATCH_MIXING = {
               {"a": np.array([1], np.int64), "b": np.array([2], np.int64), "c": np.array([0], np.int64)},
               "node 'cut' \\(Slice\\): slicing the batch dimension"),
     "Flatten": ([helper.make_node("Flatten", ["x"], ["y"], axis=2, name="fl")], {}, "node 'fl' \\(Flatten\\): axis=2"),
-    "constant over batch": ([helper.make_node("Add", ["x", "k"], ["y"], name="add")], {"k": np.ones((5, 4, 3), np.float32)},
+    "constant over batch": ([helper.make_node("Add", ["x", "k"], ["y"], name="add")],
+                            {"k": np.ones((5, 4, 3), np.float32)},
                             "node 'add' \\(Add\\): output 'y' would mix the batch dimension"),
 }
 
@@ -303,7 +305,8 @@ UNSUPPORTED = {
     "pool indices": ([helper.make_node("MaxPool", ["x"], ["y", "i"], kernel_shape=[2], name="mp")], {},
                      "node 'mp' \\(MaxPool\\): the Indices output is not supported"),
     "auto_pad value": ([helper.make_node("Conv", ["x", "W"], ["y"], auto_pad="SOMETIMES", name="c")],
-                       {"W": w(2, 4, 1)}, "node 'c' \\(Conv\\): auto_pad=SOMETIMES is not supported \\(supported: NOTSET, VALID"),
+                       {"W": w(2, 4, 1)},
+                       "node 'c' \\(Conv\\): auto_pad=SOMETIMES is not supported \\(supported: NOTSET, VALID"),
     "training dropout": ([helper.make_node("Dropout", ["x", "r", "t"], ["y"], name="d")],
                          {"r": np.float32(0.5), "t": np.bool_(True)}, "node 'd' \\(Dropout\\): training_mode=true"),
     "cast to int": ([helper.make_node("Cast", ["x"], ["i"], to=TensorProto.INT32, name="c"),

@@ -11,6 +11,7 @@ from nvcim import driver
 from nvcim.compiler import Target, compile_model, lower_model, reference
 from nvcim.compiler.disasm import disassemble
 from nvcim.firmware_emu.contract.program_format import FORMAT_VERSION, Program
+
 from zoo import LeNet3, export, randomised
 
 

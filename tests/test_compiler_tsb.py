@@ -11,13 +11,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from test_models import TOLERANCE
 
 from nvcim import driver
 from nvcim.compiler import CompileError, Target, compile_model, quantized_model, reference
 from nvcim.firmware_emu.contract.program_format import Opcode
-from test_models import TOLERANCE
-from zoo import TSB, Backbone, export
 
+from zoo import TSB, Backbone, export
 
 SHAPE = (1, 12, 12)
 

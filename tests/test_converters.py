@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from nvcim import driver
+
 from zoo import SmallCNN, export
 
 

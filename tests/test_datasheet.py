@@ -9,7 +9,6 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-
 from construct import Int8ul, Int16ul, Struct
 
 from nvcim.firmware_emu import datasheet, program_format_doc

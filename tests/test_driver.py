@@ -1,7 +1,6 @@
 """driver.load / driver.open as host applications use them."""
 
 import logging
-import os
 
 import numpy as np
 import onnx

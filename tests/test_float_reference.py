@@ -31,6 +31,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from nvcim import driver
+
 from zoo import MODELS, batchnorm_graph, export, export_mlp, randomised
 
 WEIGHT_BITS = 8
@@ -123,4 +124,5 @@ def test_ideal_chip_is_within_8_bit_quantisation_of_the_float_model(float_model)
         y, = sess.run(None, {"x": x})
     error = float(np.abs(y - y_float).max())
     assert error <= MARGIN * effect, \
-        f"{name}: chip is {error:.3g} from the float model, {error / effect:.1f}x the 8-bit quantisation effect {effect:.3g}"
+        (f"{name}: chip is {error:.3g} from the float model, "
+         f"{error / effect:.1f}x the 8-bit quantisation effect {effect:.3g}")

@@ -30,11 +30,28 @@ from chip_programs import load, new_chip, small_model, small_program
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nvcim.firmware_emu.contract.protocol import (FLAG_ERROR, FLAG_RESPONSE, HEADER_SIZE, SYNC,
-                                                  BufReadArgs, BufWriteHeader, CellsEraseArgs, CellsReadArgs,
-                                                  CellsWriteArgs, Command, ErrorCode, ErrorReply, Frame, FrameError,
-                                                  FrameReader, ProgramLoadArgs, RegReadArgs, RegWriteArgs, RunArgs,
-                                                  encode)
+from nvcim.firmware_emu.contract.protocol import (
+    FLAG_ERROR,
+    FLAG_RESPONSE,
+    HEADER_SIZE,
+    SYNC,
+    BufReadArgs,
+    BufWriteHeader,
+    CellsEraseArgs,
+    CellsReadArgs,
+    CellsWriteArgs,
+    Command,
+    ErrorCode,
+    ErrorReply,
+    Frame,
+    FrameError,
+    FrameReader,
+    ProgramLoadArgs,
+    RegReadArgs,
+    RegWriteArgs,
+    RunArgs,
+    encode,
+)
 from nvcim.firmware_emu.contract.registers import REGISTERS
 
 from fuzzing import LONG, fuzz

@@ -82,7 +82,7 @@ def test_program_tile_map_and_summary(tmp_path, mlp_path):
     out = _ok("inspect", "program", path, "-o", tmp_path)
     # the MLP is 64x300 and 300x10; every weight takes 8/2 = 4 cells on each of the two sign sides
     layer1, layer2 = 2 * 64 * 300 * 4, 2 * 300 * 10 * 4
-    assert out.splitlines()[0].startswith(f"mlp.bin: 2 crossbar layers on ")
+    assert out.splitlines()[0].startswith("mlp.bin: 2 crossbar layers on ")
     assert f"; {layer1 + layer2} cells" in out
     assert f"{layer1} cells" in out.splitlines()[1] and f"{layer2} cells" in out.splitlines()[2]
     owner, usage = inspect_chip.tile_usage(program)

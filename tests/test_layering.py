@@ -16,7 +16,8 @@ ALLOWED = {"nvcim.firmware_emu", "nvcim.firmware_emu.contract"}  # package __ini
 
 def _firmware_modules_loaded(code: str) -> list[str]:
     """The nvcim.firmware_emu modules loaded after running ``code`` in a fresh interpreter."""
-    probe = code + "\nimport json, sys\nprint(json.dumps(sorted(m for m in sys.modules if m.startswith('nvcim.firmware_emu'))))\n"
+    probe = (code + "\nimport json, sys\n"
+             "print(json.dumps(sorted(m for m in sys.modules if m.startswith('nvcim.firmware_emu'))))\n")
     done = subprocess.run([sys.executable, "-c", probe], check=False, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])

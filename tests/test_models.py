@@ -20,6 +20,7 @@ import torch
 
 from nvcim import driver
 from nvcim.compiler import compile_model, lower_model, quantized_model, reference
+
 from zoo import MODELS, ConvBN, export, randomised
 
 TOLERANCE = 1e-5  # of the largest |output|; see the module docstring

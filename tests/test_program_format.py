@@ -2,7 +2,13 @@ import numpy as np
 import pytest
 
 from nvcim.compiler import Target, compile_model
-from nvcim.firmware_emu.contract.program_format import HEADER_SIZE, Program, ProgramFormatError, pack_cells, unpack_cells
+from nvcim.firmware_emu.contract.program_format import (
+    HEADER_SIZE,
+    Program,
+    ProgramFormatError,
+    pack_cells,
+    unpack_cells,
+)
 
 
 def test_pack_unpack_roundtrip_for_every_cell_width():
@@ -22,7 +28,7 @@ def test_program_roundtrip(mlp_path):
     p = compile_model(mlp_path, Target())
     q = Program.from_bytes(p.to_bytes())
     assert q.code_bytes() == p.code_bytes() and q.cells == p.cells
-    assert [l.name for l in q.layers] == [l.name for l in p.layers]
+    assert [layer.name for layer in q.layers] == [layer.name for layer in p.layers]
 
 
 def test_corruption_is_reported_with_its_offset(mlp_path):

@@ -1,4 +1,4 @@
-from nvcim.firmware_emu.contract.protocol import (MAX_PAYLOAD, ErrorCode, Frame, FrameError, FrameReader, encode)
+from nvcim.firmware_emu.contract.protocol import MAX_PAYLOAD, ErrorCode, Frame, FrameError, FrameReader, encode
 
 
 def test_frames_split_across_feeds_and_garbage_are_recovered():

@@ -48,7 +48,8 @@ def test_identity_tsb_changes_nothing_and_exports_once(tmp_path, arch, width, c)
     inits = [t.name for t in proto.graph.initializer if t.name == "tsb.weight"]
     matmuls = [n for n in proto.graph.node if n.op_type == "MatMul"]
     assert inits == ["tsb.weight"]  # stored once ...
-    assert len(matmuls) == len(net.tsb_shapes) and all(n.input[1] == "tsb.weight" for n in matmuls)  # ... used everywhere
+    # ... used everywhere
+    assert len(matmuls) == len(net.tsb_shapes) and all(n.input[1] == "tsb.weight" for n in matmuls)
     assert not any(n.op_type == "Constant" for n in proto.graph.node)
     ops = [n.op_type for n in proto.graph.node]
     start = ops.index("MatMul") - 3

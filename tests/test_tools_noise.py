@@ -15,6 +15,7 @@ from nvcim.compiler.quantize import fake_quantize
 from nvcim.firmware_emu.contract.device import DeviceSettings
 from nvcim.tools.chip import deploy_backbone, fetch_noise
 from nvcim.tools.noise import quantize, weight_noise, weight_std_factor
+
 from zoo import export
 
 

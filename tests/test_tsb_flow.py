@@ -12,8 +12,16 @@ from nvcim.compiler import reference
 from nvcim.firmware_emu.contract.program_format import effective_weights
 from nvcim.firmware_emu.contract.protocol import CellQuantity
 from nvcim.tools import datasets
-from nvcim.tools.chip import (FlowError, NoiseDump, chip_logits, deploy_backbone, fetch_noise, flash_tsb, program_for,
-                        program_on_chip)
+from nvcim.tools.chip import (
+    FlowError,
+    NoiseDump,
+    chip_logits,
+    deploy_backbone,
+    fetch_noise,
+    flash_tsb,
+    program_for,
+    program_on_chip,
+)
 from nvcim.tools.evaluate import predict, quantized_params
 from nvcim.tools.noise import quantize
 from nvcim.tools.onnx_io import export, load_deploy
@@ -78,7 +86,7 @@ def test_tsb_flow_reflashes_only_the_tsb_cells(data, backbone, tmp_path):
         ref = ort.InferenceSession(str(tsb_path)).run(None, {"image": data.x_test})[0]
         np.testing.assert_allclose(ref, predict(model, data.x_test), rtol=1e-4, atol=1e-4)
 
-        names = {l.name for l in program.layers}
+        names = {layer.name for layer in program.layers}
         before = [_read_tiles(dev, program, names, q) for q in CellQuantity]
         new_program, report = flash_tsb(dev, backbone, tsb_path, dump)
         after = [_read_tiles(dev, program, names, q) for q in CellQuantity]
@@ -95,7 +103,7 @@ def test_tsb_flow_reflashes_only_the_tsb_cells(data, backbone, tmp_path):
         chip = chip_logits(dev, new_program, data.x_test)
         full = fetch_noise(dev, tsb_path)
         assert set(full.layers) == {"conv1.weight", "conv2.weight", "fc.weight", "tsb.weight"}
-        dumped = {layer.name: effective_weights(new_program, i, lambda t: full.cells[layer.name][t])
+        dumped = {layer.name: effective_weights(new_program, i, lambda t, name=layer.name: full.cells[name][t])
                   for i, layer in enumerate(new_program.layers)}
         ref, = reference.run(new_program, [data.x_test], noise=dumped)
         np.testing.assert_allclose(chip, ref, rtol=0, atol=1e-5 * np.abs(chip).max())
@@ -105,7 +113,7 @@ def test_tsb_flow_reflashes_only_the_tsb_cells(data, backbone, tmp_path):
         np.testing.assert_allclose(ours, chip, rtol=0, atol=1e-4 * np.abs(chip).max())
         # the verified TSB cells sit within the verify tolerance of their targets
         assert np.abs(np.concatenate([c.ravel() for c in full.cells["tsb.weight"]])).max() <= 0.06 * 3 + 1e-6
-        assert program_for(dev, tsb_path).layers[-1].name in {l.name for l in program_on_chip(dev).layers}
+        assert program_for(dev, tsb_path).layers[-1].name in {layer.name for layer in program_on_chip(dev).layers}
 
 
 def test_bad_inputs_are_clear_errors(data, backbone, tmp_path):

@@ -189,7 +189,8 @@ def batchnorm_graph(seed: int = 0) -> onnx.ModelProto:
     b3 = const("fc.bias", rng.normal(0, 0.1, 10))
     nodes.append(helper.make_node("Gemm", ["f", w3, b3], ["g"], transB=1))
     batchnorm("g", 10, "y")
-    graph = helper.make_graph(nodes, "batchnorm", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 3, 8, 8])],
+    graph = helper.make_graph(nodes, "batchnorm",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 3, 8, 8])],
                               [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 10])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
