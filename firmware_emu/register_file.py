@@ -62,7 +62,8 @@ class RegisterFile:
         self.regs.update(
             CAP_ARRAYS=c.arrays, CAP_GEOMETRY=c.rows | (c.cols << 16),
             CAP_CELL=c.weight_bits | (c.cell_bits << 8), CAP_BUFFER=c.buffer_size,
-            CAP_MAX_PAYLOAD=MAX_PAYLOAD, UID_LO=c.unique_id & 0xFFFFFFFF, UID_HI=c.unique_id >> 32, SIGMA=round(c.sigma * Q16), SEED=c.seed & 0xFFFFFFFF,
+            CAP_MAX_PAYLOAD=MAX_PAYLOAD, UID_LO=c.unique_id & 0xFFFFFFFF, UID_HI=c.unique_id >> 32,
+            SIGMA=round(c.sigma * Q16), SEED=c.seed & 0xFFFFFFFF,
             DEVICE_MODEL=int(c.model), READ_NOISE=round(c.read_noise * Q16),
             CONFIG=CONFIG_CLIP * int(c.clip) | CONFIG_PER_CELL_STATE * int(c.variation),
             STUCK_RATE=round(c.stuck_rate * Q16),
@@ -129,7 +130,8 @@ class RegisterFile:
                 return int(self.dac_fs[a])
             if name == "ARRAY_ADC_FS":
                 return int(self.adc_fs[a])
-            return int(self.dac_bits[a]) | int(self.adc_bits[a]) << 8 | int(self.shift_add[a]) << CONVERTERS_SHIFT_ADD.lsb
+            return (int(self.dac_bits[a]) | int(self.adc_bits[a]) << 8
+                    | int(self.shift_add[a]) << CONVERTERS_SHIFT_ADD.lsb)
         if reg.access == Access.WO:
             return 0
         return self.regs[name]

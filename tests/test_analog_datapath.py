@@ -289,7 +289,8 @@ def test_shift_add_read_noise_is_the_cells_noise_through_the_fused_columns():
     variance = np.zeros((3, 12))
     for t in program.layers[0].tiles:
         rows = x[:, t.in_start:t.in_start + t.in_count].astype(np.float64)
-        variance[:, t.out_start:t.out_start + t.out_count] += (rows ** 2).sum(axis=1, keepdims=True) * (PLACE ** 2).sum()
+        variance[:, t.out_start:t.out_start + t.out_count] += \
+            (rows ** 2).sum(axis=1, keepdims=True) * (PLACE ** 2).sum()
     formula = 0.01 * sigma * G_MAX * np.sqrt(variance)
     # reference: every cell read draws its own Gaussian, the fused column sums its slices' currents
     rng = np.random.default_rng(21)
