@@ -129,9 +129,13 @@ class NoiseStream:
     """
 
     def __init__(self, seed: np.random.SeedSequence | int | Sequence[int]):
-        self._seq = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+        self._seed = seed
+        self._seq: np.random.SeedSequence | None = None  # made on first use: a run without read noise never pays it
 
     def generator(self):
+        if self._seq is None:
+            seed = self._seed
+            self._seq = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
         child, = self._seq.spawn(1)
         return _torch().Generator().manual_seed(int(child.generate_state(1, np.uint64)[0] >> 1))
 
