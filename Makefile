@@ -17,6 +17,7 @@ demo: $(STAMP)
 	$(BIN)/nvcim demo
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 # the fuzz tests' long profile (>= 100,000 frames, >= 10,000 program/ONNX/image mutations): docs/reliability.md

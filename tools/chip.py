@@ -64,7 +64,8 @@ def model_fingerprint(program: Program, layers: set[str] | None = None) -> str:
     for index, layer in sorted(enumerate(program.layers), key=lambda il: il[1].name):
         if layers is not None and layer.name not in layers:
             continue
-        w = effective_weights(program, index, lambda i: program.tile_cells(layer.tiles[i]).astype(np.float32))
+        w = effective_weights(program, index,
+                              lambda i, layer=layer: program.tile_cells(layer.tiles[i]).astype(np.float32))
         h.update(layer.name.encode() + b"\0" + np.array(w.shape, np.int64).tobytes())
         h.update(np.ascontiguousarray(w, np.float32).tobytes())
     return h.hexdigest()
@@ -119,10 +120,10 @@ def program_for(device: driver.Device, onnx_path: str | os.PathLike) -> Program:
     """The program of ``onnx_path`` as it sits on the chip (every layer pinned where the chip holds it)."""
     names = set(lower_model(onnx_path)[0].weights)
     chip_program = program_on_chip(device)
-    missing = sorted(names - {l.name for l in chip_program.layers})
+    missing = sorted(names - {lay.name for lay in chip_program.layers})
     if missing:
         raise FlowError(f"{onnx_path} is not on the chip: layer(s) {', '.join(missing[:3])} missing (the chip "
-                        f"holds {', '.join(l.name for l in chip_program.layers)}); deploy or flash it first")
+                        f"holds {', '.join(lay.name for lay in chip_program.layers)}); deploy or flash it first")
     try:
         return compile_model(onnx_path, target_of(device), base=_subset(chip_program, names), shared="common")
     except CompileError as e:
@@ -138,7 +139,7 @@ class Cost(driver.WriteStats):
     energy_pj: int = 0
 
     @classmethod
-    def between(cls, before: dict, after: dict, stats: driver.WriteStats) -> "Cost":
+    def between(cls, before: dict, after: dict, stats: driver.WriteStats) -> Cost:
         return cls(**asdict(stats), busy_ns=after.get("busy_ns", 0) - before.get("busy_ns", 0),
                    energy_pj=after.get("energy_pj", 0) - before.get("energy_pj", 0))
 
@@ -240,7 +241,7 @@ class NoiseDump:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "NoiseDump":
+    def load(cls, path: str | os.PathLike) -> NoiseDump:
         path = Path(path)
         if not path.is_file():
             raise FlowError(f"{path}: no such noise file (make one with: nvcim noise fetch -o {path})")
@@ -264,7 +265,7 @@ class NoiseDump:
     def check_model(self, program: Program, what: str) -> None:
         """Raise unless this dump was taken from ``program``'s backbone layers."""
         names = set(self.layers)
-        if not names <= {l.name for l in program.layers} or \
+        if not names <= {lay.name for lay in program.layers} or \
                 model_fingerprint(program, names) != self.model_fingerprint:
             raise FlowError(f"noise file {self.source or '(in memory)'} was captured from another model "
                             f"(fingerprint {self.model_fingerprint[:12]}), not from {what}; "
@@ -292,7 +293,7 @@ def fetch_noise(device: driver.Device, onnx_path: str | os.PathLike) -> NoiseDum
         programmed[layer.name] = [
             device.read_cells(t.array, t.row, t.col, t.in_count, t.out_count * s, CellQuantity.PROGRAM_TIME)
             for t in layer.tiles]
-        matrix = effective_weights(expected, li, lambda i: tiles[i])
+        matrix = effective_weights(expected, li, lambda i, tiles=tiles: tiles[i])
         src, shape, flat = layout[layer.name]
         w = noise.setdefault(src, np.zeros(shape, np.float32)).reshape(-1)  # a view: groups fill their parts
         sel = flat >= 0
@@ -396,14 +397,14 @@ def flash_tsb(device: driver.Device, backbone_onnx: str | os.PathLike, tsb_onnx:
                     raise FlowError(f"noise file {dump.source} does not match the noise this chip captured for "
                                     f"layer '{layer.name}' (another chip, or the backbone was deployed again); "
                                     f"fetch it again: nvcim noise fetch")
-    base_names = {l.name for l in backbone.layers}
+    base_names = {lay.name for lay in backbone.layers}
     base = _subset(chip_program, base_names)
     program = compile_for(device, tsb_onnx, base=base, shared=shared)
-    tsb_names = [l.name for l in program.layers if l.name not in base_names]
+    tsb_names = [lay.name for lay in program.layers if lay.name not in base_names]
     if not tsb_names:
         raise FlowError(f"{tsb_onnx} adds no crossbar layer to the backbone; is it a TSB model (nvcim tsb train)?")
     check_tsb_fits(program, tsb_names, settings)
-    arrays = sorted({t.array for l in program.layers for t in l.tiles})
+    arrays = sorted({t.array for lay in program.layers for t in lay.tiles})
     quantities = [CellQuantity.TARGET, CellQuantity.NOISE]
     conductance = settings["read_noise"] == 0
     if conductance:
@@ -421,9 +422,9 @@ def flash_tsb(device: driver.Device, backbone_onnx: str | os.PathLike, tsb_onnx:
     if not identical:
         changed = int((before_cells[:, outside] != after_cells[:, outside]).any(0).sum())
         raise FlowError(f"reflash changed {changed} cells outside the TSB tiles; the backbone is no longer intact")
-    layout = {l.name: l for l in program.layers}
+    layout = {lay.name: lay for lay in program.layers}
     tsb_weights = sum(layout[n].in_features * layout[n].out_features for n in tsb_names)
-    total = sum(l.in_features * l.out_features for l in program.layers)
+    total = sum(lay.in_features * lay.out_features for lay in program.layers)
     backbone_cells = int(backbone_mask.sum())
     report = FlashReport(tsb_names, tsb_weights, total, cost, full_verify_cost(settings, program), backbone_cells,
                          int(outside.sum()) - backbone_cells, identical, conductance)
@@ -447,7 +448,7 @@ def check_tsb_width(c: int, settings: dict) -> None:
 
 def _subset(program: Program, names: set[str]) -> Program:
     """A program holding only the named layers (with their cells): the base of an incremental compile."""
-    layers = [l for l in program.layers if l.name in names]
+    layers = [lay for lay in program.layers if lay.name in names]
     return Program(program.weight_bits, program.cell_bits, program.array_rows, program.array_cols, [], {},
                    layers, [], [], [], program.cells)
 

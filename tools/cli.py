@@ -200,7 +200,8 @@ def _train_options(fn):
                      show_default=True),
         click.option("--width", type=float, default=1.0, show_default=True,
                      help="Channel scale (VGG-8 / ResNet-18 at 0.125 fit this machine)."),
-        click.option("--bn/--no-bn", default=None, help="BatchNorm after each conv [default: off for LeNet-3, on else]."),
+        click.option("--bn/--no-bn", default=None,
+                     help="BatchNorm after each conv [default: off for LeNet-3, on else]."),
         click.option("--image", type=int, default=None, help="Input size [default: 28 LeNet-3, 32 else]."),
         click.option("--epochs", type=int, default=60, show_default=True, help="Length of full training (the plan)."),
         click.option("--stop-fraction", type=float, default=0.5, show_default=True,
@@ -255,7 +256,8 @@ def train(arch, width, bn, image, epochs, stop_fraction, patience, lr, sigma_tra
 @device_option
 @click.option("--sigma", type=float, default=None, help="Chip setting (emu:// chips): device variation.")
 @click.option("--seed", type=int, default=None, help="Chip setting (emu:// chips): the chip's seed.")
-@click.option("--device-model", default=None, help="Chip setting (emu:// chips): GAUSSIAN, RRAM1, FEFET2, RRAM4, FEFET6.")
+@click.option("--device-model", default=None,
+              help="Chip setting (emu:// chips): GAUSSIAN, RRAM1, FEFET2, RRAM4, FEFET6.")
 @_clear_errors
 def deploy(model: Path, device, sigma, seed, device_model) -> None:
     """Program a model onto the chip open loop; the chip captures every cell's noise."""
@@ -302,9 +304,11 @@ def tsb() -> None:
 
 @tsb.command("train")
 @click.argument("backbone", type=click.Path(path_type=Path), default=WORKDIR / "backbone.onnx")
-@click.option("--noise", "noise_path", type=click.Path(path_type=Path), default=WORKDIR / "noise.npz", show_default=True)
+@click.option("--noise", "noise_path", type=click.Path(path_type=Path), default=WORKDIR / "noise.npz",
+              show_default=True)
 @data_option
-@click.option("-c", "--width", "c", type=int, default=None, help="Block width c [default: 5 LeNet-3, 128 x width else].")
+@click.option("-c", "--width", "c", type=int, default=None,
+              help="Block width c [default: 5 LeNet-3, 128 x width else].")
 @click.option("--epochs", type=int, default=10, show_default=True)
 @click.option("--lr", type=float, default=1e-2, show_default=True)
 @click.option("--sigma-verified", type=float, default=0.03, show_default=True,
@@ -330,7 +334,8 @@ def tsb_train(backbone, noise_path, data, c, epochs, lr, sigma_verified, seed, o
 @tsb.command("flash")
 @click.argument("backbone", type=click.Path(path_type=Path), default=WORKDIR / "backbone.onnx")
 @click.argument("tsb_model", type=click.Path(path_type=Path), default=WORKDIR / "tsb.onnx")
-@click.option("--noise", "noise_path", type=click.Path(path_type=Path), default=WORKDIR / "noise.npz", show_default=True)
+@click.option("--noise", "noise_path", type=click.Path(path_type=Path), default=WORKDIR / "noise.npz",
+              show_default=True)
 @device_option
 @_clear_errors
 def tsb_flash(backbone, tsb_model, noise_path, device) -> None:

@@ -35,7 +35,8 @@ class MonteCarlo:
     @property
     def ci95(self) -> tuple[float, float]:
         """95 % confidence interval of the mean (normal approximation)."""
-        half = 1.96 * float(self.accuracies.std(ddof=1)) / np.sqrt(len(self.accuracies)) if len(self.accuracies) > 1 else 0.0
+        n = len(self.accuracies)
+        half = 1.96 * float(self.accuracies.std(ddof=1)) / np.sqrt(n) if n > 1 else 0.0
         return self.mean - half, self.mean + half
 
     @property

@@ -12,9 +12,9 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -23,8 +23,17 @@ from nvcim.firmware_emu.contract.device import DeviceSettings
 from nvcim.firmware_emu.contract.variation import VariationMode
 
 from . import datasets
-from .chip import (FlowError, NoiseDump, chip_accuracy, chip_settings, deploy_backbone, fetch_noise, flash_tsb,
-                   program_for, settings_url)
+from .chip import (
+    FlowError,
+    NoiseDump,
+    chip_accuracy,
+    chip_settings,
+    deploy_backbone,
+    fetch_noise,
+    flash_tsb,
+    program_for,
+    settings_url,
+)
 from .evaluate import MonteCarlo, accuracy, monte_carlo, quantized_params
 from .models import DEFAULT_IMAGE, count_weights
 from .onnx_io import export, load_deploy
@@ -86,7 +95,8 @@ def run_flow(cfg: FlowConfig, echo: Callable[[str], None] = print, progress: boo
          f"{'x'.join(map(str, data.image_shape))}")
 
     # 1. backbone
-    quiet = (lambda s: None)
+    def quiet(_line: str) -> None:
+        """The backbone's epoch lines stay out of the flow's output."""
     trained = train_backbone(data, cfg.train, checkpoint_dir=wd / "checkpoints", log=quiet, progress=progress)
     plan = cfg.train.epochs
     save_checkpoint(trained.model, wd / "backbone.pt", cfg.train, trained.history[-1])
@@ -142,7 +152,8 @@ def _one_chip(cfg: FlowConfig, dev: driver.Device, tag: str, seed, data: dataset
     echo(f"chip {tag} (sigma={settings['sigma']:.3f}, seed {settings['seed']}): deployed {cost.cells} cells open loop; "
          f"accuracy {deployed:.2%} -> with TSB {with_tsb:.2%} (TSB trained in {trained.seconds:.1f} s; "
          f"{cost.write_pulses} open-loop + {report.cost.write_pulses} TSB = "
-         f"{cost.write_pulses + report.cost.write_pulses} pulses vs {report.full_verify.write_pulses} for a full write-verify; "
+         f"{cost.write_pulses + report.cost.write_pulses} pulses vs {report.full_verify.write_pulses} "
+         f"for a full write-verify; "
          f"{report.backbone_cells} backbone cells bit-identical)"
          + (f"; after {format_age(cfg.age_s)} of drift {aged:.2%}" if aged is not None else ""))
     return ChipRow(seed, deployed, with_tsb, mc, report.verified_fraction, report.cost.write_pulses,
@@ -202,11 +213,14 @@ def summary_table(s: dict) -> list[str]:
               f"{s['mean_gap_deployed']:.2%}, with TSB {s['mean_gap_tsb']:.2%}: gap ratio {s['gap_ratio']:.3f} "
               f"({1 / s['gap_ratio'] if s['gap_ratio'] > 0 else float('inf'):.1f}x smaller)",
               f"write pulses in all: {mean('total_pulses'):,.0f} per chip (open-loop deploy "
-              f"{mean('deploy_pulses'):,.0f} + TSB {mean('tsb_pulses'):,.0f}) against {mean('full_verify_pulses'):,.0f} for a full write-verify "
+              f"{mean('deploy_pulses'):,.0f} + TSB {mean('tsb_pulses'):,.0f}) against "
+              f"{mean('full_verify_pulses'):,.0f} for a full write-verify "
               f"({mean('full_verify_pulses') / mean('total_pulses'):.2f}x)",
               f"deployed backbone over {d['draws']} simulated chips: {d['mean']:.2%} "
-              f"(95% CI {d['ci95'][0]:.2%}..{d['ci95'][1]:.2%}; 95% of chips in {d['spread95'][0]:.1%}..{d['spread95'][1]:.1%})",
-              f"training time: backbone {s['backbone_seconds']:.1f} s ({s['backbone_epochs']} of a {s['plan_epochs']}-epoch "
+              f"(95% CI {d['ci95'][0]:.2%}..{d['ci95'][1]:.2%}; "
+              f"95% of chips in {d['spread95'][0]:.1%}..{d['spread95'][1]:.1%})",
+              f"training time: backbone {s['backbone_seconds']:.1f} s "
+              f"({s['backbone_epochs']} of a {s['plan_epochs']}-epoch "
               f"plan) + TSB {mean('tsb_seconds'):.1f} s per chip"]
     if s.get("age_s"):
         lines.append(f"with TSB after {format_age(s['age_s'])} of drift ({s['device_model']}): "

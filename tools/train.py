@@ -172,7 +172,8 @@ def injected_weights(model: Net, names: list[str], device: DeviceSettings,
     """
     params = dict(model.named_parameters())
     mods = dict(model.named_modules())
-    folds = {f"{conv}.weight": mods[bn] for conv, bn in model.conv_bn_pairs() if isinstance(mods[bn], torch.nn.BatchNorm2d)}
+    folds = {f"{conv}.weight": mods[bn] for conv, bn in model.conv_bn_pairs()
+             if isinstance(mods[bn], torch.nn.BatchNorm2d)}
     out = {}
     for n in names:
         w = params[n]

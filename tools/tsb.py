@@ -107,7 +107,8 @@ def train_tsb(model: Net, fixed: dict[str, torch.Tensor], data: Split, cfg: TSBC
             loss, hit = train_step(model, params, xt[idx], yt[idx], opt)
             loss_sum, hits, seen = loss_sum + loss, hits + hit, seen + len(idx)
             bar.update(1)
-        test = accuracy(model, data.x_test, data.y_test, dict(fixed, **{"tsb.weight": quantized_params(model)["tsb.weight"]}))
+        tsb_weight = quantized_params(model)["tsb.weight"]
+        test = accuracy(model, data.x_test, data.y_test, dict(fixed, **{"tsb.weight": tsb_weight}))
         row = {"epoch": epoch, "loss": loss_sum / seen, "train_acc": hits / seen, "test_acc": test,
                "seconds": time.perf_counter() - t0}
         result.history.append(row)
