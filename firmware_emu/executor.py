@@ -26,7 +26,7 @@ import numpy as np
 
 from . import graph_engine
 from .contract import ops
-from .contract.interpreter import bind_inputs
+from .contract.interpreter import bind_inputs, store_results
 from .contract.ops import ExecutionError, WeightProvider
 from .contract.program_format import Instr, Opcode, Program
 from .converters import LayerProduct, ReadNoise
@@ -257,10 +257,7 @@ def run(program: Program, feeds: list[np.ndarray], weights: WeightProvider,
                 outs = execute(ins, args, weights, product, read_noise)
         except (ValueError, IndexError, KeyError, TypeError) as e:
             raise ExecutionError(f"{ins.op.name} '{ins.name}': {e}") from None
-        if len(outs) != len(ins.outputs):
-            raise ExecutionError(f"{ins.op.name} '{ins.name}': {len(outs)} results for {len(ins.outputs)} outputs")
-        for tid, out in zip(ins.outputs, outs):
-            env[tid] = out.astype(np.float32, copy=False)
+        store_results(ins, outs, env)
         if ops.OPS[ins.op].view:
             owned.difference_update(ins.inputs)
         else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .ops import ExecutionError, WeightProvider, execute
-from .program_format import Program
+from .program_format import Instr, Program
 
 
 def bind_inputs(program: Program, feeds: list[np.ndarray]) -> dict[int, np.ndarray]:
@@ -29,6 +29,14 @@ def bind_inputs(program: Program, feeds: list[np.ndarray]) -> dict[int, np.ndarr
     return env
 
 
+def store_results(ins: Instr, outs: list[np.ndarray], env: dict[int, np.ndarray]) -> None:
+    """Put one instruction's results into ``env`` as float32, checking it made one per output."""
+    if len(outs) != len(ins.outputs):
+        raise ExecutionError(f"{ins.op.name} '{ins.name}': {len(outs)} results for {len(ins.outputs)} outputs")
+    for tid, out in zip(ins.outputs, outs):
+        env[tid] = out.astype(np.float32, copy=False)
+
+
 def run(program: Program, feeds: list[np.ndarray], weights: WeightProvider) -> list[np.ndarray]:
     """Execute ``program`` on ``feeds`` (one array per program input, batch first)."""
     env = bind_inputs(program, feeds)
@@ -37,8 +45,5 @@ def run(program: Program, feeds: list[np.ndarray], weights: WeightProvider) -> l
             outs = execute(ins, [env[t] for t in ins.inputs], weights)
         except (ValueError, IndexError, KeyError, TypeError) as e:
             raise ExecutionError(f"{ins.op.name} '{ins.name}': {e}") from None
-        if len(outs) != len(ins.outputs):
-            raise ExecutionError(f"{ins.op.name} '{ins.name}': {len(outs)} results for {len(ins.outputs)} outputs")
-        for tid, out in zip(ins.outputs, outs):
-            env[tid] = out.astype(np.float32, copy=False)
+        store_results(ins, outs, env)
     return [env[t] for t in program.outputs]
