@@ -14,11 +14,12 @@ import re
 import zlib
 
 import pytest
-from chip_programs import build, load, new_chip, parse, refused, run, small_program, state
 
 from nvcim.firmware_emu.chip import ChipError
 from nvcim.firmware_emu.contract.program_format import FORMAT_VERSION, HeaderStruct
 from nvcim.firmware_emu.contract.protocol import Command, ErrorCode, ProgramLoadArgs
+
+from chip_programs import build, load, new_chip, parse, refused, run, small_program, state
 
 # fields whose every value is valid to the chip: free text, and where the host's program
 # file keeps a tile's cells (the chip gets cells by CELLS_WRITE, never from the code)

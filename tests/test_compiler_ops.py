@@ -20,45 +20,17 @@ from nvcim.firmware_emu.contract import interpreter
 from nvcim.firmware_emu.contract.ops import OPS
 from nvcim.firmware_emu.contract.program_format import Opcode
 
+import op_check
+from op_check import build
+
 RNG = np.random.default_rng(0)
 
 
-def build(nodes, inputs: dict[str, tuple], outputs: list[str], inits: dict[str, np.ndarray] | None = None,
-          opset: int = 17) -> onnx.ModelProto:
-    """A model with batch dimension 'N' on every input; output shapes filled in by inference."""
-    graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info(k, TensorProto.FLOAT, ["N", *v]) for k, v in inputs.items()],
-        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
-        [numpy_helper.from_array(np.asarray(v), k) for k, v in (inits or {}).items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = helper.find_min_ir_version_for(list(model.opset_import))  # what onnxruntime reads
-    return onnx.shape_inference.infer_shapes(model)
-
-
 def check(model: onnx.ModelProto, graph: bool = True, **shapes) -> object:
-    """Compile ``model``, run it on random inputs of batch 3, compare with onnxruntime.
-
-    Both of the chip's ways to run it are checked with the ideal weights: its graph
-    (``graph``: whether the graph engine can express the program at all) and the
-    interpreter; so are the op table's reference kernels."""
+    """Compile ``model`` and run it on random inputs of batch 3 every way the chip can
+    (``graph``: whether the graph engine can express the program at all), against onnxruntime."""
     feeds = {k: RNG.standard_normal((3, *v)).astype(np.float32) for k, v in shapes.items()}
-    program = compile_model(model)
-    weights = [reference.ideal_weights(program, i) for i in range(len(program.layers))]
-    ordered = [feeds[program.tensors[t].name] for t in program.inputs]
-    runs = {"interpreter": executor.run(program, ordered, weights.__getitem__, engine=False),
-            "reference kernels": interpreter.run(program, ordered, weights.__getitem__)}
-    built = graph_engine.graph_for(program, weights.__getitem__)
-    assert (built is not None) == graph
-    if built is not None:
-        runs["graph"] = built.run(ordered)
-    want = ort.InferenceSession(quantized_model(model).SerializeToString()).run(None, feeds)
-    for how, got in runs.items():
-        assert len(got) == len(want), how
-        for tid, g, w in zip(program.outputs, got, want):
-            assert g.shape == w.shape, how
-            assert program.tensors[tid].shape == (-1, *w.shape[1:]), "declared shape (the compiler's shape rule)"
-            np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * max(1.0, float(np.abs(w).max())), err_msg=how)
-    return program
+    return op_check.check(model, feeds, graph)
 
 
 def w(*shape) -> np.ndarray:

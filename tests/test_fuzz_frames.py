@@ -26,7 +26,6 @@ import hashlib
 
 import numpy as np
 import pytest
-from chip_programs import load, new_chip, small_model, small_program
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -54,6 +53,7 @@ from nvcim.firmware_emu.contract.protocol import (
 )
 from nvcim.firmware_emu.contract.registers import REGISTERS
 
+from chip_programs import load, new_chip, small_model, small_program
 from fuzzing import LONG, fuzz
 from polling import poll_until
 

@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from chip_programs import GEOMETRY, load, new_chip, run, small_model
 from hypothesis import given
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper
@@ -31,6 +30,7 @@ from nvcim.compiler import CapacityError, CompileError, Target, compile_model
 from nvcim.firmware_emu.chip import ChipError
 from nvcim.firmware_emu.contract.protocol import ErrorCode
 
+from chip_programs import GEOMETRY, load, new_chip, run, small_model
 from fuzzing import fuzz
 
 FUZZ = fuzz(fast=30, long=2500)

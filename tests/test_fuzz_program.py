@@ -20,7 +20,6 @@ import collections
 import zlib
 
 import pytest
-from chip_programs import build, load, new_chip, parse, refused, run, small_program, state
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -28,6 +27,7 @@ from nvcim.firmware_emu.chip import ChipError
 from nvcim.firmware_emu.contract.program_format import FORMAT_VERSION, HeaderStruct, Program, ProgramFormatError
 from nvcim.firmware_emu.contract.protocol import ErrorCode
 
+from chip_programs import build, load, new_chip, parse, refused, run, small_program, state
 from fuzzing import fuzz
 
 FUZZ = fuzz(fast=60, long=4000)  # per test; two tests: 8,000 program mutations in the long profile
