@@ -400,14 +400,19 @@ def flow(workdir, arch, width, bn, image, epochs, stop_fraction, patience, lr, s
     run_flow(cfg, echo=click.echo)
 
 
-def _seeds(text: str) -> tuple[int, ...]:
+def _comma_list(text: str, kind: type, expected: str, what: str) -> tuple:
+    """A comma-separated option value as a tuple of ``kind``; a bad or empty one is a BadParameter."""
     try:
-        seeds = tuple(int(s) for s in text.split(",") if s.strip())
+        values = tuple(kind(s) for s in text.split(",") if s.strip())
     except ValueError:
-        raise click.BadParameter(f"{text!r}: expected comma-separated integers, e.g. 1,2,3") from None
-    if not seeds:
-        raise click.BadParameter("at least one chip seed")
-    return seeds
+        raise click.BadParameter(f"{text!r}: expected {expected}") from None
+    if not values:
+        raise click.BadParameter(f"at least one {what}")
+    return values
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    return _comma_list(text, int, "comma-separated integers, e.g. 1,2,3", "chip seed")
 
 
 # -- bring-up: identify, regs, trace, seq, inspect (tools/cli_bringup.py) -------------------------------

@@ -14,17 +14,11 @@ from pathlib import Path
 
 import click
 
-from .cli import WORKDIR, _clear_errors, _progress, _seeds, data_option
+from .cli import WORKDIR, _clear_errors, _comma_list, _progress, _seeds, data_option
 
 
 def _floats(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise click.BadParameter(f"{text!r}: expected comma-separated numbers, e.g. 0.1,0.2") from None
-    if not values:
-        raise click.BadParameter("at least one value")
-    return values
+    return _comma_list(text, float, "comma-separated numbers, e.g. 0.1,0.2", "value")
 
 
 def _ints_or_none(text: str | None) -> list[int] | None:
