@@ -70,6 +70,16 @@ def program_model(program: Program, weights: list[np.ndarray]) -> onnx.ModelProt
     return GraphBuilder(program, weights).model()
 
 
+def intra_op_threads() -> int:
+    """onnxruntime's threads: OMP_NUM_THREADS where the process sets it (a Dask worker sets 1,
+    so two workers on two cores do not each spin a pool as wide as the machine), else every
+    core this process may use."""
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
+    except ValueError:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 class ProgramGraph:
     """A program with fixed layer weights, compiled into one onnxruntime session."""
 
@@ -79,7 +89,7 @@ class ProgramGraph:
         model = program_model(program, weights)
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        options.intra_op_num_threads = os.cpu_count() or 1
+        options.intra_op_num_threads = intra_op_threads()
         try:
             self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - onnxruntime refuses a form the checker accepted
