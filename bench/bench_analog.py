@@ -1,5 +1,6 @@
 """The analog datapath's cost: the chip with finite converters and read noise against its
-ideal path and onnxruntime, in one run on the same nets.
+ideal path and onnxruntime, in one run on the same nets, and against the floor any exact
+implementation of the model has on this machine.
 
 LeNet-3 (1x28x28) at batch 256 and VGG-8 (3x32x32, full width) at batch 64, through the
 driver over the in-process link. Prints images/s of onnxruntime on the float model, of
@@ -7,9 +8,16 @@ the chip with ideal converters, and of the chip with 8-bit DACs and ADCs on ever
 plus read noise 0.01 (of g_max) in both readouts (``column``: one ADC per bit line;
 ``shift_add``: a weight's slice columns fused in the analog domain before one ADC), each
 with the converter path's time over the ideal path's (issue 11's targets: at most 3x;
-LeNet-3 >= 15k img/s, VGG-8 >= 60 img/s). Each figure is
-the best of a few timed runs after a warm-up (a burst of other work on a shared machine
-slows whichever run it hits; the best run is what the code does when left alone).
+LeNet-3 >= 15k img/s, VGG-8 >= 60 img/s).
+
+The floor: every ADC sample needs its own Gaussian read-noise draw and every cell on a
+used row its multiply-add (the chip's bit slices and its separate positive and negative
+arrays make these S x 2 = 8 times the weights' in column readout, 2 times with analog
+shift-add). The run counts both per image through the converter path, times torch's
+Gaussian source and batched matrix product here on one thread, and prints the images/s
+that the draws and multiply-adds alone would allow on all cores. Each figure is the best
+of a few timed runs after a warm-up (a burst of other work on a shared machine slows
+whichever run it hits; the best run is what the code does when left alone).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import torch
 
 from nvcim import driver
 from nvcim.firmware_emu.contract.registers import Q16, field
+from nvcim.firmware_emu.converters import LayerConverters
 from nvcim.tools.models import VGG8, LeNet3
 
 READ_NOISE = 0.01
@@ -39,22 +48,67 @@ def _export(model: torch.nn.Module, shape: tuple[int, ...], path: Path) -> None:
                           input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
 
 
-def _rate(run, x: np.ndarray, repeats: int) -> float:
-    """Images/s of ``run(x)``: the best of ``repeats`` timed runs after one warm-up."""
-    run(x)
+def _best(fn, repeats: int) -> float:
+    """Seconds of ``fn()``: the best of ``repeats`` timed runs after one warm-up."""
+    fn()
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        run(x)
+        fn()
         best = min(best, time.perf_counter() - t0)
-    return len(x) / best
+    return best
+
+
+def _rate(run, x: np.ndarray, repeats: int) -> float:
+    """Images/s of ``run(x)``."""
+    return len(x) / _best(lambda: run(x), repeats)
+
+
+def _unit_costs() -> tuple[float, float]:
+    """Seconds per Gaussian draw and per multiply-add of torch on one thread here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        z, gen = torch.empty(1 << 18), torch.Generator().manual_seed(0)
+        draw = _best(lambda: z.normal_(generator=gen), 20) / z.numel()
+        a, b = torch.randn(8, 512, 256), torch.rand(8, 256, 512)
+        mac = _best(lambda: torch.bmm(a, b), 10) / (8 * 512 * 256 * 512)
+    finally:
+        torch.set_num_threads(threads)
+    return draw, mac
+
+
+class _Count:
+    """ADC samples and multiply-adds of the converter path's products while installed."""
+
+    def __init__(self):
+        self.samples = self.macs = 0
+
+    def __enter__(self):
+        original, count = LayerConverters.product, self
+
+        def product(plan, x, *args, **kwargs):
+            count.samples += x.shape[0] * plan.sums
+            count.macs += x.shape[0] * plan.macs
+            return original(plan, x, *args, **kwargs)
+
+        self.original, LayerConverters.product = original, product
+        return self
+
+    def __exit__(self, *exc):
+        LayerConverters.product = self.original
 
 
 def main() -> None:
     torch.manual_seed(0)
+    draw, mac = _unit_costs()
+    cores = torch.get_num_threads()
+    print(f"torch here, one thread: {draw * 1e9:.2f} ns per Gaussian draw, {mac * 1e12:.1f} ps per multiply-add; "
+          f"floor = (ADC samples x draw + multiply-adds x mac) / {cores} cores")
     nets = {"LeNet-3": (LeNet3(), (1, 28, 28), 256, 8), "VGG-8": (VGG8(), (3, 32, 32), 64, 1)}
     print(f"{'model':<8} {'batch':>5} {'onnxruntime':>12} {'chip ideal':>11} {'readout':>10} {'chip 8b+noise':>14} "
-          f"{'conv/ideal':>11} {'target':>8}   (img/s; read noise {READ_NOISE} of g_max)")
+          f"{'conv/ideal':>11} {'target':>8} {'samples/img':>12} {'floor':>8}   "
+          f"(img/s; read noise {READ_NOISE} of g_max)")
     with tempfile.TemporaryDirectory() as tmp:
         for name, (model, shape, batch, repeats) in nets.items():
             path = Path(tmp) / f"{name}.onnx"
@@ -69,12 +123,15 @@ def main() -> None:
                 analog = {}
                 for readout, bit in READOUTS.items():                          # ARRAY_SELECT: all arrays
                     sess.device.write_register("ARRAY_CONVERTERS", 8 | 8 << 8 | bit)
-                    analog[readout] = _rate(run, x, repeats)
+                    with _Count() as count:
+                        run(x[:1])
+                    floor = 1 / ((count.samples * draw + count.macs * mac) / cores)
+                    analog[readout] = (_rate(run, x, repeats), count.samples, floor)
             target = TARGETS[name]
-            for readout, rate in analog.items():
+            for readout, (rate, samples, floor) in analog.items():
                 verdict = "met" if rate >= target and ideal / rate <= 3 else "missed"
                 print(f"{name:<8} {batch:>5} {onnx_rate:>12.0f} {ideal:>11.0f} {readout:>10} {rate:>14.1f} "
-                      f"{ideal / rate:>11.2f} {target:>8.0f}   {verdict}")
+                      f"{ideal / rate:>11.2f} {target:>8.0f} {samples:>12,} {floor:>8.1f}   {verdict}")
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ column sum, one rounding pass and one shift-and-add - no Python loop per tile.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -57,7 +58,7 @@ import numpy as np
 
 from .contract.program_format import Program
 
-LayerProduct = Callable[[int, np.ndarray], np.ndarray]  # (layer, x (P, in)) -> (P, out)
+LayerProduct = Callable[[int, "np.ndarray | Windows"], np.ndarray]  # (layer, x (P, in)) -> (P, out)
 TileConductance = Callable[[int, int], np.ndarray]       # (layer, tile) -> (in_count, out_count * S)
 
 
@@ -119,6 +120,44 @@ def fused_cells(g: np.ndarray, slices: int, cell_bits: int) -> np.ndarray:
     = sum_j 2^(jK) g[:, o * S + j], the S slice currents weighted by their place values."""
     place = (2.0 ** (cell_bits * np.arange(slices))).astype(g.dtype)
     return g.reshape(g.shape[0], -1, slices) @ place
+
+
+class Windows:
+    """A CONV's im2col rows, made chunk by chunk where they are used.
+
+    ``view`` is the input's windows as ``ops.windows`` gives them, (N, *O, C, *K), nothing
+    copied. The product's worker threads each copy only their own chunk's rows (a few
+    hundred KB, in cache), so no thread waits while one copies the whole im2col matrix
+    (300 MB for a VGG-8 layer at batch 64). Chunks start at an output line (``unit`` rows).
+    """
+
+    def __init__(self, view: np.ndarray):
+        nd = (view.ndim - 2) // 2
+        self.view, self.spatial = view, view.shape[1:1 + nd]
+        self.unit = math.prod(self.spatial[1:])
+        self.shape = (view.shape[0] * math.prod(self.spatial), math.prod(view.shape[1 + nd:]))
+
+    def group(self, g: int, groups: int) -> Windows:
+        """The windows of channel group ``g`` of ``groups``."""
+        nd = len(self.spatial)
+        c = self.view.shape[1 + nd] // groups
+        return Windows(self.view[(slice(None),) * (1 + nd) + (slice(g * c, (g + 1) * c),)])
+
+    def rows(self, a: int, b: int) -> np.ndarray:
+        """Rows a..b (a a multiple of ``unit``, b too or the last row) as a (b - a, features) float32 array."""
+        out = np.empty((b - a, self.shape[1]), np.float32)
+        lines, line, end, at = self.spatial[0], a // self.unit, -(-b // self.unit), 0
+        while line < end:
+            n, o = divmod(line, lines)
+            if o == 0 and end - line >= lines:                                # whole images
+                piece = self.view[n:n + (end - line) // lines]
+            else:                                                             # part of one image
+                piece = self.view[n, o:min(lines, o + end - line)]
+            count = piece.size // self.shape[1]
+            out[at:at + count].reshape(piece.shape)[...] = piece
+            at += count
+            line += count // self.unit
+        return out
 
 
 class NoiseStream:
@@ -220,17 +259,27 @@ class _Readout:
         self.blocked = all(np.array_equal(gather[gi], np.minimum(np.arange(gi * rows, (gi + 1) * rows),
                                                                 layer.in_features)) for gi in range(n))
         self.rows = rows
-        # the outputs: one sum over groups when every group maps its columns to the same outputs
+        # the outputs: one sum over groups when every group maps its columns to the same outputs,
+        # and a sum over a view (no scatter) when those are whole copies of 0..out-1 in order: a
+        # layer's negative and positive tiles side by side, as the compiler places them
         self.same_outputs = bool((out_index == out_index[:1]).all())
         self.out_index = torch.from_numpy(out_index[0] if self.same_outputs else out_index.reshape(-1))
+        o = layer.out_features
+        self.copies = width // o if self.same_outputs and width % o == 0 and np.array_equal(
+            out_index[0], np.tile(np.arange(o), width // o)) else 0
+        self.all_levels = bool((self.dac_top > 0).all())               # every group's DAC finite
+        self.clip = bool((self.dac_fs > 0).any())                      # some full scale fixed: inputs clip
+        self.top = torch.from_numpy(self.dac_top).view(-1, 1, 1)
+        self.noise_unit = torch.from_numpy(1 / np.where(self.dac_top > 0, self.dac_top, 1)).view(-1, 1, 1)
 
     def inputs(self, x):
         """The DAC's drive of every group (groups, P, rows), in levels for a finite DAC, and the
         input scale it was divided by: (groups, P, 1) per vector, else (groups, 1, 1)."""
         torch = _torch()
         if self.blocked:                                                # (P, groups, rows), a view
-            padded = torch.nn.functional.pad(x, (0, self.groups * self.rows - x.shape[1]))
-            rows = padded.view(x.shape[0], self.groups, self.rows)
+            if x.shape[1] != self.groups * self.rows:
+                x = torch.nn.functional.pad(x, (0, self.groups * self.rows - x.shape[1]))
+            rows = x.view(x.shape[0], self.groups, self.rows)
         else:
             padded = torch.nn.functional.pad(x, (0, 1))                 # column in_features reads 0
             rows = padded[:, self.gather]
@@ -239,10 +288,12 @@ class _Readout:
             vec = rows.abs().amax(dim=2, keepdim=True).transpose(0, 1)  # reduced where rows are contiguous
             scale = torch.where(scale > 0, scale, torch.where(vec > 0, vec, torch.ones_like(vec)))
         rows = rows.transpose(0, 1)                                     # (groups, P, rows)
-        top = torch.from_numpy(self.dac_top).view(-1, 1, 1)
-        if (self.dac_top > 0).all():                                    # integer levels, one copy
-            u = torch.div(rows, scale).clamp_(-1, 1).mul_(top).round_()
-            return u, scale
+        top = self.top
+        if self.all_levels:                                             # integer levels, one copy
+            u = torch.mul(rows, top / scale)                            # |x| <= its own full scale: no clip
+            if self.clip:
+                torch.clamp(u, -top, top, out=u)
+            return u.round_(), scale
         u = torch.div(rows, scale)
         if (self.dac_top > 0).any():
             q = (u.clamp(-1, 1) * top).round_()
@@ -253,17 +304,15 @@ class _Readout:
         """out (P, out + 1) += these tiles' digital outputs for the batch rows x, ``span`` groups at a time."""
         torch = _torch()
         u_all, scale_all = self.inputs(x)
-        p = x.shape[0]
+        p, o = x.shape[0], self.out_features
         for g0 in range(0, self.groups, span):
             g = slice(g0, g0 + span)
-            u, cells, col_scale = u_all[g], self.cells[g], self.col_scale[g]
+            u, cells = u_all[g], self.cells[g]
             n = u.shape[0]
             if read_noise > 0:
-                top = torch.from_numpy(np.where(self.dac_top > 0, self.dac_top, 1)[g]).view(-1, 1, 1)
-                sigma = torch.linalg.vector_norm(u, dim=2, keepdim=True).div_(top).mul_(read_noise)
-                sums = torch.empty(n, p, cells.shape[2])
-                sums.normal_(generator=generator).mul_(sigma).mul_(col_scale.unsqueeze(1))
-                torch.baddbmm(sums, u, cells, out=sums)
+                sigma = torch.linalg.vector_norm(u, dim=2, keepdim=True).mul_(self.noise_unit[g] * read_noise)
+                sums = torch.empty(n, p, cells.shape[2]).normal_(generator=generator)
+                sums.mul_(sigma).mul_(self.col_scale[g].unsqueeze(1)).baddbmm_(u, cells)
             else:
                 sums = torch.bmm(u, cells)                                   # ADC input in steps
             adc_top = self.adc_top[g]
@@ -282,12 +331,20 @@ class _Readout:
             else:
                 cols = torch.matmul(sums.view(n, p, -1, self.slices), self.place)   # (groups, P, width)
                 cols.mul_(self.post[g].unsqueeze(1))
-            cols.mul_(scale_all[g])
-            if self.same_outputs:
-                out.index_add_(1, self.out_index, cols.sum(0))
+            scale = scale_all[g]
+            if self.copies:                                                   # one group: scaled once summed
+                if n > 1:
+                    cols.mul_(scale)
+                part = cols.sum(0) if n > 1 else cols[0]                      # groups, then copies, in order:
+                if self.copies > 1:                                           # the same bits in any batch
+                    part = sum((part[:, c * o:(c + 1) * o] for c in range(2, self.copies)),
+                               torch.add(part[:, :o], part[:, o:2 * o]))
+                out[:, :o] += part.mul_(scale[0]) if n == 1 else part
+            elif self.same_outputs:
+                out.index_add_(1, self.out_index, cols.mul_(scale).sum(0))
             else:
                 index = self.out_index.view(self.groups, -1)[g].reshape(-1)
-                out.index_add_(1, index, cols.permute(1, 0, 2).reshape(p, -1))
+                out.index_add_(1, index, cols.mul_(scale).permute(1, 0, 2).reshape(p, -1))
 
 
 class LayerConverters:
@@ -311,25 +368,31 @@ class LayerConverters:
         self.readouts = [_Readout(program, layer_index, [i for i, f in enumerate(fused) if f == mode], cells,
                                   settings, adc_bound, mode) for mode in (False, True) if mode in fused]
         self.sums = sum(r.groups * r.width for r in self.readouts)   # ADC samples per input vector
+        self.macs = sum(r.groups * r.rows * r.width for r in self.readouts)  # multiply-adds per input vector
 
-    def product(self, x: np.ndarray, read_noise: float = 0.0, noise: NoiseStream | None = None) -> np.ndarray:
-        """The layer's output (P, out) for inputs x (P, in), through the converters.
+    def product(self, x: np.ndarray | Windows, read_noise: float = 0.0, noise: NoiseStream | None = None) -> np.ndarray:
+        """The layer's output (P, out) for inputs x (P, in), or a CONV's ``Windows``, through the converters.
 
         The batch is cut into chunks of about ``CHUNK_SUMS`` column sums, so the passes over
-        them (noise, rounding, shift-add) run in cache, on the worker threads. With read
+        them (noise, rounding, shift-add) run in cache, on the worker threads (a CONV's
+        chunk starts at an output line; each worker copies its own windows). With read
         noise each chunk draws from its own generator, taken from ``noise`` in chunk order:
         the same stream gives the same result whatever the threads do.
         """
         if read_noise > 0 and noise is None:
             raise ValueError("read noise needs a NoiseStream")
         torch = _torch()
-        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-        p = xt.shape[0]
-        rows = max(MIN_ROWS, CHUNK_SUMS // max(1, self.sums))
+        if isinstance(x, Windows):
+            unit, take = x.unit, lambda a, b: torch.from_numpy(x.rows(a, b))
+        else:
+            xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+            unit, take = 1, lambda a, b: xt[a:b]
+        p = x.shape[0]
+        rows = -(-max(MIN_ROWS, CHUNK_SUMS // max(1, self.sums)) // unit) * unit
         cuts = list(range(0, p, rows)) + [p]
         generators = [noise.generator() if read_noise > 0 else None for _ in cuts[:-1]]
         y = torch.empty(p, self.out_features)
-        jobs = [(xt[a:b], y[a:b], rows, read_noise, gen) for a, b, gen in zip(cuts[:-1], cuts[1:], generators)]
+        jobs = [(take, a, b, y[a:b], rows, read_noise, gen) for a, b, gen in zip(cuts[:-1], cuts[1:], generators)]
         if len(jobs) == 1:
             self._chunk(*jobs[0])
         else:
@@ -337,9 +400,10 @@ class LayerConverters:
                 future.result()
         return y.numpy()
 
-    def _chunk(self, x, y, rows: int, read_noise: float, generator) -> None:
-        """y = the product for the batch rows x (at most ``rows`` of them)."""
+    def _chunk(self, take: Callable, a: int, b: int, y, rows: int, read_noise: float, generator) -> None:
+        """y = the product for the batch rows a..b (at most ``rows`` of them), ``take(a, b)`` their inputs."""
         torch = _torch()
+        x = take(a, b)
         out = torch.zeros(x.shape[0], self.out_features + 1)
         for r in self.readouts:
             span = max(1, CHUNK_SUMS // (rows * max(1, r.width)))                # groups per pass

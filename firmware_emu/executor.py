@@ -29,7 +29,7 @@ from .contract import ops
 from .contract.interpreter import bind_inputs, store_results
 from .contract.ops import ExecutionError, WeightProvider
 from .contract.program_format import Instr, Opcode, Program
-from .converters import LayerProduct, ReadNoise
+from .converters import LayerProduct, ReadNoise, Windows
 
 # -- crossbar ops ---------------------------------------------------------------------
 # The matrix products run in torch: its kernels are 2-3x faster than numpy's im2col here.
@@ -191,11 +191,10 @@ def _conv_read_noise(ins: Instr, x: np.ndarray, noise: ReadNoise) -> np.ndarray:
 
 
 def _conv_tiled(ins: Instr, x: np.ndarray, rows: int, product: LayerProduct) -> np.ndarray:
-    """Convolution as the crossbars see it: explicit im2col rows through each group's layer."""
-    cols, spatial = ops.im2col(ins, x, rows)
-    out = np.concatenate([product(ins.layer + g, cols[:, g * rows:(g + 1) * rows])
-                          for g in range(ins.attrs["group"][0])], axis=1)
-    return np.moveaxis(out.reshape(x.shape[0], *spatial, -1), -1, 1)
+    """Convolution as the crossbars see it: the im2col rows of each group's windows through its layer."""
+    windows, group = Windows(ops.windows(ins, x)), ins.attrs["group"][0]
+    out = np.concatenate([product(ins.layer + g, windows.group(g, group)) for g in range(group)], axis=1)
+    return np.moveaxis(out.reshape(x.shape[0], *windows.spatial, -1), -1, 1)
 
 
 def execute(ins: Instr, args: list[np.ndarray], weights: WeightProvider,

@@ -5,6 +5,9 @@ import pytest
 import torch
 
 from nvcim import driver
+from nvcim.firmware_emu.contract import ops
+from nvcim.firmware_emu.contract.program_format import Instr, Opcode
+from nvcim.firmware_emu.converters import Windows
 
 from zoo import SmallCNN, export
 
@@ -69,3 +72,33 @@ def test_one_coarse_array_changes_only_the_layers_it_holds(cnn_path):
         sess.device.write_register("ARRAY_SELECT", sess.program.layers[-1].tiles[0].array)
         sess.device.write_register("ARRAY_CONVERTERS", 3 | 3 << 8)
         assert not np.allclose(sess.run(None, {"x": x})[0], ideal, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape, kernel, strides, dilations, pads, group", [
+    ((3, 4, 11), [3], [2], [1], [1, 2], 2),
+    ((2, 6, 9, 8), [3, 2], [1, 2], [2, 1], [1, 0, 2, 1], 3),
+    ((2, 2, 5, 4, 6), [2, 3, 2], [1, 1, 2], [1, 1, 1], [0, 1, 1, 1, 0, 0], 1),
+])
+def test_windows_give_every_chunk_the_rows_of_an_explicit_im2col(shape, kernel, strides, dilations, pads, group):
+    """A converter product copies a CONV's windows chunk by chunk; any chunk starting at an output
+    line must be exactly those rows of the im2col matrix, written here window by window."""
+    x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    ins = Instr(Opcode.CONV, "conv", [0], [1], 0, dict(kernel=kernel, strides=strides, dilations=dilations,
+                                                        pads=pads, group=[group]))
+    nd = len(kernel)
+    padded = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[nd + i]) for i in range(nd)])
+    spatial = [(padded.shape[2 + i] - (kernel[i] - 1) * dilations[i] - 1) // strides[i] + 1 for i in range(nd)]
+    c = shape[1] // group
+    for g in range(group):
+        want = []
+        for n in range(shape[0]):
+            for pos in np.ndindex(*spatial):
+                window = padded[(n, slice(g * c, (g + 1) * c)) + tuple(
+                    slice(p * s, p * s + (k - 1) * d + 1, d) for p, s, k, d in zip(pos, strides, kernel, dilations))]
+                want.append(window.reshape(-1))
+        want = np.array(want)
+        windows = Windows(ops.windows(ins, x)).group(g, group)
+        assert windows.shape == want.shape and windows.spatial == tuple(spatial)
+        unit, total = windows.unit, want.shape[0]
+        for a, b in [(0, total), (0, unit), (unit, total), (2 * unit, total - unit), (0, total - unit)]:
+            assert np.array_equal(windows.rows(a, b), want[a:b]), (g, a, b)

@@ -83,20 +83,26 @@ def pad_spatial(x: np.ndarray, pads: list[int], nd: int, value: float) -> np.nda
     return np.pad(x, [(0, 0), (0, 0)] + list(zip(pads[:nd], pads[nd:])), constant_values=value)
 
 
-def im2col(ins: Instr, x: np.ndarray, rows: int) -> tuple[np.ndarray, tuple[int, ...]]:
-    """The windows of a CONV's input as crossbar rows: (N * positions, group * rows), each
-    group's rows in (channel, kernel offset) order, and the output's spatial shape."""
+def windows(ins: Instr, x: np.ndarray) -> np.ndarray:
+    """A CONV's input windows as a view, nothing copied: (N, *O, C, *K), output position
+    first, then the window's (channel, kernel offset) rows."""
     a = ins.attrs
-    kernel, group, pads = a["kernel"], a["group"][0], a["pads"]
+    kernel, pads = a["kernel"], a["pads"]
     nd = len(kernel)
     padded = pad_spatial(x, pads, nd, 0.0)
     span = [(k - 1) * d + 1 for k, d in zip(kernel, a["dilations"])]
     v = sliding_window_view(padded, span, axis=tuple(range(2, 2 + nd)))
     v = v[(slice(None), slice(None)) + tuple(slice(None, None, st) for st in a["strides"])
           + tuple(slice(None, None, d) for d in a["dilations"])]               # (N, C, *O, *K)
-    spatial = v.shape[2:2 + nd]
-    cols = v.transpose(0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd)).reshape(-1, group * rows)
-    return cols, spatial
+    return v.transpose(0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd))
+
+
+def im2col(ins: Instr, x: np.ndarray, rows: int) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The windows of a CONV's input as crossbar rows: (N * positions, group * rows), each
+    group's rows in (channel, kernel offset) order, and the output's spatial shape."""
+    v = windows(ins, x)
+    nd = len(ins.attrs["kernel"])
+    return v.reshape(-1, ins.attrs["group"][0] * rows), v.shape[1:1 + nd]
 
 
 def conv_layers(ins: Instr, x: np.ndarray, weights: WeightProvider) -> list[np.ndarray]:
