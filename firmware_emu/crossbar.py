@@ -64,18 +64,24 @@ class CellArrays:
         """Program the (masked) region and stamp its cells with ``clock``."""
         h, w = targets.shape
         sl = (array, slice(row, row + h), slice(col, col + w))
-        # the chosen cells, row-major, as flat indices into the region and into the array's planes:
-        # numpy moves cells by index 2-3x faster than through a boolean mask
-        local = np.arange(h * w) if mask is None else np.flatnonzero(mask)
-        cells = local + (row * self.shape[2] + col)
-        if w != self.shape[2]:
-            cells += local // w * (self.shape[2] - w)
-        t = np.ravel(targets).take(local)
-        stuck_sel = None if stuck is None else stuck.reshape(-1).take(cells)
+        # the chosen cells, row-major: a whole region by slices; a masked one as flat indices into the
+        # region and into the array's planes (numpy moves cells by index 2-3x faster than by a boolean mask)
+        if mask is None:
+            def chosen(region: np.ndarray) -> np.ndarray:
+                return np.ravel(region)
+        else:
+            local = np.flatnonzero(mask)
+            cells = local + (row * self.shape[2] + col)
+            if w != self.shape[2]:
+                cells += local // w * (self.shape[2] - w)
+
+            def chosen(region: np.ndarray) -> np.ndarray:
+                return np.ravel(region).take(local)
+        t = chosen(targets)
+        stuck_sel = None if stuck is None else chosen(stuck[sl[1:]])
         levels = None
         if not model.uniform and model.variation == VariationMode.WEIGHT_MAGNITUDE:
-            levels = region_levels(self.target[array], row, col, targets, model.slices,
-                                   model.cell_bits).reshape(-1).take(local)
+            levels = chosen(region_levels(self.target[array], row, col, targets, model.slices, model.cell_bits))
         # read-after-write: the last read of each cell is its captured deviation
         if verify:
             res = write_verify(model, t, tol, max_iter, rng, stuck_sel, levels)
@@ -86,9 +92,12 @@ class CellArrays:
             seen = model.read(g, rng)
             stats = WriteStats(t.size, t.size, t.size)
         captured = seen - t.astype(np.float32)
-        self.g[array].reshape(-1)[cells] = g  # (each array's planes are contiguous: views)
-        self.noise[array].reshape(-1)[cells] = captured
-        self.target[array].reshape(-1)[cells] = t
+        if mask is None:                       # a whole region: copied by slices, no index arrays
+            self.g[sl], self.noise[sl], self.target[sl] = (v.reshape(h, w) for v in (g, captured, t))
+        else:
+            self.g[array].reshape(-1)[cells] = g  # (each array's planes are contiguous: views)
+            self.noise[array].reshape(-1)[cells] = captured
+            self.target[array].reshape(-1)[cells] = t
         # only cells not stamped with this clock yet (a region erased just now holds it): no page written in vain
         restamp = self.ages.programmed_at[sl] != clock
         self.ages.stamp(array, sl[1], sl[2], restamp if mask is None else restamp & mask, clock)
