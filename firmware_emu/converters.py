@@ -64,6 +64,7 @@ TileConductance = Callable[[int, int], np.ndarray]       # (layer, tile) -> (in_
 
 CHUNK_SUMS = 1 << 18  # column sums per pass: ~1 MB, so the passes over them stay in cache
 MIN_ROWS = 128        # batch rows per chunk at least: fewer make the matrix product inefficient
+CHUNK_SET = 4         # chunks come in multiples of this many, of equal size
 
 _pool_lock = threading.Lock()
 _chunk_pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool)
@@ -388,11 +389,16 @@ class LayerConverters:
             xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
             unit, take = 1, lambda a, b: xt[a:b]
         p = x.shape[0]
-        rows = -(-max(MIN_ROWS, CHUNK_SUMS // max(1, self.sums)) // unit) * unit
+        budget = max(MIN_ROWS, CHUNK_SUMS // max(1, self.sums))   # rows per chunk (sizes the passes)
+        chunks = -(-p // budget)
+        if chunks > 1:   # a multiple of CHUNK_SET equal chunks: 1, 2 or 4 workers finish together (never
+            chunks = -(-chunks // CHUNK_SET) * CHUNK_SET     # the worker count: chunks fix the noise streams)
+        rows = -(-p // chunks)
+        rows = -(-rows // unit) * unit                       # a CONV's chunk starts at an output line
         cuts = list(range(0, p, rows)) + [p]
         generators = [noise.generator() if read_noise > 0 else None for _ in cuts[:-1]]
         y = torch.empty(p, self.out_features)
-        jobs = [(take, a, b, y[a:b], rows, read_noise, gen) for a, b, gen in zip(cuts[:-1], cuts[1:], generators)]
+        jobs = [(take, a, b, y[a:b], budget, read_noise, gen) for a, b, gen in zip(cuts[:-1], cuts[1:], generators)]
         if len(jobs) == 1:
             self._chunk(*jobs[0])
         else:
@@ -401,7 +407,8 @@ class LayerConverters:
         return y.numpy()
 
     def _chunk(self, take: Callable, a: int, b: int, y, rows: int, read_noise: float, generator) -> None:
-        """y = the product for the batch rows a..b (at most ``rows`` of them), ``take(a, b)`` their inputs."""
+        """y = the product for the batch rows a..b, ``take(a, b)`` their inputs; ``rows`` sizes the passes
+        (the same for every batch: a sample's groups are summed in the same order alone or in a batch)."""
         torch = _torch()
         x = take(a, b)
         out = torch.zeros(x.shape[0], self.out_features + 1)
