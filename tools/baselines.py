@@ -21,8 +21,7 @@ import torch
 from nvcim import driver
 from nvcim.firmware_emu.contract.device import DeviceSettings
 
-from .chip import Cost, FlowError, NoiseDump, compile_for, noisy_weights, program_on_chip
-from .chip import _subset as program_subset
+from .chip import Cost, FlowError, NoiseDump, compile_for, noisy_weights, program_on_chip, program_subset
 from .datasets import Split
 from .determinism import thread_independent
 from .models import Net

@@ -125,7 +125,7 @@ def program_for(device: driver.Device, onnx_path: str | os.PathLike) -> Program:
         raise FlowError(f"{onnx_path} is not on the chip: layer(s) {', '.join(missing[:3])} missing (the chip "
                         f"holds {', '.join(lay.name for lay in chip_program.layers)}); deploy or flash it first")
     try:
-        return compile_model(onnx_path, target_of(device), base=_subset(chip_program, names), shared="common")
+        return compile_model(onnx_path, target_of(device), base=program_subset(chip_program, names), shared="common")
     except CompileError as e:
         raise FlowError(f"{onnx_path} is not on the chip: the chip holds other weights ({e})") from None
 
@@ -398,7 +398,7 @@ def flash_tsb(device: driver.Device, backbone_onnx: str | os.PathLike, tsb_onnx:
                                     f"layer '{layer.name}' (another chip, or the backbone was deployed again); "
                                     f"fetch it again: nvcim noise fetch")
     base_names = {lay.name for lay in backbone.layers}
-    base = _subset(chip_program, base_names)
+    base = program_subset(chip_program, base_names)
     program = compile_for(device, tsb_onnx, base=base, shared=shared)
     tsb_names = [lay.name for lay in program.layers if lay.name not in base_names]
     if not tsb_names:
@@ -446,7 +446,7 @@ def check_tsb_width(c: int, settings: dict) -> None:
                         f"{settings['cols']} columns; choose c <= {min(settings['rows'], settings['cols'] // slices)}")
 
 
-def _subset(program: Program, names: set[str]) -> Program:
+def program_subset(program: Program, names: set[str]) -> Program:
     """A program holding only the named layers (with their cells): the base of an incremental compile."""
     layers = [lay for lay in program.layers if lay.name in names]
     return Program(program.weight_bits, program.cell_bits, program.array_rows, program.array_cols, [], {},
