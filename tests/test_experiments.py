@@ -81,3 +81,20 @@ def test_experiment_command_smoke(cfg, results):
     assert "training backbone" not in out.output and "c=5, all points, separate" in out.output and png.is_file()
     bad = CliRunner().invoke(main, ["experiment", "nft", "--sigmas", "x"])
     assert bad.exit_code != 0 and "comma-separated numbers" in bad.output
+
+
+def test_nft_searches_beta_as_the_paper_and_puts_a_tsb_on_the_chosen_backbones(results, cfg):
+    r = results["nft"]
+    rows = r["rows"]
+    deployed = {}
+    for row in rows:
+        if row["method"] == "deployed" and row["sigma"] == cfg.sigma:
+            deployed.setdefault(row["label"], []).append(row["accuracy"])
+    for kind, name in (("ovf", "NFT OVF"), ("irs", "NFT IRS")):
+        means = {b: np.mean(deployed[f"{name} (beta {b:g}), deployed"]) for b in cfg.betas}
+        assert r["chosen_beta"][kind] == max(means, key=means.get)
+        tsb = [row for row in rows if row["label"] == f"{name} (beta {r['chosen_beta'][kind]:g}) + TSB"]
+        assert len(tsb) == len(cfg.seeds) and all(row["method"] == "tsb" for row in tsb)
+    # each beta is its own training run: the backbones differ
+    names = {row["backbone"] for row in rows if row["label"].startswith("NFT OVF")}
+    assert len(names) == len(cfg.betas)

@@ -114,6 +114,8 @@ def nft_cmd(variant, arch, width, epochs, stop_fraction, lr, sigma_train, beta, 
 @click.option("--epochs", type=int, default=60, show_default=True, help="The full noise-injection plan.")
 @click.option("--budgets", default="0.005,0.01,0.03,0.1,0.3,0.6", show_default=True,
               help="write-cycles: fractions of weights verified.")
+@click.option("--betas", default="0.1,0.01,0.001,0.0001", show_default=True,
+              help="nft: NFT feedback coefficients searched (the paper's four steps).")
 @click.option("--smoke", is_flag=True, help="A seconds-long run on a data subset (checks the machinery only).")
 @click.option("--scheduler", default="local", show_default=True,
               help="'local' (a Dask LocalCluster), 'serial', or a running cluster's tcp://HOST:PORT.")
@@ -123,14 +125,14 @@ def nft_cmd(variant, arch, width, epochs, stop_fraction, lr, sigma_train, beta, 
 @click.option("--cache", type=click.Path(path_type=Path), default=None,
               help="Folder of the trained backbones [default: OUT/backbones].")
 @_clear_errors
-def experiment(name, model, width, data, seeds, sigmas, sigma, epochs, budgets, smoke, scheduler, workers,
+def experiment(name, model, width, data, seeds, sigmas, sigma, epochs, budgets, betas, smoke, scheduler, workers,
                out, cache) -> None:
     """Regenerate one of the papers' comparisons on emulated chips: table (.md), rows (.json), plot (.png)."""
     from .experiments import ExperimentConfig, run_experiment
 
     settings = dict(model=model, width=width, data=data, seeds=_seeds(seeds), sigmas=_floats(sigmas), sigma=sigma,
-                    epochs=epochs, budgets=_floats(budgets), scheduler=scheduler, workers=workers, out=out,
-                    cache=cache)
+                    epochs=epochs, budgets=_floats(budgets), betas=_floats(betas), scheduler=scheduler,
+                    workers=workers, out=out, cache=cache)
     if smoke:
         defaults = ExperimentConfig()
         cfg = ExperimentConfig.smoke(**{k: v for k, v in settings.items() if v != getattr(defaults, k)})

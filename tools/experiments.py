@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .nft import BETAS, DEFAULT_BETA
 from .outcome import ChipSpec
 from .sweep import DataSpec, Task, run_grid
 
@@ -53,6 +54,7 @@ class ExperimentConfig:
     retrain_epochs: int = 10
     budgets: tuple[float, ...] = (0.005, 0.01, 0.03, 0.1, 0.3, 0.6)
     devices: tuple[str, ...] = ("GAUSSIAN", "RRAM4", "FEFET6")
+    betas: tuple[float, ...] = BETAS                 # nft: NFT's feedback coefficients searched
     train_subset: int | None = None                  # smoke runs: the first N training / test images
     test_subset: int | None = None
     train_seed: int = 0
@@ -65,7 +67,8 @@ class ExperimentConfig:
     def smoke(cls, **overrides) -> ExperimentConfig:
         """A configuration that runs every experiment in seconds (tests; not for results)."""
         base = dict(seeds=(1, 2), sigmas=(0.2, 0.4), epochs=4, tsb_epochs=1, retrain_epochs=1, budgets=(0.01, 0.1),
-                    devices=("GAUSSIAN", "RRAM4"), train_subset=300, test_subset=120, scheduler="serial")
+                    devices=("GAUSSIAN", "RRAM4"), betas=(1e-1, 1e-2), train_subset=300, test_subset=120,
+                    scheduler="serial")
         return cls(**{**base, **overrides})
 
     @property
@@ -107,23 +110,27 @@ class Backbones:
         self.cfg, self.log = cfg, log
         self.root = cfg.cache or cfg.out / "backbones"
 
-    def _key(self, kind: str, sigma_train: float, device_model: str) -> str:
+    def _key(self, kind: str, sigma_train: float, device_model: str, beta: float) -> str:
         c = self.cfg
         spec = dict(model=c.model, width=c.width, data=c.data, image=c.image_size, epochs=c.epochs, lr=c.lr,
                     kind=kind, sigma=sigma_train, device=device_model, seed=c.train_seed, train=c.train_subset,
                     test=c.test_subset)
+        tag = ""
+        if kind != "ni" and beta != DEFAULT_BETA:  # (the default beta is left out: older caches stay valid)
+            spec["beta"], tag = beta, f"-b{beta:g}"
         digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
-        return f"{c.model}-w{c.width:g}-{kind}-s{sigma_train:g}-{device_model.lower()}-e{c.epochs}-{digest}"
+        return f"{c.model}-w{c.width:g}-{kind}{tag}-s{sigma_train:g}-{device_model.lower()}-e{c.epochs}-{digest}"
 
     def get(self, kind: str = "ni", sigma_train: float = 0.3, fraction: float = 1.0,
-            device_model: str = "GAUSSIAN") -> Backbone:
-        """The backbone of training ``kind`` ("ni", "ovf", "irs") at ``fraction`` of the plan."""
+            device_model: str = "GAUSSIAN", beta: float = DEFAULT_BETA) -> Backbone:
+        """The backbone of training ``kind`` ("ni", "ovf", "irs"; NFT with feedback coefficient ``beta``) at
+        ``fraction`` of the plan."""
         from .evaluate import accuracy, quantized_params
         from .onnx_io import export, load_deploy
         from .train import TrainConfig, load_checkpoint
 
         c = self.cfg
-        key = self._key(kind, sigma_train, device_model)
+        key = self._key(kind, sigma_train, device_model, beta)
         folder = self.root / key
         record = folder / "history.json"
         if not record.is_file():
@@ -136,7 +143,8 @@ class Backbones:
             self.log(f"training backbone {key} ({c.epochs} epochs) ...")
             data = c.data_spec.load()
             kwargs = dict(checkpoint_dir=folder, log=lambda s: None, progress=False)
-            result = train_backbone(data, tc, **kwargs) if kind == "ni" else train_nft(data, tc, kind, **kwargs)
+            result = train_backbone(data, tc, **kwargs) if kind == "ni" else \
+                train_nft(data, tc, kind, beta=beta, **kwargs)
             record.write_text(json.dumps(result.history))
             self.log(f"  trained in {result.seconds:.1f} s")
         history = json.loads(record.read_text())
@@ -147,7 +155,8 @@ class Backbones:
         data = c.data_spec.load()
         model, _ = load_deploy(onnx_path)
         ideal = accuracy(model, data.x_test, data.y_test, quantized_params(model))
-        return Backbone(f"{kind}@{fraction:g}/s{sigma_train:g}/{device_model}", onnx_path.read_bytes(), ideal,
+        name = f"{kind}@{fraction:g}/s{sigma_train:g}/{device_model}" + (f"/b{beta:g}" if kind != "ni" else "")
+        return Backbone(name, onnx_path.read_bytes(), ideal,
                         history[epoch - 1]["seconds"], epoch, c.epochs)
 
 
@@ -507,41 +516,60 @@ def write_cycles(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> d
 
 @experiment("nft")
 def nft(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> dict:
-    """Backbones trained with noise injection, NFT OVF and NFT IRS at ``cfg.sigma``, deployed as they are
-    across chip sigma, and with a TSB at ``cfg.sigma``."""
+    """Backbones trained at ``cfg.sigma`` with noise injection and with NFT OVF / IRS at every feedback
+    coefficient of ``cfg.betas``, deployed as they are across chip sigma; each NFT variant's beta chosen as
+    the paper does (a search over the set, the best accuracy at ``cfg.sigma``), then a TSB on the chosen
+    backbones and on noise injection's at ``cfg.sigma``."""
     store = Backbones(cfg, log)
-    backbones = {k: store.get(k, cfg.sigma, 1.0) for k in ("ni", "ovf", "irs")}
     names = {"ni": "noise injection", "ovf": "NFT OVF", "irs": "NFT IRS"}
-    tasks = []
-    for kind, b in backbones.items():
-        for sigma in cfg.sigmas:
-            for s in cfg.seeds:
-                chip = ChipSpec(sigma, s)
-                tasks.append(Task.of("deployed", chip, b.name, label=f"{names[kind]}, deployed"))
-                if sigma == cfg.sigma:
-                    tasks.append(Task.of("tsb", chip, b.name, epochs=cfg.tsb_epochs, label=f"{names[kind]} + TSB"))
-    rows = _grid(cfg, tasks, {b.name: b for b in backbones.values()}, log)
+    several = len(cfg.betas) > 1
+
+    def label(kind: str, beta: float) -> str:
+        return names[kind] + (f" (beta {beta:g})" if kind != "ni" and several else "")
+
+    backbones = {("ni", DEFAULT_BETA): store.get("ni", cfg.sigma, 1.0)}
+    backbones.update({(k, b): store.get(k, cfg.sigma, 1.0, beta=b) for k in ("ovf", "irs") for b in cfg.betas})
+    sigmas = sorted(set(cfg.sigmas) | {cfg.sigma})
+    tasks = [Task.of("deployed", ChipSpec(sigma, s), bb.name, label=f"{label(*key)}, deployed")
+             for key, bb in backbones.items() for sigma in sigmas for s in cfg.seeds]
+    by_name = {bb.name: bb for bb in backbones.values()}
+    rows = _grid(cfg, tasks, by_name, log)
+    acc = summarise(rows, ("label", "sigma"), "accuracy")
+    chosen = {"ni": DEFAULT_BETA}
+    for kind in ("ovf", "irs"):
+        chosen[kind] = max(cfg.betas, key=lambda b, kind=kind: acc[(f"{label(kind, b)}, deployed", cfg.sigma)][0])
+    tasks = [Task.of("tsb", ChipSpec(cfg.sigma, s), backbones[(k, b)].name, epochs=cfg.tsb_epochs,
+                     label=f"{label(k, b)} + TSB") for k, b in chosen.items() for s in cfg.seeds]
+    rows += _grid(cfg, tasks, by_name, log)
     labels = list(dict.fromkeys(r["label"] for r in rows))
     acc = summarise(rows, ("label", "sigma"), "accuracy")
+    ideal = {label(*key): bb.ideal for key, bb in backbones.items()}
+    seconds = {label(*key): bb.seconds for key, bb in backbones.items()}
+    search = (f"; NFT's beta searched over {', '.join(f'{b:g}' for b in cfg.betas)} and chosen by the best deployed "
+              f"accuracy at sigma {cfg.sigma:g} (OVF: {chosen['ovf']:g}, IRS: {chosen['irs']:g}); the TSB rows "
+              f"use the chosen backbones") if several else ""
     table = [f"Chip accuracy of backbones trained at sigma {cfg.sigma:g} ({cfg.epochs} epochs) by noise injection and "
-             f"NFT, across chip sigma, {cfg.model} on {cfg.data}, {len(cfg.seeds)} chips per point. Ideal (8-bit): "
-             + ", ".join(f"{names[k]} {b.ideal:.2%}" for k, b in backbones.items())
-             + "; host training: " + ", ".join(f"{names[k]} {b.seconds:.0f} s" for k, b in backbones.items()) + ".", "",
-             "| backbone | " + " | ".join(f"sigma {s:g}" for s in cfg.sigmas) + " |",
-             "|---|" + "---:|" * len(cfg.sigmas)]
-    table += [f"| {lab} | " + " | ".join(_pct(acc[(lab, s)]) if (lab, s) in acc else "" for s in cfg.sigmas) + " |"
-              for lab in labels]
-    fig, (ax,) = _figure()
+             f"NFT, across chip sigma, {cfg.model} on {cfg.data}, {len(cfg.seeds)} chips per point{search}.", "",
+             "| backbone | ideal (8-bit) | host training s | " + " | ".join(f"sigma {s:g}" for s in sigmas) + " |",
+             "|---|---:|---:|" + "---:|" * len(sigmas)]
     for lab in labels:
-        sig = [s for s in cfg.sigmas if (lab, s) in acc]
+        base = lab.removesuffix(", deployed").removesuffix(" + TSB")
+        table.append(f"| {lab} | {ideal[base]:.2%} | {seconds[base]:.0f} | "
+                     + " | ".join(_pct(acc[(lab, s)]) if (lab, s) in acc else "" for s in sigmas) + " |")
+    fig, (ax,) = _figure(width=7.2)
+    shown = {f"{label(k, b)}, deployed" for k, b in chosen.items()}
+    for lab in labels:
+        sig = [s for s in sigmas if (lab, s) in acc]
         m = np.array([acc[(lab, s)][:3] for s in sig])
+        main = "TSB" in lab or lab in shown
         ax.errorbar(sig, 100 * m[:, 0], yerr=100 * np.abs(m[:, 1:].T - m[:, 0]), capsize=3,
-                    fmt="D" if "TSB" in lab else "o-", ms=7 if "TSB" in lab else 5, label=lab)
+                    fmt="D" if "TSB" in lab else ("o-" if main else ".:"), ms=7 if "TSB" in lab else 5,
+                    alpha=1.0 if main else 0.4, label=lab)
     ax.set_xlabel("device sigma of the chip (fraction of g_max)")
     ax.set_ylabel("accuracy on the chip (%)")
     ax.set_title(f"NFT vs noise injection, {cfg.model} / {cfg.data} (trained at sigma {cfg.sigma:g})")
-    ax.legend(fontsize=7)
-    return _write(cfg, "nft", rows, table, fig, dict(ideal={k: b.ideal for k, b in backbones.items()}))
+    ax.legend(fontsize=6, ncol=2)
+    return _write(cfg, "nft", rows, table, fig, dict(ideal=ideal, chosen_beta=chosen))
 
 
 def run_experiment(name: str, cfg: ExperimentConfig, log: Callable[[str], None] = print) -> dict:

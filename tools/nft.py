@@ -39,6 +39,10 @@ SNAPSHOTS = {"lenet3": ["bn1", "bn2"], "vgg8": ["bns.1", "bns.3", "bns.5"],
              "resnet18": ["blocks.1", "blocks.3", "blocks.5"]}
 
 
+DEFAULT_BETA = 1e-2
+BETAS = (1e-1, 1e-2, 1e-3, 1e-4)  # the paper's four-step search: its best beta always lay in this set
+
+
 def _combine(out: torch.Tensor, feedback: list[torch.Tensor], gammas: list[float], beta: float) -> torch.Tensor:
     a = 1.0 / (len(feedback) + 1)
     return a * out - a * beta * sum(g * f for g, f in zip(gammas, feedback))
@@ -52,7 +56,7 @@ class OVF:
     device_model: str = "GAUSSIAN"
     n: int = 3
     delta: float = 0.05
-    beta: float = 1e-2
+    beta: float = DEFAULT_BETA
 
     def parameters(self) -> list[nn.Parameter]:
         return []
@@ -70,7 +74,7 @@ class OVF:
 class IRS:
     """Intermediate representation snapshots: small classifiers on block-end features as the feedback."""
 
-    def __init__(self, model: Net, beta: float = 1e-2, hidden: int = 64):
+    def __init__(self, model: Net, beta: float = DEFAULT_BETA, hidden: int = 64):
         self.beta = beta
         points = SNAPSHOTS[model.config["arch"]]
         mods = dict(model.named_modules())
@@ -112,7 +116,7 @@ class IRS:
         return torch.nn.functional.cross_entropy(_combine(out, feedback, gammas, self.beta), y), out
 
 
-def objective(variant: str, cfg: TrainConfig, beta: float = 1e-2) -> Callable[[Net], Objective]:
+def objective(variant: str, cfg: TrainConfig, beta: float = DEFAULT_BETA) -> Callable[[Net], Objective]:
     """The NFT objective ``variant`` ("ovf" or "irs") for training with ``cfg`` (its training sigma and device)."""
     if variant == "ovf":
         return lambda model: OVF(cfg.sigma_train, cfg.device_model, beta=beta)
@@ -121,6 +125,6 @@ def objective(variant: str, cfg: TrainConfig, beta: float = 1e-2) -> Callable[[N
     raise ValueError(f"NFT variant {variant!r}: choose from {', '.join(VARIANTS)}")
 
 
-def train_nft(data: Split, cfg: TrainConfig, variant: str, beta: float = 1e-2, **kwargs) -> TrainResult:
+def train_nft(data: Split, cfg: TrainConfig, variant: str, beta: float = DEFAULT_BETA, **kwargs) -> TrainResult:
     """Train a backbone with NFT ``variant`` (the rest as tools.train.train_backbone)."""
     return train_backbone(data, cfg, objective=objective(variant, cfg, beta), **kwargs)
