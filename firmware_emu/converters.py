@@ -145,7 +145,7 @@ class Windows:
         return Windows(self.view[(slice(None),) * (1 + nd) + (slice(g * c, (g + 1) * c),)])
 
     def rows(self, a: int, b: int) -> np.ndarray:
-        """Rows a..b (a a multiple of ``unit``, b too or the last row) as a (b - a, features) float32 array."""
+        """Rows a..b as a (b - a, features) float32 array; a and b are multiples of ``unit`` (b may be the end)."""
         out = np.empty((b - a, self.shape[1]), np.float32)
         lines, line, end, at = self.spatial[0], a // self.unit, -(-b // self.unit), 0
         while line < end:
@@ -333,14 +333,14 @@ class _Readout:
                 cols = torch.matmul(sums.view(n, p, -1, self.slices), self.place)   # (groups, P, width)
                 cols.mul_(self.post[g].unsqueeze(1))
             scale = scale_all[g]
-            if self.copies:                                                   # one group: scaled once summed
-                if n > 1:
+            if self.copies:             # the outputs: the copies' column blocks added, no scatter
+                if n > 1:               # groups of their own input scales: each scaled before the sum
                     cols.mul_(scale)
-                part = cols.sum(0) if n > 1 else cols[0]                      # groups, then copies, in order:
-                if self.copies > 1:                                           # the same bits in any batch
+                part = cols.sum(0) if n > 1 else cols[0]        # groups, then copies, always in this order:
+                if self.copies > 1:                             # a sample's bits are the same in any batch
                     part = sum((part[:, c * o:(c + 1) * o] for c in range(2, self.copies)),
                                torch.add(part[:, :o], part[:, o:2 * o]))
-                out[:, :o] += part.mul_(scale[0]) if n == 1 else part
+                out[:, :o] += part.mul_(scale[0]) if n == 1 else part   # one group: scaled once, summed
             elif self.same_outputs:
                 out.index_add_(1, self.out_index, cols.mul_(scale).sum(0))
             else:
