@@ -558,10 +558,13 @@ def nft(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> dict:
                      + " | ".join(_pct(acc[(lab, s)]) if (lab, s) in acc else "" for s in sigmas) + " |")
     fig, (ax,) = _figure(width=7.2)
     shown = {f"{label(k, b)}, deployed" for k, b in chosen.items()}
+    tsb = [lab for lab in labels if "TSB" in lab]
     for lab in labels:
         sig = [s for s in sigmas if (lab, s) in acc]
         m = np.array([acc[(lab, s)][:3] for s in sig])
         main = "TSB" in lab or lab in shown
+        if lab in tsb:                          # the TSB points share one sigma: side by side, not stacked
+            sig = [s + 0.01 * (tsb.index(lab) - (len(tsb) - 1) / 2) for s in sig]
         ax.errorbar(sig, 100 * m[:, 0], yerr=100 * np.abs(m[:, 1:].T - m[:, 0]), capsize=3,
                     fmt="D" if "TSB" in lab else ("o-" if main else ".:"), ms=7 if "TSB" in lab else 5,
                     alpha=1.0 if main else 0.4, label=lab)
