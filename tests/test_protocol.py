@@ -21,6 +21,18 @@ def test_payload_corruption_is_a_bad_crc_error_naming_the_sequence():
     assert got[0].code == ErrorCode.BAD_CRC and got[0].seq == 42
 
 
+def test_a_frame_that_lost_a_byte_does_not_swallow_the_retransmission_after_it():
+    payload = bytes(range(200))
+    short = bytearray(encode(0x30, 7, payload))
+    del short[40]                                        # one payload byte dropped on the wire
+    reader = FrameReader()
+    got = reader.feed(bytes(short))
+    assert got == []                                     # still waiting for the byte it lacks
+    got = reader.feed(encode(0x30, 7, payload))          # the host's retransmission, intact
+    assert [type(g) for g in got] == [FrameError, Frame]
+    assert got[0].code == ErrorCode.BAD_CRC and got[1].payload == payload and got[1].seq == 7
+
+
 def test_oversized_length_is_refused_without_waiting_for_the_payload():
     import binascii
     import struct

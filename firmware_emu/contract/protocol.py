@@ -324,6 +324,9 @@ class FrameReader:
             crc = crc32(payload)
             if crc != int.from_bytes(buf[end - TRAILER_SIZE:end], "little"):
                 out.append(FrameError(ErrorCode.BAD_CRC, seq, f"payload CRC mismatch in frame seq {seq}", command))
-            else:
-                out.append(Frame(command, seq, payload, flags, crc))
+                # hunt on from the next byte, not past the frame: a frame that lost a byte on the way took
+                # the first bytes of the next one to make up its length, and that next frame is still here
+                pos += 1
+                continue
+            out.append(Frame(command, seq, payload, flags, crc))
             pos = end
