@@ -5,15 +5,17 @@ implementation of the model has on this machine.
 LeNet-3 (1x28x28) at batch 256 and VGG-8 (3x32x32, full width) at batch 64, through the
 driver over the in-process link. Prints images/s of onnxruntime on the float model, of
 the chip with ideal converters, and of the chip with 8-bit DACs and ADCs on every array
-plus read noise 0.01 (of g_max) in both readouts (``column``: one ADC per bit line;
-``shift_add``: a weight's slice columns fused in the analog domain before one ADC), each
-with the converter path's time over the ideal path's (issue 11's targets: at most 3x;
-LeNet-3 >= 15k img/s, VGG-8 >= 60 img/s).
+plus read noise 0.01 (of g_max) in four readouts (``column``: one ADC per bit line;
+``shift_add``: a weight's slice columns fused in the analog domain before one ADC; each
+also ``diff``, differential: the positive and negative tiles on an array pair read as
+I+ - I- by one ADC), each with the converter path's time over the ideal path's (issue
+11's targets: at most 3x; LeNet-3 >= 15k img/s, VGG-8 >= 60 img/s). The chip starts with
+DIFFERENTIAL set, so the driver compiles with paired placement, which every readout reads.
 
 The floor: every ADC sample needs its own Gaussian read-noise draw and every cell on a
-used row its multiply-add (the chip's bit slices and its separate positive and negative
-arrays make these S x 2 = 8 times the weights' in column readout, 2 times with analog
-shift-add). The run counts both per image through the converter path, times torch's
+used row its multiply-add (the chip's bit slices and its positive and negative arrays
+make these S x 2 = 8 times the weights' in column readout, 2 times with analog shift-add,
+and half of each in differential readout). The run counts both per image through the converter path, times torch's
 Gaussian source and batched matrix product here on one thread, and prints the images/s
 that the draws and multiply-adds alone would allow on all cores. Each figure is the best
 of a few timed runs after a warm-up (a burst of other work on a shared machine slows
@@ -38,7 +40,8 @@ from nvcim.tools.models import VGG8, LeNet3
 
 READ_NOISE = 0.01
 TARGETS = {"LeNet-3": 15e3, "VGG-8": 60.0}
-READOUTS = {"column": 0, "shift_add": field("ARRAY_CONVERTERS", "SHIFT_ADD").mask}
+_SA, _DIFF = (field("ARRAY_CONVERTERS", f).mask for f in ("SHIFT_ADD", "DIFFERENTIAL"))
+READOUTS = {"column": 0, "shift_add": _SA, "diff column": _DIFF, "diff sh-add": _DIFF | _SA}
 
 
 def _export(model: torch.nn.Module, shape: tuple[int, ...], path: Path) -> None:
@@ -106,7 +109,7 @@ def main() -> None:
     print(f"torch here, one thread: {draw * 1e9:.2f} ns per Gaussian draw, {mac * 1e12:.1f} ps per multiply-add; "
           f"floor = (ADC samples x draw + multiply-adds x mac) / {cores} cores")
     nets = {"LeNet-3": (LeNet3(), (1, 28, 28), 256, 8), "VGG-8": (VGG8(), (3, 32, 32), 64, 1)}
-    print(f"{'model':<8} {'batch':>5} {'onnxruntime':>12} {'chip ideal':>11} {'readout':>10} {'chip 8b+noise':>14} "
+    print(f"{'model':<8} {'batch':>5} {'onnxruntime':>12} {'chip ideal':>11} {'readout':>12} {'chip 8b+noise':>14} "
           f"{'conv/ideal':>11} {'target':>8} {'samples/img':>12} {'floor':>8}   "
           f"(img/s; read noise {READ_NOISE} of g_max)")
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,7 +119,7 @@ def main() -> None:
             x = np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
             ref = ort.InferenceSession(str(path))
             onnx_rate = _rate(lambda v, ref=ref: ref.run(None, {"x": v}), x, 2 * repeats)
-            with driver.load(path, device="emu://?sigma=0.3&seed=1&arrays=4096") as sess:
+            with driver.load(path, device="emu://?sigma=0.3&seed=1&arrays=4096&differential=1") as sess:
                 run = lambda v: sess.run(None, {"x": v})  # noqa: E731
                 ideal = _rate(run, x, 2 * repeats)
                 sess.device.write_register("READ_NOISE", round(READ_NOISE * Q16))
@@ -130,7 +133,7 @@ def main() -> None:
             target = TARGETS[name]
             for readout, (rate, samples, floor) in analog.items():
                 verdict = "met" if rate >= target and ideal / rate <= 3 else "missed"
-                print(f"{name:<8} {batch:>5} {onnx_rate:>12.0f} {ideal:>11.0f} {readout:>10} {rate:>14.1f} "
+                print(f"{name:<8} {batch:>5} {onnx_rate:>12.0f} {ideal:>11.0f} {readout:>12} {rate:>14.1f} "
                       f"{ideal / rate:>11.2f} {target:>8.0f} {samples:>12,} {floor:>8.1f}   {verdict}")
 
 

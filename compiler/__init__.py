@@ -131,7 +131,7 @@ def _dims(dims: list[int | None]) -> str:
 
 def compile_model(model: str | os.PathLike | onnx.ModelProto, target: Target = _DEFAULT_TARGET, *,
                   base: Program | None = None, shared: str = "common", per_channel: bool = False,
-                  source: str | None = None) -> Program:
+                  source: str | None = None, pairs: bool = False) -> Program:
     """Compile an ONNX model for ``target``.
 
     ``base``: the program already on the chip; its layers keep their tiles and cells
@@ -139,8 +139,9 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, target: Target = _
     ``shared``: a weight used by several nodes is placed once ("common") or per use ("separate").
     ``per_channel``: one quantisation scale per output channel instead of per tensor.
     ``source``: how messages name an in-memory model (e.g. the file it came from).
+    ``pairs``: paired placement for a chip in differential readout (``mapping.Placer``).
     """
-    return place(*lower_model(model, shared, source), target, base=base, per_channel=per_channel)
+    return place(*lower_model(model, shared, source), target, base=base, per_channel=per_channel, pairs=pairs)
 
 
 def _quantize_layers(lo: lower.Lowering, weight_bits: int, per_channel: bool) -> dict[str, Quantized]:
@@ -157,16 +158,18 @@ def _quantize_layers(lo: lower.Lowering, weight_bits: int, per_channel: bool) ->
 
 def place(lo: lower.Lowering, proto: onnx.ModelProto, target: Target, *, base: Program | None = None,
           per_channel: bool = False, inputs: list[str] | None = None, outputs: list[str] | None = None,
-          quantized: dict[str, Quantized] | None = None) -> Program:
+          quantized: dict[str, Quantized] | None = None, pairs: bool = False) -> Program:
     """Quantise, slice and place a lowered model's weight layers onto ``target``.
 
     ``inputs`` / ``outputs``: the tensors the program takes and returns (default: the
     model's graph inputs and outputs; one stage of a partitioned model names its own).
     ``quantized``: the layers already quantised (a stage of a partitioned model: its
     layers keep the scales of the whole model's tensors).
+    ``pairs``: each block's positive and negative tiles at one spot of an array pair (2p, 2p+1),
+    as a chip in differential readout (ARRAY_CONVERTERS.DIFFERENTIAL) needs them.
     """
     slices = target.weight_bits // target.cell_bits
-    placer = Placer(target.rows, target.cols, slices)
+    placer = Placer(target.rows, target.cols, slices, pairs)
     pinned = {layer.name: layer for layer in (base.layers if base else [])}
     if base is not None:
         if (base.weight_bits, base.cell_bits, base.array_rows, base.array_cols) != \
@@ -187,8 +190,8 @@ def place(lo: lower.Lowering, proto: onnx.ModelProto, target: Target, *, base: P
     for name, w in lo.weights.items():
         old = pinned.get(name)
         placed[name] = [Tile(**vars(t)) for t in old.tiles] if old is not None else \
-            [placer.place(sign, block) for sign in (1, -1) for block in placer.blocks(*w.shape)
-             if _has_sign(quantized[name].signs, block, sign)]
+            placer.place_layer([(sign, block) for sign in (1, -1) for block in placer.blocks(*w.shape)
+                                if _has_sign(quantized[name].signs, block, sign)])
     if placer.arrays_needed > target.arrays:
         raise CapacityError(f"{lo.source}: the model needs {placer.arrays_needed} arrays of "
                             f"{target.rows}x{target.cols} cells; the chip has {target.arrays}"

@@ -9,6 +9,11 @@ stack down an array instead of each taking full-height column strips.
 
 Placement is deterministic. In incremental mode every tile already on the chip keeps its
 place and raises the skyline over its columns, so new tiles never touch its cells.
+
+Paired placement (``pairs=True``, for a chip whose arrays read differentially: the ADCs of
+array 2p see array 2p's bit line minus the same bit line of array 2p+1) places a block once
+on an array pair: its positive tile on array 2p, its negative tile at the same rows and
+columns of array 2p+1; a block with one sign leaves its partner's cells erased.
 """
 
 from __future__ import annotations
@@ -26,10 +31,10 @@ class CapacityError(ValueError):
 class Placer:
     """First-fit skyline placement; grows past the chip so the shortfall can be stated."""
 
-    def __init__(self, rows: int, cols: int, slices: int):
+    def __init__(self, rows: int, cols: int, slices: int, pairs: bool = False):
         if cols < slices:
             raise CapacityError(f"arrays of {cols} columns cannot hold one {slices}-cell weight")
-        self.rows, self.cols, self.slices = rows, cols, slices
+        self.rows, self.cols, self.slices, self.pairs = rows, cols, slices, pairs
         self.units = cols // slices                    # weight-wide column groups per array
         self.skyline = np.zeros((0, self.units), int)  # first free row of each group, per array
         self.lowest = np.zeros(0, int)                 # the smallest skyline value of each array
@@ -47,10 +52,11 @@ class Placer:
 
     def reserve(self, tile: Tile) -> None:
         """Mark an existing tile's cells as taken (incremental mode)."""
-        self._grow(tile.array + 1)
+        unit = tile.array // 2 if self.pairs else tile.array   # paired: the skyline is the pair's
+        self._grow(unit + 1)
         first = tile.col // self.slices
         last = -(-(tile.col + tile.out_count * self.slices) // self.slices)
-        self._occupy(tile.array, first, last, tile.row + tile.in_count)
+        self._occupy(unit, first, last, tile.row + tile.in_count)
 
     def blocks(self, in_features: int, out_features: int) -> list[tuple[int, int, int, int]]:
         """(in_start, in_count, out_start, out_count) blocks a matrix is cut into."""
@@ -58,7 +64,19 @@ class Placer:
                 for i in range(0, in_features, self.rows)
                 for o in range(0, out_features, self.units)]
 
+    def place_layer(self, blocks: list[tuple[int, tuple[int, int, int, int]]]) -> list[Tile]:
+        """Tiles for a layer's (sign, block) list, in its order; paired, each block's two signs share one spot."""
+        if not self.pairs:
+            return [self.place(sign, block) for sign, block in blocks]
+        spots: dict[tuple[int, int, int, int], Tile] = {}
+        for _, block in blocks:
+            if block not in spots:
+                spots[block] = self.place(1, block)       # on pair p: array p of the skyline
+        return [Tile(sign, 2 * spot.array + (sign < 0), spot.row, spot.col, *block)
+                for (sign, block), spot in ((sb, spots[sb[1]]) for sb in blocks)]
+
     def place(self, sign: int, block: tuple[int, int, int, int]) -> Tile:
+        """One tile at the first fit (paired: the tile's ``array`` is the pair's index)."""
         in_start, in_count, out_start, out_count = block
         for array in np.flatnonzero(self.lowest + in_count <= self.rows):
             tops = sliding_window_view(self.skyline[array], out_count).max(axis=1)
@@ -75,4 +93,4 @@ class Placer:
 
     @property
     def arrays_needed(self) -> int:
-        return len(self.lowest)
+        return 2 * len(self.lowest) if self.pairs else len(self.lowest)

@@ -242,6 +242,9 @@
 #define NVCIM_ARRAY_CONVERTERS_SHIFT_ADD_SHIFT   16u  /* readout: 0 one ADC per bit line (each of a weight's S slice columns converted, shifted and added digitally); 1 analog shift-add, the S slice currents of a weight summed with gains 2^(jK) into one ADC per weight column (ADC_FS and its automatic bound then refer to that fused sum) */
 #define NVCIM_ARRAY_CONVERTERS_SHIFT_ADD_WIDTH   1u
 #define NVCIM_ARRAY_CONVERTERS_SHIFT_ADD_MASK    0x00010000u
+#define NVCIM_ARRAY_CONVERTERS_DIFFERENTIAL_SHIFT 17u  /* 1: arrays 2p and 2p+1 read as a differential pair, the same on both (a write to either sets both): 2p's ADCs convert each bit line of 2p minus the same bit line of 2p+1, with 2p's converter settings, so a block's positive and negative tiles at one spot of the pair (the compiler's paired placement) take one ADC sample; a RUN whose tiles face another block's is refused. Reads 0 on an array without a partner */
+#define NVCIM_ARRAY_CONVERTERS_DIFFERENTIAL_WIDTH 1u
+#define NVCIM_ARRAY_CONVERTERS_DIFFERENTIAL_MASK 0x00020000u
 
 /* ARRAY_DAC_FS (RW): Input DAC full scale of the selected array(s), Q16.16 in input units: a row input x drives clip(x / DAC_FS, -1, 1) (0: per vector, each input vector scaled by its own largest abs(x) on the tile's rows). Set at deploy from calibration data. */
 #define NVCIM_ARRAY_DAC_FS_OFFSET                0x068u

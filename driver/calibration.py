@@ -11,9 +11,12 @@ its target, the contract's reference kernels) on a calibration batch, and for ev
 * the ADC full scale of its array is the largest |sum_i u_i g_ij / g_max| over the tile's
   columns, with u = x / (the array's DAC full scale) as the DAC drives it; for an array in
   analog shift-add readout (ARRAY_CONVERTERS.SHIFT_ADD) the largest fused column sum,
-  sum_j 2^(jK) sum_i u_i g_i,oS+j / g_max over the tile's weight columns o.
+  sum_j 2^(jK) sum_i u_i g_i,oS+j / g_max over the tile's weight columns o;
+* in differential readout (ARRAY_CONVERTERS.DIFFERENTIAL) the ADCs of a pair's even array
+  read a positive tile minus its mirror: the same two sums of that difference, on the
+  even array (measured when the program's placement is paired).
 
-An array holding several tiles takes the largest value of its tiles. Both ADC ranges are
+An array holding several tiles takes the largest value of its tiles. Every ADC range is
 measured; ``apply`` writes the one each array's readout reads (as ARRAY_CONVERTERS says
 when it is applied, so set the readout first). The values are
 written to ARRAY_DAC_FS / ARRAY_ADC_FS (Q16.16, rounded up) after programming; a sample
@@ -24,12 +27,13 @@ the same alone or in any batch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 from nvcim.firmware_emu.contract import interpreter, ops
+from nvcim.firmware_emu.contract.pairing import PairingError, Unit, pair_units, unit_cells
 from nvcim.firmware_emu.contract.program_format import Opcode, Program, effective_weights
 from nvcim.firmware_emu.contract.registers import ALL_ARRAYS, LIMITS, Q16, field
 
@@ -39,11 +43,14 @@ from .device import Device
 @dataclass(frozen=True)
 class Calibration:
     """Full scales per array the program uses: DAC in input units, ADC in normalised column-sum
-    units, for one ADC per column (``adc_fs``) and for analog shift-add readout (``adc_fs_shift_add``)."""
+    units, for one ADC per column (``adc_fs``) and for analog shift-add readout (``adc_fs_shift_add``);
+    ``differential`` the two ADC ranges of the pairs' even arrays in differential readout (empty
+    when the program's placement is not paired)."""
 
     dac_fs: dict[int, float]
     adc_fs: dict[int, float]
     adc_fs_shift_add: dict[int, float]
+    differential: tuple[dict[int, float], dict[int, float]] = ({}, {})
 
 
 def _layer_inputs(program: Program, feeds: list[np.ndarray]) -> dict[int, np.ndarray]:
@@ -86,21 +93,39 @@ def calibrate(program: Program, feeds: list[np.ndarray] | Mapping[str, np.ndarra
     place = 2.0 ** (program.cell_bits * np.arange(program.slices))
     inputs = _layer_inputs(program, list(feeds))
     dac: dict[int, float] = {}
-    sums: list[tuple[int, float, float]] = []  # (array, largest |column sum|, largest |fused sum|) of one tile
     for index, x in inputs.items():
         for t in program.layers[index].tiles:
-            rows = x[:, t.in_start:t.in_start + t.in_count].astype(np.float64)
+            rows = x[:, t.in_start:t.in_start + t.in_count]
             dac[t.array] = max(dac.get(t.array, 0.0), float(np.abs(rows).max(initial=0.0)))
-            columns = rows @ program.tile_cells(t).astype(np.float64) / g_max
-            fused = columns.reshape(len(rows), t.out_count, program.slices) @ place
-            sums.append((t.array, float(np.abs(columns).max(initial=0.0)), float(np.abs(fused).max(initial=0.0))))
-    adc: dict[int, float] = {}
-    adc_fused: dict[int, float] = {}
-    for array, column, fused in sums:
-        if dac[array] > 0:
-            adc[array] = max(adc.get(array, 0.0), column / dac[array])
-            adc_fused[array] = max(adc_fused.get(array, 0.0), fused / dac[array])
-    return Calibration(dac, adc, adc_fused)
+
+    def ranges(units: list[list[Unit]], scale_of: Callable[[Unit], float]) -> tuple[dict, dict]:
+        """Largest |column sum| and |fused sum| per reading array over ``units``, in DAC full-scale units."""
+        column: dict[int, float] = {}
+        fused: dict[int, float] = {}
+        for index, x in inputs.items():
+            for unit in units[index]:
+                fs = scale_of(unit)
+                if fs <= 0:
+                    continue
+                t = program.layers[index].tiles[unit.tile]
+                rows = x[:, t.in_start:t.in_start + t.in_count].astype(np.float64)
+                g = unit_cells(unit, lambda i, index=index: program.tile_cells(program.layers[index].tiles[i]))
+                sums = rows @ g.astype(np.float64) / (g_max * fs)
+                fused_sums = sums.reshape(len(rows), t.out_count, program.slices) @ place
+                a = unit.array
+                column[a] = max(column.get(a, 0.0), float(np.abs(sums).max(initial=0.0)))
+                fused[a] = max(fused.get(a, 0.0), float(np.abs(fused_sums).max(initial=0.0)))
+        return column, fused
+
+    alone = [[Unit(i, None, t.array, False) for i, t in enumerate(layer.tiles)] for layer in program.layers]
+    adc, adc_fused = ranges(alone, lambda u: dac[u.array])
+    arrays = 2 + max((t.array for layer in program.layers for t in layer.tiles), default=0)
+    try:                            # the even array's DAC drives both of a pair's tiles
+        paired = ranges(pair_units(program, np.ones(arrays, bool)),
+                        lambda u: max(dac.get(u.array, 0.0), dac.get(u.array + 1, 0.0)))
+    except PairingError:
+        paired = ({}, {})
+    return Calibration(dac, adc, adc_fused, paired)
 
 
 def _q16(value: float, name: str, array: int) -> int:
@@ -113,16 +138,28 @@ def _q16(value: float, name: str, array: int) -> int:
 
 def apply(device: Device, calibration: Calibration) -> None:
     """Write the full scales to the arrays' ARRAY_DAC_FS / ARRAY_ADC_FS, the ADC's for the readout
-    each array's ARRAY_CONVERTERS.SHIFT_ADD selects now; arrays with nothing measured (0) keep the
-    chip's automatic ranges. ARRAY_SELECT is left selecting all arrays."""
-    shift_add = field("ARRAY_CONVERTERS", "SHIFT_ADD").mask
+    each array's ARRAY_CONVERTERS (SHIFT_ADD, DIFFERENTIAL) selects now; arrays with nothing measured
+    (0) keep the chip's automatic ranges. A pair in differential readout takes its even array's DAC
+    range on both arrays (the even array's DAC drives it). ARRAY_SELECT is left selecting all arrays."""
+    shift_add, differential = (field("ARRAY_CONVERTERS", f).mask for f in ("SHIFT_ADD", "DIFFERENTIAL"))
     try:
         values = []                      # every value checked before the first is written
-        for array in sorted(calibration.dac_fs):
+        measured = calibration.dac_fs
+        for array in sorted(set(measured) | {a & ~1 for a in measured}):   # a pair's even array reads it
             device.write_register("ARRAY_SELECT", array)
-            values.append((array, "ARRAY_DAC_FS", _q16(calibration.dac_fs[array], "ARRAY_DAC_FS", array)))
-            adc = (calibration.adc_fs_shift_add if device.read_register("ARRAY_CONVERTERS") & shift_add
-                   else calibration.adc_fs)
+            converters = device.read_register("ARRAY_CONVERTERS")
+            if array not in measured and not converters & differential:
+                continue
+            dac_fs = measured.get(array, 0.0)
+            if converters & differential:
+                if not calibration.differential[0]:
+                    raise ValueError(f"array {array} reads differentially (ARRAY_CONVERTERS.DIFFERENTIAL) but the "
+                                     f"program's placement is not paired: compile it with pairs=True")
+                dac_fs = max(dac_fs, measured.get(array ^ 1, 0.0))
+                adc = calibration.differential[1 if converters & shift_add else 0]
+            else:
+                adc = calibration.adc_fs_shift_add if converters & shift_add else calibration.adc_fs
+            values.append((array, "ARRAY_DAC_FS", _q16(dac_fs, "ARRAY_DAC_FS", array)))
             if array in adc:
                 values.append((array, "ARRAY_ADC_FS", _q16(adc[array], "ARRAY_ADC_FS", array)))
         for array, name, raw in values:

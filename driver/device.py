@@ -193,6 +193,11 @@ class Device:
         reply = self.link.transact(Command.REG_READ, RegReadArgs.build(dict(addr=self._address(register))))
         return RegReadReply.parse(reply).value
 
+    def differential(self) -> bool:
+        """Whether the chip reads array pairs differentially (ARRAY_CONVERTERS.DIFFERENTIAL as ARRAY_SELECT
+        shows it: array 0's under the broadcast select), so programs must be compiled with paired placement."""
+        return bool(self.read_register("ARRAY_CONVERTERS") & field("ARRAY_CONVERTERS", "DIFFERENTIAL").mask)
+
     def write_register(self, register: str | int, value: int) -> None:
         if not 0 <= value <= 0xFFFFFFFF:
             raise InvalidArgument(f"register value {value} does not fit 32 bits")

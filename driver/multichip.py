@@ -171,6 +171,11 @@ def load_multichip(lowered: Lowering, model: onnx.ModelProto, urls: list[str], *
         if len(geometries) > 1:
             raise InvalidArgument(f"the chips at {', '.join(urls)} differ in geometry ({len(geometries)} kinds); "
                                   f"a partitioned model needs one geometry")
+        paired = [url for url, d in zip(urls, devices) if d.differential()]
+        if paired:
+            raise InvalidArgument(f"the chip(s) at {', '.join(paired)} read array pairs differentially "
+                                  f"(ARRAY_CONVERTERS.DIFFERENTIAL); a partitioned model is placed unpaired: "
+                                  f"clear DIFFERENTIAL or load onto one chip")
         target = devices[0].identity.geometry
         part = partition(lowered, model, target, chips=len(devices))
         if len(part) < len(devices):

@@ -369,9 +369,11 @@ def load(onnx_path: str | os.PathLike | onnx.ModelProto, device: str | list[str]
     dev = Device.open(urls[0], timeout=timeout)
     try:
         target = dev.identity.geometry
+        pairs = dev.differential()   # a chip reading array pairs differentially needs paired placement
         build = lambda: place(*(lower_model(onnx_path) if lowered is None else (lowered, model)),  # noqa: E731
-                              target)
-        program = cached_program(digest or model_digest(model), target, {}, build) if cache else build()
+                              target, pairs=pairs)
+        options = {"pairs": True} if pairs else {}
+        program = cached_program(digest or model_digest(model), target, options, build) if cache else build()
         stats = deploy(dev, program, verify=policy == "write-verify", verify_mask=verify_mask)
         if calibration is not None:
             apply_calibration(dev, calibrate(program, calibration))

@@ -71,6 +71,9 @@ def cli(debug: bool) -> None:
 @click.option("--readout", type=click.Choice([r.name.lower() for r in Readout], case_sensitive=False),
               help="Every array's readout: column (one ADC per bit line) or shift_add (a weight's slices "
                    "summed in the analog domain before one ADC) [default: column].")
+@click.option("--differential/--no-differential", default=None,
+              help="Every array pair reads differentially: one ADC per bit-line pair converts I+ - I- "
+                   "(the driver then compiles with paired placement) [default: off].")
 @click.option("--arrays", type=int, help=f"Number of crossbar arrays [default: {_DEFAULTS.arrays}].")
 @click.option("--rows", type=int, help=f"Rows per array [default: {_DEFAULTS.rows}].")
 @click.option("--cols", type=int, help=f"Columns per array [default: {_DEFAULTS.cols}].")

@@ -27,7 +27,7 @@ from .config import ChipConfig
 from .contract.program_format import Program
 from .contract.protocol import FLAG_ASYNC, Command, ErrorCode, Frame
 from .contract.registers import Q16, OpState
-from .converters import LayerProduct, ReadNoise
+from .converters import LayerProduct, PairingError, ReadNoise
 from .crossbar import CellArrays
 from .drift import Aging
 from .errors import ChipError
@@ -117,7 +117,12 @@ class Chip:
         the read noise to add to the effective weights' products, or None when READ_NOISE is
         0). Each call takes the next read-noise stream after RUN_SEED."""
         r = self.registers
-        return self.weights.products(r.converters(), r.all_ideal, r.regs["READ_NOISE"] / Q16, r.next_run_noise())
+        settings = r.converters()
+        try:                   # before the run takes its noise stream: a refused run changes nothing
+            self.weights.check_pairs(settings.differential)
+        except PairingError as e:
+            raise ChipError(ErrorCode.BAD_PROGRAM, str(e)) from None
+        return self.weights.products(settings, r.all_ideal, r.regs["READ_NOISE"] / Q16, r.next_run_noise())
 
     def read_register(self, addr: int) -> int:
         return self.registers.read(addr)

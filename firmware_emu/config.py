@@ -39,6 +39,7 @@ class ChipConfig(Geometry):
     dac_bits: int = 0   # every array's input DAC (0: ideal)
     adc_bits: int = 0   # every array's column ADC (0: ideal)
     readout: Readout = Readout.COLUMN  # every array's ARRAY_CONVERTERS.SHIFT_ADD; option "column" / "shift_add"
+    differential: bool = False  # every array pair's ARRAY_CONVERTERS.DIFFERENTIAL; option 0 / 1
     uid: int = 0        # the unique-ID fuse (UID_HI:UID_LO); 0: derived from the build seed
 
     def __post_init__(self):
@@ -77,7 +78,7 @@ class ChipConfig(Geometry):
                     kwargs[key] = DeviceModelCode[text.upper()]
                 elif key in ("sigma", "read_noise", "stuck_rate"):
                     kwargs[key] = float(text)
-                elif key == "clip":
+                elif key in ("clip", "differential"):
                     kwargs[key] = {"0": False, "1": True, "false": False, "true": True}[text.lower()]
                 elif key == "readout":
                     kwargs[key] = {"column": Readout.COLUMN, "shift_add": Readout.SHIFT_ADD,
@@ -89,7 +90,8 @@ class ChipConfig(Geometry):
                     kwargs[key] = int(text, 0)
             except (KeyError, ValueError):
                 choices = {"model": ", ".join(m.name for m in DeviceModelCode), "clip": "0 or 1",
-                           "variation": "weight or cell", "readout": "column or shift_add"}.get(key, "a number")
+                           "differential": "0 or 1", "variation": "weight or cell",
+                           "readout": "column or shift_add"}.get(key, "a number")
                 raise ValueError(f"chip option {key}={text!r} is not valid (expected {choices})") from None
         return kwargs
 

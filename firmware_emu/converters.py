@@ -33,11 +33,18 @@ ARRAY_CONVERTERS / ARRAY_DAC_FS / ARRAY_ADC_FS):
   product reads each tile through its fused matrix (``fused_cells``): the multiply-adds
   and noise draws of one sign tile per weight, not S.
 
-Positive and negative tiles are read by separate ADCs, each by its own array's: the
-compiler places the two signs of a block on independent arrays and positions, and each
-array's converter registers then mean exactly what they say. (A differential read,
-I+ - I- into one ADC per column pair, would halve the multiply-adds but needs the two
-tiles wired as column pairs, which this chip's layout does not promise.)
+* Differential readout (ARRAY_CONVERTERS.DIFFERENTIAL, per array pair 2p / 2p+1): the
+  ADCs of array 2p see each bit line of array 2p minus the same bit line of array 2p+1,
+  through array 2p's converters (array 2p+1's converter registers are not used). With the
+  compiler's paired placement a block's positive tile sits on 2p and its negative tile at
+  the same spot of 2p+1, so one ADC sample carries both signs: the column sum is
+  sum_i u_i (g+_ij - g-_ij) / g_max, read noise one Gaussian of std sqrt(2) times the
+  single read's (both bit lines' cells are read), adc_fs 0 the bound of the difference.
+  A tile whose partner spot is empty is read alone (still with both bit lines' noise); a
+  tile facing anything but its mirror is a programming error (``pair_units`` names it).
+
+Without DIFFERENTIAL, positive and negative tiles are read by separate ADCs, each by its
+own array's, and each array's converter registers mean exactly what they say.
 
 Speed: tiles that see the same input (same rows of x, same DAC) form one group; every
 group's cells are stacked into one zero-padded (groups, rows, columns) tensor, prepared
@@ -56,7 +63,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .contract.pairing import PairingError, Unit, pair_units, unit_cells
 from .contract.program_format import Program
+
+__all__ = ["ConverterPath", "ConverterSettings", "LayerConverters", "NoiseStream", "PairingError", "ReadNoise",
+           "ReadNoiseMap", "Unit", "Windows", "fused_cells", "pair_units", "unit_cells", "weight_bounds"]
 
 LayerProduct = Callable[[int, "np.ndarray | Windows"], np.ndarray]  # (layer, x (P, in)) -> (P, out)
 TileConductance = Callable[[int, int], np.ndarray]       # (layer, tile) -> (in_count, out_count * S)
@@ -65,6 +76,7 @@ TileConductance = Callable[[int, int], np.ndarray]       # (layer, tile) -> (in_
 CHUNK_SUMS = 1 << 18  # column sums per pass: ~1 MB, so the passes over them stay in cache
 MIN_ROWS = 128        # batch rows per chunk at least: fewer make the matrix product inefficient
 CHUNK_SET = 4         # chunks come in multiples of this many, of equal size
+SQRT2 = math.sqrt(2.0)  # a differential column's read noise: two bit lines' cells read
 
 _pool_lock = threading.Lock()
 _chunk_pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool)
@@ -102,18 +114,19 @@ class ConverterSettings:
     dac_fs: np.ndarray    # (arrays,) input full scale in input units; 0: per vector
     adc_fs: np.ndarray    # (arrays,) ADC full scale, normalised column sum; 0: weight bound
     shift_add: np.ndarray  # (arrays,) bool: the S slice columns of a weight fused before one ADC
+    differential: np.ndarray  # (arrays,) bool, equal on both arrays of a pair: 2p's ADCs read 2p minus 2p+1
 
     def key(self) -> tuple[bytes, ...]:
         """The settings as a hashable value (prepared products are kept while it holds)."""
-        arrays = (self.dac_bits, self.adc_bits, self.dac_fs, self.adc_fs, self.shift_add)
+        arrays = (self.dac_bits, self.adc_bits, self.dac_fs, self.adc_fs, self.shift_add, self.differential)
         return tuple(np.ascontiguousarray(a).tobytes() for a in arrays)
 
     @classmethod
     def uniform(cls, arrays: int, dac_bits: int = 0, adc_bits: int = 0, dac_fs: float = 0.0,
-                adc_fs: float = 0.0, shift_add: bool = False) -> ConverterSettings:
+                adc_fs: float = 0.0, shift_add: bool = False, differential: bool = False) -> ConverterSettings:
         return cls(np.full(arrays, dac_bits, np.int64), np.full(arrays, adc_bits, np.int64),
                    np.full(arrays, dac_fs, np.float64), np.full(arrays, adc_fs, np.float64),
-                   np.full(arrays, shift_add, bool))
+                   np.full(arrays, shift_add, bool), np.full(arrays, differential, bool))
 
 
 def fused_cells(g: np.ndarray, slices: int, cell_bits: int) -> np.ndarray:
@@ -186,7 +199,7 @@ class _Readout:
     DAC form a group; each group's ADC columns (a tile's out * S slice columns, or its out
     fused columns) are stacked into one zero-padded (groups, rows, columns) tensor."""
 
-    def __init__(self, program: Program, layer_index: int, tiles: list[int], cells: Callable[[int], np.ndarray],
+    def __init__(self, program: Program, layer_index: int, units: list[Unit], cells: Callable[[int], np.ndarray],
                  settings: ConverterSettings, adc_bound: np.ndarray, fused: bool):
         torch = _torch()
         layer = program.layers[layer_index]
@@ -198,16 +211,16 @@ class _Readout:
         self.place = torch.from_numpy((2.0 ** (k * np.arange(s))).astype(np.float32))
         # read noise of one ADC column in units of the rows' norm: 1, or the fused places' root sum of squares
         noise_gain = float(np.sqrt(np.sum(4.0 ** (k * np.arange(program.slices))))) if fused else 1.0
-        groups: dict[tuple, list[int]] = {}
-        for i in tiles:
-            a = layer.tiles[i].array
-            t = layer.tiles[i]
+        groups: dict[tuple, list[Unit]] = {}
+        for unit in units:
+            a = unit.array
+            t = layer.tiles[unit.tile]
             key = (t.in_start, t.in_count, int(settings.dac_bits[a]), float(settings.dac_fs[a]))
-            groups.setdefault(key, []).append(i)
+            groups.setdefault(key, []).append(unit)
         keys = sorted(groups)
         self.groups = len(keys)
         rows = max((key[1] for key in keys), default=0)
-        width = max((sum(layer.tiles[i].out_count for i in groups[key]) for key in keys), default=0)
+        width = max((sum(layer.tiles[u.tile].out_count for u in groups[key]) for key in keys), default=0)
         n = self.groups
         g_all = np.zeros((n, rows, width * s), np.float32)
         gather = np.full((n, rows), layer.in_features, np.int64)     # index in_features: a zero column
@@ -223,20 +236,20 @@ class _Readout:
             dac_top = levels(dac_bits)
             self.dac_top[gi], self.dac_fs[gi] = dac_top, dac_fs
             c = 0
-            for i in sorted(groups[key], key=lambda i: (layer.tiles[i].sign, layer.tiles[i].out_start)):
-                t = layer.tiles[i]
-                a = t.array
+            for unit in sorted(groups[key], key=lambda u: (layer.tiles[u.tile].sign, layer.tiles[u.tile].out_start)):
+                t = layer.tiles[unit.tile]
+                a = unit.array
                 bits = int(settings.adc_bits[a])
                 fs = float(settings.adc_fs[a]) or float(adc_bound[a])
                 top = levels(bits)
                 step = fs / top if bits else 1.0
                 cols = slice(c * s, (c + t.out_count) * s)
                 inv = 1.0 / step if step > 0 else 0.0
-                g = cells(i)
+                g = unit_cells(unit, cells)
                 if fused:
                     g = fused_cells(g.astype(np.float64), program.slices, k)
                 g_all[gi, :in_count, cols] = g * (inv / (self.g_max * (dac_top or 1)))
-                col_scale[gi, cols] = inv * noise_gain
+                col_scale[gi, cols] = inv * noise_gain * (SQRT2 if unit.differential else 1.0)
                 adc_top[gi, 0, cols] = top
                 post[gi, c:c + t.out_count] = t.sign * step * self.g_max
                 out_index[gi, c:c + t.out_count] = np.arange(t.out_start, t.out_start + t.out_count)
@@ -353,20 +366,23 @@ class LayerConverters:
 
     ``cells(i)`` is tile i's conductance (in_count, out_count * S); ``settings`` the
     per-array converters; ``adc_bound`` each array's weight bound (used where adc_fs is 0).
-    Tiles on arrays with per-column ADCs and tiles on arrays with analog shift-add readout
-    form one ``_Readout`` each; the layer's output is their sum.
+    ``units``: what each set of ADCs reads (default ``pair_units`` of the settings). Units on arrays with per-column
+    ADCs and units on arrays with analog shift-add readout form one ``_Readout`` each; the
+    layer's output is their sum.
     """
 
     def __init__(self, program: Program, layer_index: int, cells: Callable[[int], np.ndarray],
-                 settings: ConverterSettings, adc_bound: np.ndarray):
+                 settings: ConverterSettings, adc_bound: np.ndarray, units: list[Unit] | None = None):
         torch = _torch()
         layer = program.layers[layer_index]
+        if units is None:
+            units = pair_units(program, settings.differential)[layer_index]
         self.out_features = layer.out_features
         self.in_features = layer.in_features
         self.scale = torch.from_numpy(np.ascontiguousarray(np.broadcast_to(
             np.asarray(layer.scale, np.float32), (layer.out_features,))))
-        fused = [bool(settings.shift_add[t.array]) for t in layer.tiles]
-        self.readouts = [_Readout(program, layer_index, [i for i, f in enumerate(fused) if f == mode], cells,
+        fused = [bool(settings.shift_add[u.array]) for u in units]
+        self.readouts = [_Readout(program, layer_index, [u for u, f in zip(units, fused) if f == mode], cells,
                                   settings, adc_bound, mode) for mode in (False, True) if mode in fused]
         self.sums = sum(r.groups * r.width for r in self.readouts)   # ADC samples per input vector
         self.macs = sum(r.groups * r.rows * r.width for r in self.readouts)  # multiply-adds per input vector
@@ -419,18 +435,22 @@ class LayerConverters:
 
 
 def weight_bounds(program: Program, conductance: TileConductance, arrays: int,
-                  shift_add: np.ndarray | None = None) -> np.ndarray:
-    """Each array's ADC weight bound: max over the program's tiles on it of max_j sum_i |g_ij| / g_max,
-    for an array in ``shift_add`` of its fused columns (``fused_cells``)."""
+                  shift_add: np.ndarray | None = None, units: list[list[Unit]] | None = None) -> np.ndarray:
+    """Each array's ADC weight bound: max over the units its ADCs read (``units``, default every tile
+    alone) of max_j sum_i |g_ij| / g_max, of a differential unit's difference, for an array in
+    ``shift_add`` of its fused columns (``fused_cells``)."""
     g_max = float((1 << program.cell_bits) - 1)
     bound = np.zeros(arrays, np.float64)
-    for li, layer in enumerate(program.layers):
-        for i, t in enumerate(layer.tiles):
-            g = conductance(li, i)
-            if shift_add is not None and shift_add[t.array]:
+    if units is None:
+        units = [[Unit(i, None, t.array, False) for i, t in enumerate(layer.tiles)] for layer in program.layers]
+    for li, layer_units in enumerate(units):
+        for unit in layer_units:
+            g = unit_cells(unit, lambda i, li=li: conductance(li, i))
+            a = unit.array
+            if shift_add is not None and shift_add[a]:
                 g = fused_cells(g.astype(np.float64), program.slices, program.cell_bits)
             if g.size:
-                bound[t.array] = max(bound[t.array], float(np.abs(g).sum(axis=0, dtype=np.float64).max()) / g_max)
+                bound[a] = max(bound[a], float(np.abs(g).sum(axis=0, dtype=np.float64).max()) / g_max)
     return bound
 
 
@@ -442,16 +462,19 @@ class ConverterPath:
     layer is prepared on its first product.
     """
 
-    def __init__(self, program: Program, conductance: TileConductance, settings: ConverterSettings):
+    def __init__(self, program: Program, conductance: TileConductance, settings: ConverterSettings,
+                 units: list[list[Unit]] | None = None):
         self.program, self.conductance, self.settings = program, conductance, settings
-        self.bound = weight_bounds(program, conductance, len(settings.dac_bits), settings.shift_add)
+        self.units = pair_units(program, settings.differential) if units is None else units
+        self.bound = weight_bounds(program, conductance, len(settings.dac_bits), settings.shift_add, self.units)
         self._layers: dict[int, LayerConverters] = {}
 
     def layer(self, index: int) -> LayerConverters:
         plan = self._layers.get(index)
         if plan is None:
             plan = self._layers[index] = LayerConverters(
-                self.program, index, lambda i: self.conductance(index, i), self.settings, self.bound)
+                self.program, index, lambda i: self.conductance(index, i), self.settings, self.bound,
+                self.units[index])
         return plan
 
     def product(self, read_noise: float = 0.0, noise: NoiseStream | None = None) -> LayerProduct:
@@ -470,9 +493,11 @@ class ReadNoiseMap:
     (each tile read, positive and negative alike, adds its own). ``rows`` (in, R) sums x^2
     over each distinct row block of the tiles, ``cover`` (R, out) counts the tiles of each
     row block over each output times sum_j 4^(jK); std = scale * read_noise * g_max * sqrt(x^2 @ rows @ cover).
+    In differential readout a tile without a mirror still has its partner bit lines read:
+    ``doubled`` lists those tiles, each counted twice.
     """
 
-    def __init__(self, program: Program, layer_index: int):
+    def __init__(self, program: Program, layer_index: int, doubled: frozenset[int] = frozenset()):
         layer = program.layers[layer_index]
         k, s = program.cell_bits, program.slices
         self.g_max = float((1 << k) - 1)
@@ -483,8 +508,9 @@ class ReadNoiseMap:
             self.rows[start:start + count, i] = 1
         places = float(sum(4.0 ** (j * k) for j in range(s)))
         self.cover = np.zeros((len(blocks), layer.out_features), np.float32)
-        for t in layer.tiles:
-            self.cover[where[(t.in_start, t.in_count)], t.out_start:t.out_start + t.out_count] += places
+        for i, t in enumerate(layer.tiles):
+            self.cover[where[(t.in_start, t.in_count)], t.out_start:t.out_start + t.out_count] += \
+                places * (2 if i in doubled else 1)
         self.scale = np.broadcast_to(np.asarray(layer.scale, np.float32), (layer.out_features,))
 
     def std(self, x: np.ndarray, read_noise: float) -> np.ndarray:

@@ -16,7 +16,16 @@ from collections.abc import Callable
 import numpy as np
 
 from .contract.program_format import Program, Tile, effective_weights
-from .converters import ConverterPath, ConverterSettings, LayerProduct, NoiseStream, ReadNoise, ReadNoiseMap
+from .converters import (
+    ConverterPath,
+    ConverterSettings,
+    LayerProduct,
+    NoiseStream,
+    ReadNoise,
+    ReadNoiseMap,
+    Unit,
+    pair_units,
+)
 from .crossbar import CellArrays
 from .drift import Aging
 
@@ -31,7 +40,8 @@ class LayerWeights:
         self._cache: dict[int, tuple[tuple, np.ndarray]] = {}  # layer -> ((cell generation, aging), weights)
         self._arrays_used: tuple[Program | None, np.ndarray] = (None, np.zeros(0, np.intp))  # (program, its arrays)
         self._path: tuple[tuple, ConverterPath] | None = None  # ((program, generation, aging, settings), path)
-        self._noise_maps: tuple[Program | None, dict[int, ReadNoiseMap]] = (None, {})
+        self._noise_maps: tuple[tuple, dict[int, ReadNoiseMap]] = ((), {})  # ((program, pairs), maps)
+        self._units: tuple[tuple, list[list[Unit]]] = ((), [])  # ((program, DIFFERENTIAL bits), units)
 
     def load(self, program: Program | None) -> None:
         """Serve ``program``'s layers from now on (the cache starts empty)."""
@@ -55,29 +65,50 @@ class LayerWeights:
         self._cache[index] = (key, w)
         return w
 
+    def check_pairs(self, differential: np.ndarray) -> None:
+        """Raise ``converters.PairingError`` if a differential pair holds tiles of the program that are not mirrors."""
+        if differential[self._used()].any():
+            self._pair_units(differential)
+
+    def _used(self) -> np.ndarray:
+        """The arrays the loaded program's tiles are on (found once per program)."""
+        program = self.program
+        if self._arrays_used[0] is not program:
+            used = np.unique([t.array for layer in program.layers for t in layer.tiles]).astype(np.intp)
+            self._arrays_used = (program, used)
+        return self._arrays_used[1]
+
+    def _pair_units(self, differential: np.ndarray) -> list[list[Unit]]:
+        """The loaded program's ADC units under the DIFFERENTIAL bits (``converters.pair_units``; raises
+        its PairingError when a tile faces another block's), kept while program and bits hold."""
+        key = (self.program, differential.tobytes())
+        if self._units[0] != key:
+            self._units = (key, pair_units(self.program, differential))
+        return self._units[1]
+
     def products(self, settings: ConverterSettings, all_ideal: bool, read_noise: float,
                  noise: NoiseStream) -> tuple[LayerProduct | None, ReadNoise | None]:
         """How one run multiplies: (converter product, None) when some array the program uses
         has finite converters (read noise, if any, added to every column sum inside it);
-        else (None, read noise on the effective weights' products, or None without it)."""
+        else (None, read noise on the effective weights' products, or None without it).
+        Raises ``converters.PairingError`` when a differential pair holds tiles that are not mirrors."""
         program = self.program
-        finite = False
-        if not all_ideal:
-            if self._arrays_used[0] is not program:  # once per program, not on every run
-                used = np.unique([t.array for layer in program.layers for t in layer.tiles]).astype(np.intp)
-                self._arrays_used = (program, used)
-            used = self._arrays_used[1]
-            finite = bool(settings.dac_bits[used].any() or settings.adc_bits[used].any())
+        used = self._used()
+        units = self._pair_units(settings.differential) if settings.differential[used].any() else None
+        finite = not all_ideal and bool(settings.dac_bits[used].any() or settings.adc_bits[used].any())
         if not finite:
             if read_noise <= 0:
                 return None, None
-            if self._noise_maps[0] is not program:
-                self._noise_maps = (program, {})
+            key = (program, None if units is None else settings.differential.tobytes())
+            if self._noise_maps[0] != key:
+                self._noise_maps = (key, {})
             maps = self._noise_maps[1]
 
             def noise_map(index: int) -> ReadNoiseMap:
-                if index not in maps:
-                    maps[index] = ReadNoiseMap(program, index)
+                if index not in maps:   # a differential tile without a mirror: its partner bit lines read too
+                    doubled = frozenset(u.tile for u in units[index] if u.differential and u.mirror is None) \
+                        if units is not None else frozenset()
+                    maps[index] = ReadNoiseMap(program, index, doubled)
                 return maps[index]
 
             return None, ReadNoise(read_noise, noise, noise_map)
@@ -86,5 +117,6 @@ class LayerWeights:
         if self._path is None or self._path[0] != key:
             layers = program.layers
             self._path = (key, ConverterPath(
-                program, lambda layer, i: self._conductance(layers[layer].tiles[i], aging), settings))
+                program, lambda layer, i: self._conductance(layers[layer].tiles[i], aging), settings,
+                units if units is not None else pair_units(program, settings.differential)))
         return self._path[1].product(read_noise, noise), None

@@ -33,6 +33,7 @@ CONFIG_CLIP, CONFIG_PER_CELL_STATE = (register_field("CONFIG", f).mask for f in 
 IRQ_DONE, IRQ_ERROR, IRQ_VERIFY_FAIL, IRQ_ABORTED = (
     register_field("IRQ_FLAGS", f).mask for f in ("DONE", "ERROR", "VERIFY_FAIL", "ABORTED"))
 CONVERTERS_SHIFT_ADD = register_field("ARRAY_CONVERTERS", "SHIFT_ADD")
+CONVERTERS_DIFFERENTIAL = register_field("ARRAY_CONVERTERS", "DIFFERENTIAL")
 STATUS_LIVE = STATUS_READY | STATUS_BUSY | STATUS_PROGRAM_LOADED  # computed on every read, never stored
 
 COUNTERS = tuple(r.name[4:-3].lower() for r in REGISTERS if r.name.startswith("CNT_") and r.name.endswith("_LO"))
@@ -67,10 +68,13 @@ class RegisterFile:
             DEVICE_MODEL=int(c.model), READ_NOISE=round(c.read_noise * Q16),
             CONFIG=CONFIG_CLIP * int(c.clip) | CONFIG_PER_CELL_STATE * int(c.variation),
             STUCK_RATE=round(c.stuck_rate * Q16),
-            ARRAY_CONVERTERS=c.dac_bits | c.adc_bits << 8 | int(c.readout) << CONVERTERS_SHIFT_ADD.lsb)
+            ARRAY_CONVERTERS=c.dac_bits | c.adc_bits << 8 | int(c.readout) << CONVERTERS_SHIFT_ADD.lsb
+            | int(c.differential) << CONVERTERS_DIFFERENTIAL.lsb)
         self.dac_bits = np.full(c.arrays, c.dac_bits, dtype=np.uint8)
         self.adc_bits = np.full(c.arrays, c.adc_bits, dtype=np.uint8)
         self.shift_add = np.full(c.arrays, bool(c.readout), dtype=bool)  # ARRAY_CONVERTERS.SHIFT_ADD
+        self.differential = np.full(c.arrays, bool(c.differential), dtype=bool)  # .DIFFERENTIAL, per pair
+        self.differential[c.arrays & ~1:] = False                             # the last array of an odd count
         self.dac_fs = np.zeros(c.arrays, dtype=np.uint32)  # Q16.16 per array; 0: per-vector input scale
         self.adc_fs = np.zeros(c.arrays, dtype=np.uint32)  # Q16.16 per array; 0: the weight bound
         self.all_ideal = not (c.dac_bits or c.adc_bits)  # every converter ideal: runs skip the check
@@ -94,7 +98,8 @@ class RegisterFile:
 
     def converters(self) -> ConverterSettings:
         """Every array's converter settings as a run uses them (full scales as numbers)."""
-        return ConverterSettings(self.dac_bits, self.adc_bits, self.dac_fs / Q16, self.adc_fs / Q16, self.shift_add)
+        return ConverterSettings(self.dac_bits, self.adc_bits, self.dac_fs / Q16, self.adc_fs / Q16, self.shift_add,
+                                 self.differential)
 
     @property
     def device(self) -> DeviceModel:
@@ -131,7 +136,8 @@ class RegisterFile:
             if name == "ARRAY_ADC_FS":
                 return int(self.adc_fs[a])
             return (int(self.dac_bits[a]) | int(self.adc_bits[a]) << 8
-                    | int(self.shift_add[a]) << CONVERTERS_SHIFT_ADD.lsb)
+                    | int(self.shift_add[a]) << CONVERTERS_SHIFT_ADD.lsb
+                    | int(self.differential[a]) << CONVERTERS_DIFFERENTIAL.lsb)
         if reg.access == Access.WO:
             return 0
         return self.regs[name]
@@ -152,14 +158,18 @@ class RegisterFile:
         self.guard(name)
         if name == "ARRAY_CONVERTERS":
             dac, adc = value & 0xFF, (value >> 8) & 0xFF
-            if value & ~(0xFFFF | CONVERTERS_SHIFT_ADD.mask) or dac > MAX_DAC_BITS or adc > MAX_ADC_BITS:
+            if value & ~(0xFFFF | CONVERTERS_SHIFT_ADD.mask | CONVERTERS_DIFFERENTIAL.mask) \
+                    or dac > MAX_DAC_BITS or adc > MAX_ADC_BITS:
                 raise ChipError(ErrorCode.BAD_ARGUMENT, f"ARRAY_CONVERTERS value 0x{value:X}: DAC_BITS must be "
                                 f"0..{MAX_DAC_BITS}, ADC_BITS 0..{MAX_ADC_BITS}, SHIFT_ADD 0 or 1 (bit 16), "
-                                f"bits 17..31 0; register unchanged")
+                                f"DIFFERENTIAL 0 or 1 (bit 17), bits 18..31 0; register unchanged")
             a = self.regs["ARRAY_SELECT"]
             target = slice(None) if a == ALL_ARRAYS else a
             self.dac_bits[target], self.adc_bits[target] = dac, adc
             self.shift_add[target] = bool(value & CONVERTERS_SHIFT_ADD.mask)
+            pair = slice(None) if a == ALL_ARRAYS else slice(a & ~1, (a & ~1) + 2)   # both arrays of the pair
+            self.differential[pair] = bool(value & CONVERTERS_DIFFERENTIAL.mask)
+            self.differential[len(self.differential) & ~1:] = False
             self.all_ideal = not (self.dac_bits.any() or self.adc_bits.any())
             return
         self._check_setting(name, value)

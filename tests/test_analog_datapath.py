@@ -425,7 +425,7 @@ def test_shift_add_is_a_per_array_field_of_array_converters():
         dev.write_register("ARRAY_SELECT", 2)
         assert dev.read_register("ARRAY_CONVERTERS") == 0
         dev.write_register("ARRAY_SELECT", 1)
-        for bad in (1 << 17, 3 << 16, 1 << 31):
+        for bad in (1 << 18, 7 << 16, 1 << 31):
             with pytest.raises(driver.DeviceError, match="SHIFT_ADD 0 or 1"):
                 dev.write_register("ARRAY_CONVERTERS", bad)
         assert dev.read_register("ARRAY_CONVERTERS") == value

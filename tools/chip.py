@@ -111,7 +111,7 @@ def program_on_chip(device: driver.Device) -> Program:
 def compile_for(device: driver.Device, onnx_path: str | os.PathLike, base: Program | None = None,
                 shared: str = "common") -> Program:
     try:
-        return compile_model(onnx_path, target_of(device), base=base, shared=shared)
+        return compile_model(onnx_path, target_of(device), base=base, shared=shared, pairs=device.differential())
     except CompileError as e:
         raise FlowError(str(e)) from None
 
@@ -125,7 +125,8 @@ def program_for(device: driver.Device, onnx_path: str | os.PathLike) -> Program:
         raise FlowError(f"{onnx_path} is not on the chip: layer(s) {', '.join(missing[:3])} missing (the chip "
                         f"holds {', '.join(lay.name for lay in chip_program.layers)}); deploy or flash it first")
     try:
-        return compile_model(onnx_path, target_of(device), base=program_subset(chip_program, names), shared="common")
+        return compile_model(onnx_path, target_of(device), base=program_subset(chip_program, names), shared="common",
+                             pairs=device.differential())
     except CompileError as e:
         raise FlowError(f"{onnx_path} is not on the chip: the chip holds other weights ({e})") from None
 

@@ -169,6 +169,12 @@ REGISTERS: tuple[Register, ...] = (
                                   "converted, shifted and added digitally); 1 analog shift-add, the S slice "
                                   "currents of a weight summed with gains 2^(jK) into one ADC per weight column "
                                   "(ADC_FS and its automatic bound then refer to that fused sum)"),
+        Field("DIFFERENTIAL", 17, 1, "1: arrays 2p and 2p+1 read as a differential pair, the same on both (a "
+                                     "write to either sets both): 2p's ADCs convert each bit line of 2p minus the "
+                                     "same bit line of 2p+1, with 2p's converter settings, so a block's positive "
+                                     "and negative tiles at one spot of the pair (the compiler's paired placement) "
+                                     "take one ADC sample; a RUN whose tiles face another block's is refused. "
+                                     "Reads 0 on an array without a partner"),
     )),
     Register("ARRAY_DAC_FS", 0x068, Access.RW, 0,
              "Input DAC full scale of the selected array(s), Q16.16 in input units: a row input x drives "
