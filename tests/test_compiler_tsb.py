@@ -95,6 +95,19 @@ def test_incremental_compile_keeps_every_backbone_tile_and_cell(backbone_and_aug
                        for c in range(t.col, t.col + t.out_count * s))
 
 
+def test_a_tsb_added_to_a_paired_program_is_paired_and_the_chip_finds_every_mirror(backbone_and_augmented):
+    from nvcim.firmware_emu.contract.pairing import pair_units
+
+    backbone, augmented = backbone_and_augmented
+    target = Target(arrays=16, rows=64, cols=64)
+    base = compile_model(backbone, target, pairs=True)
+    new = compile_model(augmented, target, base=base, pairs=True)
+    units = pair_units(new, np.ones(16, bool))               # raises if any tile faces a foreign one
+    names = {layer.name for layer in base.layers}
+    added = [i for i, layer in enumerate(new.layers) if layer.name not in names]
+    assert added and all(u.mirror is not None for i in added for u in units[i])
+
+
 def test_incremental_compile_refuses_changed_backbone_weights(tmp_path, backbone_and_augmented):
     backbone, _ = backbone_and_augmented
     base = compile_model(backbone)
