@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from zoo import export_mlp
+from zoo import SmallCNN, export, export_mlp
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -25,6 +25,15 @@ def _private_compile_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def mlp_path(tmp_path_factory) -> Path:
     return export_mlp(tmp_path_factory.mktemp("models") / "mlp.onnx")
+
+
+@pytest.fixture(scope="session")
+def cnn_path(tmp_path_factory) -> str:
+    """SmallCNN (3x8x8 inputs, seed 0): conv layers that span several small arrays."""
+    import torch
+
+    torch.manual_seed(0)
+    return export(SmallCNN().eval(), tmp_path_factory.mktemp("cnn") / "cnn.onnx", (3, 8, 8), dynamo=False)
 
 
 @pytest.fixture

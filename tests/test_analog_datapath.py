@@ -24,6 +24,8 @@ from nvcim.firmware_emu.converters import (
     weight_bounds,
 )
 
+from zoo import cnn_images
+
 K, M = 2, 8
 S = M // K
 G_MAX = 3.0
@@ -318,17 +320,8 @@ def test_shift_add_read_noise_is_the_cells_noise_through_the_fused_columns():
 CHIP = "emu://?sigma=0.3&seed=2&rows=32&cols=64"
 
 
-@pytest.fixture(scope="module")
-def cnn_path(tmp_path_factory):
-    torch = pytest.importorskip("torch")
-    from zoo import SmallCNN, export
-
-    torch.manual_seed(0)
-    return export(SmallCNN().eval(), tmp_path_factory.mktemp("cnn") / "cnn.onnx", (3, 8, 8), dynamo=False)
 
 
-def _images(n: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((n, 3, 8, 8)).astype(np.float32)
 
 
 def test_full_scale_registers_are_per_array_checked_and_reset():
@@ -349,7 +342,7 @@ def test_full_scale_registers_are_per_array_checked_and_reset():
 
 @pytest.mark.parametrize("bits", [0, 8])
 def test_read_noise_changes_every_run_and_run_seed_reproduces_them(cnn_path, bits):
-    x = _images(6, 1)
+    x = cnn_images(6, 1)
     options = f"&dac_bits={bits}&adc_bits={bits}" if bits else ""
     with driver.load(cnn_path, device=f"{CHIP}{options}") as sess:
         clean = sess.run(None, {"x": x})[0]
@@ -368,7 +361,7 @@ def test_read_noise_changes_every_run_and_run_seed_reproduces_them(cnn_path, bit
 def test_both_paths_carry_the_same_read_noise(cnn_path):
     """Through ideal converters the chip draws one Gaussian per output (convolutions
     included); through fine converters one per column sum: the noise must be the same size."""
-    x = np.repeat(_images(2, 2), 400, axis=0)
+    x = np.repeat(cnn_images(2, 2), 400, axis=0)
 
     def noise_std(options: str) -> np.ndarray:
         with driver.load(cnn_path, device=f"{CHIP}{options}") as sess:
@@ -385,9 +378,9 @@ def test_both_paths_carry_the_same_read_noise(cnn_path):
 @pytest.mark.parametrize("bits", [4, 6])
 @pytest.mark.parametrize("calibrated", [False, True])
 def test_a_sample_runs_the_same_alone_or_in_a_batch_of_256_on_the_chip(cnn_path, bits, calibrated):
-    x = _images(256, 3)
+    x = cnn_images(256, 3)
     x[100] *= 30                                               # a loud neighbour
-    calibration = {"x": _images(64, 4)} if calibrated else None
+    calibration = {"x": cnn_images(64, 4)} if calibrated else None
     with driver.load(cnn_path, device=f"{CHIP}&dac_bits={bits}&adc_bits={bits}", calibration=calibration) as sess:
         batch = sess.run(None, {"x": x})[0]
         for i in (0, 100, 255):
@@ -395,13 +388,13 @@ def test_a_sample_runs_the_same_alone_or_in_a_batch_of_256_on_the_chip(cnn_path,
 
 
 def test_calibration_sets_the_used_arrays_and_narrows_the_adc_range(cnn_path):
-    x = _images(32, 5)
-    with driver.load(cnn_path, device=CHIP, calibration={"x": _images(8, 6)}) as sess:
+    x = cnn_images(32, 5)
+    with driver.load(cnn_path, device=CHIP, calibration={"x": cnn_images(8, 6)}) as sess:
         assert sess.device.read_register("ARRAY_SELECT") == 0xFFFFFFFF      # left selecting all arrays
         ideal = sess.run(None, {"x": x})[0]
     errors = {}
     for calibrated in (False, True):
-        calibration = {"x": _images(128, 6)} if calibrated else None
+        calibration = {"x": cnn_images(128, 6)} if calibrated else None
         with driver.load(cnn_path, device=f"{CHIP}&dac_bits=8&adc_bits=6", calibration=calibration) as sess:
             used = sorted({t.array for layer in sess.program.layers for t in layer.tiles})
             for a in used:
@@ -413,7 +406,7 @@ def test_calibration_sets_the_used_arrays_and_narrows_the_adc_range(cnn_path):
 
 def test_calibration_names_missing_inputs(cnn_path):
     with pytest.raises(ValueError, match="must name exactly the program inputs"):
-        driver.load(cnn_path, device=CHIP, calibration={"image": _images(4, 0)})
+        driver.load(cnn_path, device=CHIP, calibration={"image": cnn_images(4, 0)})
 
 
 def test_shift_add_is_a_per_array_field_of_array_converters():
@@ -440,24 +433,30 @@ def test_shift_add_is_a_per_array_field_of_array_converters():
         driver.open("emu://?readout=fused")
 
 
-def test_calibration_in_shift_add_readout_sets_the_fused_range(cnn_path):
+@pytest.mark.parametrize("differential", [False, True])
+def test_calibration_in_shift_add_readout_sets_the_fused_range(cnn_path, differential):
+    """Each array that reads (in differential readout a pair's even array) gets the fused range
+    calibration measured for its readout, wider than the per-column range, and it narrows the error."""
     from nvcim.driver.calibration import calibrate
 
-    x = _images(32, 5)
+    x = cnn_images(32, 5)
     with driver.load(cnn_path, device=CHIP) as sess:
         ideal = sess.run(None, {"x": x})[0]
     errors = {}
     for calibrated in (False, True):
-        calibration = {"x": _images(128, 6)} if calibrated else None
-        device = f"{CHIP}&dac_bits=8&adc_bits=6&readout=shift_add"
+        calibration = {"x": cnn_images(128, 6)} if calibrated else None
+        device = f"{CHIP}&dac_bits=8&adc_bits=6&readout=shift_add&differential={int(differential)}"
         with driver.load(cnn_path, device=device, calibration=calibration) as sess:
             measured = calibrate(sess.program, calibration) if calibrated else None
-            for a in sorted({t.array for layer in sess.program.layers for t in layer.tiles}):
+            column, fused = (measured.differential if differential else (measured.adc_fs, measured.adc_fs_shift_add)) \
+                if calibrated else ({}, {})
+            reading = {t.array & ~1 if differential else t.array for layer in sess.program.layers for t in layer.tiles}
+            for a in sorted(reading):
                 sess.device.write_register("ARRAY_SELECT", a)
                 raw = sess.device.read_register("ARRAY_ADC_FS")
                 if calibrated:
-                    assert raw == int(np.ceil(measured.adc_fs_shift_add[a] * 65536))
-                    assert measured.adc_fs_shift_add[a] > measured.adc_fs[a]
+                    assert raw == int(np.ceil(fused[a] * 65536))
+                    assert fused[a] > column[a]
                 else:
                     assert raw == 0
             errors[calibrated] = np.abs(sess.run(None, {"x": x})[0] - ideal).mean()

@@ -2,20 +2,11 @@
 
 import numpy as np
 import pytest
-import torch
 
 from nvcim import driver
 from nvcim.firmware_emu.contract import ops
 from nvcim.firmware_emu.contract.program_format import Instr, Opcode
 from nvcim.firmware_emu.converters import Windows
-
-from zoo import SmallCNN, export
-
-
-@pytest.fixture(scope="module")
-def cnn_path(tmp_path_factory):
-    torch.manual_seed(0)
-    return export(SmallCNN().eval(), tmp_path_factory.mktemp("cnn") / "cnn.onnx", (3, 8, 8), dynamo=False)
 
 
 def _run(path, x: np.ndarray, dac_bits: int | None = None, adc_bits: int | None = None) -> np.ndarray:

@@ -22,6 +22,8 @@ from nvcim.firmware_emu.converters import (
     pair_units,
 )
 
+from zoo import cnn_images
+
 K, M = 2, 8
 S = M // K
 G_MAX = 3.0
@@ -200,14 +202,9 @@ def test_a_tile_facing_another_blocks_tile_is_named():
     assert len(pair_units(program, differential)[0]) == len(tiles)   # read alone: nothing to pair
 
 
-def test_paired_placement_puts_mirrors_at_one_spot_of_an_array_pair(tmp_path):
-    torch = pytest.importorskip("torch")
-    from zoo import SmallCNN, export
-
-    torch.manual_seed(0)
-    path = export(SmallCNN().eval(), tmp_path / "cnn.onnx", (3, 8, 8), dynamo=False)
+def test_paired_placement_puts_mirrors_at_one_spot_of_an_array_pair(cnn_path):
     target = Target(arrays=64, rows=32, cols=64)
-    program = compile_model(path, target, pairs=True)
+    program = compile_model(cnn_path, target, pairs=True)
     seen = set()
     for layer in program.layers:
         spots = {}
@@ -225,24 +222,15 @@ def test_paired_placement_puts_mirrors_at_one_spot_of_an_array_pair(tmp_path):
     units = pair_units(program, np.ones(64, bool))               # the chip finds every mirror
     assert sum(u.mirror is not None for layer in units for u in layer) > 0
     with pytest.raises(PairingError):                            # unpaired placement stacks other blocks there
-        pair_units(compile_model(path, target), np.ones(64, bool))
+        pair_units(compile_model(cnn_path, target), np.ones(64, bool))
 
 
 # -- on the chip -------------------------------------------------------------------------
 CHIP = "emu://?sigma=0.3&seed=2&rows=32&cols=64"
 
 
-@pytest.fixture(scope="module")
-def cnn_path(tmp_path_factory):
-    torch = pytest.importorskip("torch")
-    from zoo import SmallCNN, export
-
-    torch.manual_seed(0)
-    return export(SmallCNN().eval(), tmp_path_factory.mktemp("cnn") / "cnn.onnx", (3, 8, 8), dynamo=False)
 
 
-def _images(n: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((n, 3, 8, 8)).astype(np.float32)
 
 
 def test_differential_is_a_field_of_array_converters_set_per_pair():
@@ -265,7 +253,7 @@ def test_differential_is_a_field_of_array_converters_set_per_pair():
 
 
 def test_the_driver_compiles_paired_for_a_differential_chip_and_it_runs_close_to_column_readout(cnn_path):
-    x = _images(64, 1)
+    x = cnn_images(64, 1)
     with driver.load(cnn_path, device=CHIP, cache=False) as sess:
         ideal = sess.run(None, {"x": x})[0]
     errors = {}
@@ -278,7 +266,7 @@ def test_the_driver_compiles_paired_for_a_differential_chip_and_it_runs_close_to
 
 
 def test_a_run_on_unpaired_tiles_is_refused_by_name_and_changes_nothing(cnn_path):
-    x = _images(8, 2)
+    x = cnn_images(8, 2)
     with driver.load(cnn_path, device=f"{CHIP}&dac_bits=8&adc_bits=8&read_noise=0.05") as sess:
         sess.device.write_register("ARRAY_CONVERTERS", 8 | 8 << 8 | 1 << 17)
         with pytest.raises(driver.DeviceError, match="DIFFERENTIAL on arrays 0/1: layer '.*' tile .* not its mirror"):
@@ -287,27 +275,6 @@ def test_a_run_on_unpaired_tiles_is_refused_by_name_and_changes_nothing(cnn_path
         after = sess.run(None, {"x": x})[0]
     with driver.load(cnn_path, device=f"{CHIP}&dac_bits=8&adc_bits=8&read_noise=0.05") as sess:
         assert np.array_equal(sess.run(None, {"x": x})[0], after)   # the refused run took no noise stream
-
-
-def test_calibration_in_differential_readout_sets_the_pairs_range(cnn_path):
-    from nvcim.driver.calibration import calibrate
-
-    x = _images(32, 5)
-    with driver.load(cnn_path, device=CHIP) as sess:
-        ideal = sess.run(None, {"x": x})[0]
-    errors = {}
-    for calibrated in (False, True):
-        calibration = {"x": _images(128, 6)} if calibrated else None
-        device = f"{CHIP}&dac_bits=8&adc_bits=6&readout=shift_add&differential=1"
-        with driver.load(cnn_path, device=device, calibration=calibration) as sess:
-            evens = sorted({t.array & ~1 for layer in sess.program.layers for t in layer.tiles})
-            measured = calibrate(sess.program, calibration) if calibrated else None
-            for a in evens:
-                sess.device.write_register("ARRAY_SELECT", a)
-                raw = sess.device.read_register("ARRAY_ADC_FS")
-                assert raw == (int(np.ceil(measured.differential[1][a] * 65536)) if calibrated else 0)
-            errors[calibrated] = np.abs(sess.run(None, {"x": x})[0] - ideal).mean()
-    assert errors[True] < 0.7 * errors[False]
 
 
 def test_a_partitioned_model_refuses_differential_chips(cnn_path):

@@ -122,6 +122,11 @@ class SmallCNN(nn.Module):
         return self.fc(torch.relu(self.c2(torch.relu(self.c1(x)))).flatten(1))
 
 
+def cnn_images(n: int, seed: int) -> np.ndarray:
+    """n random inputs for SmallCNN (the ``cnn_path`` fixture)."""
+    return np.random.default_rng(seed).standard_normal((n, 3, 8, 8)).astype(np.float32)
+
+
 class TSB(nn.Module):
     """One c x c block applied to every channel group (channels zero-padded to a multiple of c)."""
 
