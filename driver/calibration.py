@@ -117,9 +117,8 @@ def calibrate(program: Program, feeds: list[np.ndarray] | Mapping[str, np.ndarra
                 fused[a] = max(fused.get(a, 0.0), float(np.abs(fused_sums).max(initial=0.0)))
         return column, fused
 
-    alone = [[Unit(i, None, t.array, False) for i, t in enumerate(layer.tiles)] for layer in program.layers]
-    adc, adc_fused = ranges(alone, lambda u: dac[u.array])
     arrays = 2 + max((t.array for layer in program.layers for t in layer.tiles), default=0)
+    adc, adc_fused = ranges(pair_units(program, np.zeros(arrays, bool)), lambda u: dac[u.array])   # every tile alone
     try:                            # the even array's DAC drives both of a pair's tiles
         paired = ranges(pair_units(program, np.ones(arrays, bool)),
                         lambda u: max(dac.get(u.array, 0.0), dac.get(u.array + 1, 0.0)))

@@ -442,7 +442,7 @@ def weight_bounds(program: Program, conductance: TileConductance, arrays: int,
     g_max = float((1 << program.cell_bits) - 1)
     bound = np.zeros(arrays, np.float64)
     if units is None:
-        units = [[Unit(i, None, t.array, False) for i, t in enumerate(layer.tiles)] for layer in program.layers]
+        units = pair_units(program, np.zeros(arrays, bool))
     for li, layer_units in enumerate(units):
         for unit in layer_units:
             g = unit_cells(unit, lambda i, li=li: conductance(li, i))

@@ -40,8 +40,9 @@ class LayerWeights:
         self._cache: dict[int, tuple[tuple, np.ndarray]] = {}  # layer -> ((cell generation, aging), weights)
         self._arrays_used: tuple[Program | None, np.ndarray] = (None, np.zeros(0, np.intp))  # (program, its arrays)
         self._path: tuple[tuple, ConverterPath] | None = None  # ((program, generation, aging, settings), path)
-        self._noise_maps: tuple[tuple, dict[int, ReadNoiseMap]] = ((), {})  # ((program, pairs), maps)
-        self._units: tuple[tuple, list[list[Unit]]] = ((), [])  # ((program, DIFFERENTIAL bits), units)
+        # the ADC units of (program, DIFFERENTIAL bits), and the read-noise maps that go with them
+        self._units: tuple[tuple[Program | None, bytes], list[list[Unit]]] = ((None, b""), [])
+        self._noise_maps: dict[int, ReadNoiseMap] = {}
 
     def load(self, program: Program | None) -> None:
         """Serve ``program``'s layers from now on (the cache starts empty)."""
@@ -67,8 +68,7 @@ class LayerWeights:
 
     def check_pairs(self, differential: np.ndarray) -> None:
         """Raise ``converters.PairingError`` if a differential pair holds tiles of the program that are not mirrors."""
-        if differential[self._used()].any():
-            self._pair_units(differential)
+        self._pair_units(differential)
 
     def _used(self) -> np.ndarray:
         """The arrays the loaded program's tiles are on (found once per program)."""
@@ -81,10 +81,12 @@ class LayerWeights:
     def _pair_units(self, differential: np.ndarray) -> list[list[Unit]]:
         """The loaded program's ADC units under the DIFFERENTIAL bits (``converters.pair_units``; raises
         its PairingError when a tile faces another block's), kept while program and bits hold."""
-        key = (self.program, differential.tobytes())
-        if self._units[0] != key:
-            self._units = (key, pair_units(self.program, differential))
-        return self._units[1]
+        (program, bits), units = self._units
+        if program is not self.program or bits != differential.tobytes():
+            units = pair_units(self.program, differential)
+            self._units = ((self.program, differential.tobytes()), units)
+            self._noise_maps = {}
+        return units
 
     def products(self, settings: ConverterSettings, all_ideal: bool, read_noise: float,
                  noise: NoiseStream) -> tuple[LayerProduct | None, ReadNoise | None]:
@@ -94,20 +96,16 @@ class LayerWeights:
         Raises ``converters.PairingError`` when a differential pair holds tiles that are not mirrors."""
         program = self.program
         used = self._used()
-        units = self._pair_units(settings.differential) if settings.differential[used].any() else None
+        units = self._pair_units(settings.differential)
         finite = not all_ideal and bool(settings.dac_bits[used].any() or settings.adc_bits[used].any())
         if not finite:
             if read_noise <= 0:
                 return None, None
-            key = (program, None if units is None else settings.differential.tobytes())
-            if self._noise_maps[0] != key:
-                self._noise_maps = (key, {})
-            maps = self._noise_maps[1]
+            maps = self._noise_maps                  # made again with the units (program, DIFFERENTIAL bits)
 
             def noise_map(index: int) -> ReadNoiseMap:
                 if index not in maps:   # a differential tile without a mirror: its partner bit lines read too
-                    doubled = frozenset(u.tile for u in units[index] if u.differential and u.mirror is None) \
-                        if units is not None else frozenset()
+                    doubled = frozenset(u.tile for u in units[index] if u.differential and u.mirror is None)
                     maps[index] = ReadNoiseMap(program, index, doubled)
                 return maps[index]
 
@@ -118,5 +116,5 @@ class LayerWeights:
             layers = program.layers
             self._path = (key, ConverterPath(
                 program, lambda layer, i: self._conductance(layers[layer].tiles[i], aging), settings,
-                units if units is not None else pair_units(program, settings.differential)))
+                units))
         return self._path[1].product(read_noise, noise), None
