@@ -131,7 +131,7 @@ def _dims(dims: list[int | None]) -> str:
 
 def compile_model(model: str | os.PathLike | onnx.ModelProto, target: Target = _DEFAULT_TARGET, *,
                   base: Program | None = None, shared: str = "common", per_channel: bool = False,
-                  source: str | None = None, pairs: bool = False) -> Program:
+                  source: str | None = None, pairs: bool = False, own_arrays: bool = False) -> Program:
     """Compile an ONNX model for ``target``.
 
     ``base``: the program already on the chip; its layers keep their tiles and cells
@@ -140,8 +140,11 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, target: Target = _
     ``per_channel``: one quantisation scale per output channel instead of per tensor.
     ``source``: how messages name an in-memory model (e.g. the file it came from).
     ``pairs``: paired placement for a chip in differential readout (``mapping.Placer``).
+    ``own_arrays``: with ``base``, new layers go to arrays no base tile uses (through finite
+    converters a tile shares its array's ADC range with every other tile there).
     """
-    return place(*lower_model(model, shared, source), target, base=base, per_channel=per_channel, pairs=pairs)
+    return place(*lower_model(model, shared, source), target, base=base, per_channel=per_channel, pairs=pairs,
+                 own_arrays=own_arrays)
 
 
 def _quantize_layers(lo: lower.Lowering, weight_bits: int, per_channel: bool) -> dict[str, Quantized]:
@@ -158,7 +161,7 @@ def _quantize_layers(lo: lower.Lowering, weight_bits: int, per_channel: bool) ->
 
 def place(lo: lower.Lowering, proto: onnx.ModelProto, target: Target, *, base: Program | None = None,
           per_channel: bool = False, inputs: list[str] | None = None, outputs: list[str] | None = None,
-          quantized: dict[str, Quantized] | None = None, pairs: bool = False) -> Program:
+          quantized: dict[str, Quantized] | None = None, pairs: bool = False, own_arrays: bool = False) -> Program:
     """Quantise, slice and place a lowered model's weight layers onto ``target``.
 
     ``inputs`` / ``outputs``: the tensors the program takes and returns (default: the
@@ -167,6 +170,7 @@ def place(lo: lower.Lowering, proto: onnx.ModelProto, target: Target, *, base: P
     layers keep the scales of the whole model's tensors).
     ``pairs``: each block's positive and negative tiles at one spot of an array pair (2p, 2p+1),
     as a chip in differential readout (ARRAY_CONVERTERS.DIFFERENTIAL) needs them.
+    ``own_arrays``: with ``base``, new layers only on arrays no base tile uses.
     """
     slices = target.weight_bits // target.cell_bits
     placer = Placer(target.rows, target.cols, slices, pairs)
@@ -178,6 +182,8 @@ def place(lo: lower.Lowering, proto: onnx.ModelProto, target: Target, *, base: P
         for layer in base.layers:
             for tile in layer.tiles:
                 placer.reserve(tile)
+        if own_arrays:                       # new layers on arrays of their own: every base array taken
+            placer.fill({t.array for layer in base.layers for t in layer.tiles})
 
     for name, w in lo.weights.items():
         old = pinned.get(name)

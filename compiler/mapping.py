@@ -58,6 +58,13 @@ class Placer:
         last = -(-(tile.col + tile.out_count * self.slices) // self.slices)
         self._occupy(unit, first, last, tile.row + tile.in_count)
 
+    def fill(self, arrays: set[int]) -> None:
+        """Take every cell of ``arrays`` (paired: of their pairs), so no new tile goes there."""
+        for array in arrays:
+            unit = array // 2 if self.pairs else array
+            self._grow(unit + 1)
+            self._occupy(unit, 0, self.units, self.rows)
+
     def blocks(self, in_features: int, out_features: int) -> list[tuple[int, int, int, int]]:
         """(in_start, in_count, out_start, out_count) blocks a matrix is cut into."""
         return [(i, min(self.rows, in_features - i), o, min(self.units, out_features - o))

@@ -108,6 +108,24 @@ def test_a_tsb_added_to_a_paired_program_is_paired_and_the_chip_finds_every_mirr
     assert added and all(u.mirror is not None for i in added for u in units[i])
 
 
+@pytest.mark.parametrize("pairs", [False, True])
+def test_own_arrays_put_the_new_layers_on_arrays_no_backbone_tile_uses(backbone_and_augmented, pairs):
+    backbone, augmented = backbone_and_augmented
+    target = Target(arrays=16, rows=64, cols=64)
+    base = compile_model(backbone, target, pairs=pairs)
+    names = {layer.name for layer in base.layers}
+    taken = {t.array for layer in base.layers for t in layer.tiles}
+    if pairs:
+        taken |= {a ^ 1 for a in taken}
+    shared = compile_model(augmented, target, base=base, pairs=pairs)
+    own = compile_model(augmented, target, base=base, pairs=pairs, own_arrays=True)
+    new = [t.array for layer in own.layers if layer.name not in names for t in layer.tiles]
+    assert new and not set(new) & taken
+    assert {t.array for layer in shared.layers if layer.name not in names for t in layer.tiles} & taken  # free columns
+    assert [layer.tiles for layer in own.layers if layer.name in names] == \
+        [layer.tiles for layer in shared.layers if layer.name in names]
+
+
 def test_incremental_compile_refuses_changed_backbone_weights(tmp_path, backbone_and_augmented):
     backbone, _ = backbone_and_augmented
     base = compile_model(backbone)

@@ -116,6 +116,20 @@ def test_tsb_flow_reflashes_only_the_tsb_cells(data, backbone, tmp_path):
         assert program_for(dev, tsb_path).layers[-1].name in {layer.name for layer in program_on_chip(dev).layers}
 
 
+def test_through_finite_converters_the_tsb_gets_arrays_of_its_own(data, backbone, tmp_path):
+    """A tile shares its array's ADC range: the TSB's small sums must not be read on the backbone's arrays."""
+    for options, own in (("&adc_bits=6", True), ("", False)):
+        with driver.open(CHIP.format(seed=7) + options) as dev:
+            program, _ = deploy_backbone(dev, backbone)
+            dump = fetch_noise(dev, backbone)
+            model, _, _ = load_for_training(backbone, dump.save(tmp_path / "noise.npz"), 5)
+            new_program, report = flash_tsb(dev, backbone, export(model, tmp_path / "tsb.onnx", role="tsb"), dump)
+            taken = {t.array for layer in program.layers for t in layer.tiles}
+            tsb = {t.array for layer in new_program.layers if layer.name == "tsb.weight" for t in layer.tiles}
+            assert tsb and bool(tsb & taken) is not own and report.identical
+            assert dev.read_register("ARRAY_SELECT") == 0xFFFFFFFF
+
+
 def test_bad_inputs_are_clear_errors(data, backbone, tmp_path):
     other_model = _backbone(data, tmp_path / "other.onnx", seed=1)
     with driver.open(CHIP.format(seed=7)) as dev, driver.open(CHIP.format(seed=8)) as dev8:

@@ -30,7 +30,7 @@ from nvcim.compiler import CompileError, Target, compile_model, lower_model
 from nvcim.compiler.quantize import fake_quantize
 from nvcim.firmware_emu.contract.program_format import Program, effective_weights, pack_cells
 from nvcim.firmware_emu.contract.protocol import CellQuantity, ErrorCode
-from nvcim.firmware_emu.contract.registers import Q16, DeviceModelCode
+from nvcim.firmware_emu.contract.registers import ALL_ARRAYS, Q16, DeviceModelCode
 from nvcim.firmware_emu.contract.registers import field as register_field
 
 NOISE_FORMAT = 2
@@ -56,6 +56,20 @@ def chip_settings(device: driver.Device) -> dict:
                 read_noise=regs["READ_NOISE"] / Q16, clip=bool(regs["CONFIG"] & 1),
                 stuck_rate=regs["STUCK_RATE"] / Q16, arrays=ident.arrays, rows=ident.rows, cols=ident.cols,
                 weight_bits=ident.weight_bits, cell_bits=ident.cell_bits)
+
+
+def finite_converters(device: driver.Device, arrays: set[int]) -> bool:
+    """Whether any of ``arrays`` has a finite DAC or ADC (ARRAY_CONVERTERS, read array by array);
+    ARRAY_SELECT is left selecting all arrays."""
+    bits = register_field("ARRAY_CONVERTERS", "DAC_BITS").mask | register_field("ARRAY_CONVERTERS", "ADC_BITS").mask
+    try:
+        for array in sorted(arrays):
+            device.write_register("ARRAY_SELECT", array)
+            if device.read_register("ARRAY_CONVERTERS") & bits:
+                return True
+        return False
+    finally:
+        device.write_register("ARRAY_SELECT", ALL_ARRAYS)
 
 
 def model_fingerprint(program: Program, layers: set[str] | None = None) -> str:
@@ -109,9 +123,10 @@ def program_on_chip(device: driver.Device) -> Program:
 
 
 def compile_for(device: driver.Device, onnx_path: str | os.PathLike, base: Program | None = None,
-                shared: str = "common") -> Program:
+                shared: str = "common", own_arrays: bool = False) -> Program:
     try:
-        return compile_model(onnx_path, target_of(device), base=base, shared=shared, pairs=device.differential())
+        return compile_model(onnx_path, target_of(device), base=base, shared=shared, pairs=device.differential(),
+                             own_arrays=own_arrays)
     except CompileError as e:
         raise FlowError(str(e)) from None
 
@@ -400,7 +415,9 @@ def flash_tsb(device: driver.Device, backbone_onnx: str | os.PathLike, tsb_onnx:
                                     f"fetch it again: nvcim noise fetch")
     base_names = {lay.name for lay in backbone.layers}
     base = program_subset(chip_program, base_names)
-    program = compile_for(device, tsb_onnx, base=base, shared=shared)
+    # through finite converters a tile shares its array's ADC range: the TSB's small sums get arrays of their own
+    own = finite_converters(device, {t.array for lay in backbone.layers for t in lay.tiles})
+    program = compile_for(device, tsb_onnx, base=base, shared=shared, own_arrays=own)
     tsb_names = [lay.name for lay in program.layers if lay.name not in base_names]
     if not tsb_names:
         raise FlowError(f"{tsb_onnx} adds no crossbar layer to the backbone; is it a TSB model (nvcim tsb train)?")
