@@ -50,9 +50,13 @@ class Placer:
         line[first:last] = np.maximum(line[first:last], bottom)
         self.lowest[array] = line.min()
 
+    def _unit(self, array: int) -> int:
+        """The skyline an array's cells are kept in: its own, or (paired) its pair's."""
+        return array // 2 if self.pairs else array
+
     def reserve(self, tile: Tile) -> None:
         """Mark an existing tile's cells as taken (incremental mode)."""
-        unit = tile.array // 2 if self.pairs else tile.array   # paired: the skyline is the pair's
+        unit = self._unit(tile.array)
         self._grow(unit + 1)
         first = tile.col // self.slices
         last = -(-(tile.col + tile.out_count * self.slices) // self.slices)
@@ -61,7 +65,7 @@ class Placer:
     def fill(self, arrays: set[int]) -> None:
         """Take every cell of ``arrays`` (paired: of their pairs), so no new tile goes there."""
         for array in arrays:
-            unit = array // 2 if self.pairs else array
+            unit = self._unit(array)
             self._grow(unit + 1)
             self._occupy(unit, 0, self.units, self.rows)
 
