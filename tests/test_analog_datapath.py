@@ -12,6 +12,7 @@ one ADC step apart where a column sum sits on a rounding boundary).
 
 import numpy as np
 import pytest
+from crossbar_reference import G_MAX, PLACE, K, M, S, agree, fused_columns
 
 from nvcim import driver
 from nvcim.firmware_emu.contract.program_format import Layer, Program, Tile
@@ -25,11 +26,6 @@ from nvcim.firmware_emu.converters import (
 )
 
 from zoo import cnn_images
-
-K, M = 2, 8
-S = M // K
-G_MAX = 3.0
-PLACE = 4.0 ** np.arange(S)
 
 
 def _layer(in_features: int, out_features: int, rows: int, units: int, seed: int,
@@ -54,22 +50,13 @@ def _layer(in_features: int, out_features: int, rows: int, units: int, seed: int
     return program, cells
 
 
-def _fused(g):
-    """A tile's weight columns as analog shift-add sums them: column o = sum_j 4^j g[:, o*S + j]."""
-    g = g.astype(np.float64)
-    w = np.zeros((g.shape[0], g.shape[1] // S))
-    for o in range(w.shape[1]):
-        for j in range(S):
-            w[:, o] += 4.0 ** j * g[:, o * S + j]
-    return w
-
 
 def _reference(program, cells, settings, x, noise=None):
     """Per tile, float64: DAC, column sums (+ noise), ADC, shift-add, sign, scale; on a
     shift-add array the ADC reads the fused columns and nothing is shifted after it."""
     layer = program.layers[0]
     fused = [bool(settings.shift_add[t.array]) for t in layer.tiles]
-    read = [_fused(g) if f else g.astype(np.float64) for g, f in zip(cells, fused)]
+    read = [fused_columns(g) if f else g.astype(np.float64) for g, f in zip(cells, fused)]
     bound = np.zeros(len(settings.dac_bits))
     for t, g in zip(layer.tiles, read):
         bound[t.array] = max(bound[t.array], np.abs(g).sum(axis=0).max() / G_MAX)
@@ -102,13 +89,6 @@ def _plan(program, cells, settings):
     return LayerConverters(program, 0, lambda i: cells[i], settings, bound)
 
 
-def _agree(got, want, step):
-    """Equal to float rounding: everywhere within 1e-4 relative of the range, except a few
-    elements at most a couple of ADC steps (``step``, in output units) apart."""
-    off = np.abs(got - want) > 1e-4 * np.abs(want).max()
-    assert off.mean() < 0.01, f"{off.mean():.2%} of outputs disagree"
-    assert np.abs(got - want).max() <= 2.01 * step
-
 
 @pytest.mark.parametrize("dac, adc", [(4, 6), (6, 4), (8, 8), (1, 2), (0, 6), (6, 0), (16, 24)])
 def test_converters_match_the_per_tile_reference(dac, adc):
@@ -120,7 +100,7 @@ def test_converters_match_the_per_tile_reference(dac, adc):
     want = _reference(program, cells, settings, x)
     bound = max(np.abs(g).sum(axis=0).max() for g in cells) / G_MAX
     step = 0.01 * G_MAX * np.abs(x).max() * 64 * bound / (max(1, 2 ** (max(adc - 2, 1) - 1) - 1) if adc else 1e4)
-    _agree(got, want, step)
+    agree(got, want, step)
 
 
 def test_fixed_full_scales_clip_and_match_the_reference():
@@ -130,7 +110,7 @@ def test_fixed_full_scales_clip_and_match_the_reference():
     x = 2 * np.random.default_rng(8).standard_normal((30, 300)).astype(np.float32)
     got = _plan(program, cells, settings).product(x)
     want = _reference(program, cells, settings, x)
-    _agree(got, want, 0.01 * G_MAX * 1.5 * 64 * 4.0 / 63)
+    agree(got, want, 0.01 * G_MAX * 1.5 * 64 * 4.0 / 63)
     # the clip acts: a larger DAC range changes the result
     wider = ConverterSettings.uniform(6, 6, 7, dac_fs=50.0, adc_fs=4.0)
     assert not np.allclose(_plan(program, cells, wider).product(x), got)
@@ -237,14 +217,14 @@ def test_shift_add_readout_matches_the_per_tile_reference(dac, adc):
     x = np.random.default_rng(17).standard_normal((40, 600)).astype(np.float32)
     got = _plan(program, cells, settings).product(x)
     want = _reference(program, cells, settings, x)
-    bound = max(np.abs(_fused(g)).sum(axis=0).max() for g in cells) / G_MAX
+    bound = max(np.abs(fused_columns(g)).sum(axis=0).max() for g in cells) / G_MAX
     step = 0.01 * G_MAX * np.abs(x).max() * max(bound, 150.0) / (
         max(1, 2 ** (max(adc - 2, 1) - 1) - 1) if adc else 1e4)
-    _agree(got, want, step)
+    agree(got, want, step)
     if not (dac or adc):                                        # ideal converters: the effective matrix
         w = np.zeros((600, 150))
         for t, g in zip(program.layers[0].tiles, cells):
-            w[t.in_start:t.in_start + t.in_count, t.out_start:t.out_start + t.out_count] += t.sign * _fused(g)
+            w[t.in_start:t.in_start + t.in_count, t.out_start:t.out_start + t.out_count] += t.sign * fused_columns(g)
         np.testing.assert_allclose(got, x @ w * 0.01, rtol=1e-4, atol=1e-4 * np.abs(x @ w * 0.01).max())
 
 
@@ -257,14 +237,14 @@ def test_shift_add_readout_differs_from_column_readout_and_its_bound_is_the_fuse
     # a program's converter path finds the fused bound of its shift-add arrays itself
     settings = ConverterSettings.uniform(6, 6, 6, shift_add=True)
     path = ConverterPath(program, lambda layer, i: cells[i], settings)
-    bound = max(np.abs(_fused(g)).sum(axis=0).max() for g in cells) / G_MAX
-    _agree(path.product()(0, x), _reference(program, cells, settings, x), 0.01 * G_MAX * np.abs(x).max() * bound / 31)
+    bound = max(np.abs(fused_columns(g)).sum(axis=0).max() for g in cells) / G_MAX
+    agree(path.product()(0, x), _reference(program, cells, settings, x), 0.01 * G_MAX * np.abs(x).max() * bound / 31)
     shift_add = np.zeros(6, bool)
     shift_add[::2] = True
     bound = weight_bounds(program, lambda layer, i: cells[i], 6, shift_add)
     for a in range(6):
         on = [g for t, g in zip(program.layers[0].tiles, cells) if t.array == a]
-        read = [_fused(g) if shift_add[a] else g for g in on]
+        read = [fused_columns(g) if shift_add[a] else g for g in on]
         assert bound[a] == pytest.approx(max(np.abs(g).sum(axis=0).max() for g in read) / G_MAX, rel=1e-6)
 
 

@@ -8,6 +8,7 @@ stacks every pair of a layer into one batched float32 product.
 
 import numpy as np
 import pytest
+from crossbar_reference import G_MAX, PLACE, K, M, S, agree, fused_columns
 
 from nvcim import driver
 from nvcim.compiler import Target, compile_model
@@ -24,10 +25,6 @@ from nvcim.firmware_emu.converters import (
 
 from zoo import cnn_images
 
-K, M = 2, 8
-S = M // K
-G_MAX = 3.0
-PLACE = 4.0 ** np.arange(S)
 ARRAYS = 8
 
 
@@ -54,13 +51,6 @@ def _paired_layer(in_features, out_features, rows, units, seed, lone=frozenset()
     return Program(M, K, 4 * rows, units * S, [], {}, [layer], [], [], []), cells
 
 
-def _fused(g):
-    w = np.zeros((g.shape[0], g.shape[1] // S))
-    for o in range(w.shape[1]):
-        for j in range(S):
-            w[:, o] += 4.0 ** j * g[:, o * S + j]
-    return w
-
 
 def _reference(program, cells, settings, x, noise=None):
     """Per block: (positive cells - mirror cells) through the even array's DAC, ADC (column or fused)."""
@@ -77,7 +67,7 @@ def _reference(program, cells, settings, x, noise=None):
     tile_of = {(t.in_start, t.out_start): t for t in layer.tiles}
     for r in reads.values():
         if settings.shift_add[r[0]]:
-            r[2] = _fused(r[2])
+            r[2] = fused_columns(r[2])
     bound = np.zeros(len(settings.dac_bits))
     for a, _, g in reads.values():
         bound[a] = max(bound[a], np.abs(g).sum(axis=0).max() / G_MAX)
@@ -110,11 +100,6 @@ def _plan(program, cells, settings):
                            ConverterPath(program, lambda layer, i: cells[i], settings).bound)
 
 
-def _agree(got, want, step):
-    off = np.abs(got - want) > 1e-4 * np.abs(want).max()
-    assert off.mean() < 0.01, f"{off.mean():.2%} of outputs disagree"
-    assert np.abs(got - want).max() <= 2.01 * step
-
 
 @pytest.mark.parametrize("shift_add", [False, True])
 @pytest.mark.parametrize("dac, adc", [(4, 6), (8, 8), (0, 6), (6, 0), (0, 0)])
@@ -126,9 +111,9 @@ def test_differential_readout_matches_the_per_pair_reference(dac, adc, shift_add
     x = np.random.default_rng(3).standard_normal((40, 600)).astype(np.float32)
     got = _plan(program, cells, settings).product(x)
     want = _reference(program, cells, settings, x)
-    bound = max(np.abs(_fused(g) if shift_add else g).sum(axis=0).max() for g in cells) / G_MAX
+    bound = max(np.abs(fused_columns(g) if shift_add else g).sum(axis=0).max() for g in cells) / G_MAX
     step = 0.01 * G_MAX * np.abs(x).max() * max(bound, 40.0) / (2 ** (adc - 1) - 1 if adc else 1e4)
-    _agree(got, want, step)
+    agree(got, want, step)
     if not (dac or adc):                                         # ideal converters: the effective matrix
         w = np.zeros((600, 150))
         for t, g in zip(program.layers[0].tiles, cells):
