@@ -26,3 +26,24 @@ def agree(got, want, step):
     off = np.abs(got - want) > 1e-4 * np.abs(want).max()
     assert off.mean() < 0.01, f"{off.mean():.2%} of outputs disagree"
     assert np.abs(got - want).max() <= 2.01 * step
+
+
+def read(xr, g, settings, a, bound, noise=None):
+    """Array ``a`` reading cells g (rows, columns) for the input rows xr, in float64 as the datasheet
+    states it: the DAC (fixed or per-vector full scale), the column sums plus ``noise(u)``, the ADC
+    (fixed full scale, else ``bound[a]``); in output units (times the DAC scale and g_max)."""
+    xr = xr.astype(np.float64)
+    fs = settings.dac_fs[a] if settings.dac_fs[a] > 0 else np.abs(xr).max(axis=1, keepdims=True)
+    fs = np.where(fs > 0, fs, 1.0)
+    u = xr / fs
+    if settings.dac_bits[a]:
+        top = max(1, 2 ** (int(settings.dac_bits[a]) - 1) - 1)
+        u = np.rint(np.clip(u, -1, 1) * top) / top
+    s = u @ g / G_MAX
+    if noise is not None:
+        s = s + noise(u)
+    if settings.adc_bits[a]:
+        full = settings.adc_fs[a] if settings.adc_fs[a] > 0 else bound[a]
+        top = max(1, 2 ** (int(settings.adc_bits[a]) - 1) - 1)
+        s = np.rint(np.clip(s, -full, full) / full * top) * full / top
+    return s * fs * G_MAX

@@ -12,7 +12,7 @@ one ADC step apart where a column sum sits on a rounding boundary).
 
 import numpy as np
 import pytest
-from crossbar_reference import G_MAX, PLACE, K, M, S, agree, fused_columns
+from crossbar_reference import G_MAX, PLACE, K, M, S, agree, fused_columns, read
 
 from nvcim import driver
 from nvcim.firmware_emu.contract.program_format import Layer, Program, Tile
@@ -56,28 +56,15 @@ def _reference(program, cells, settings, x, noise=None):
     shift-add array the ADC reads the fused columns and nothing is shifted after it."""
     layer = program.layers[0]
     fused = [bool(settings.shift_add[t.array]) for t in layer.tiles]
-    read = [fused_columns(g) if f else g.astype(np.float64) for g, f in zip(cells, fused)]
+    cells_read = [fused_columns(g) if f else g.astype(np.float64) for g, f in zip(cells, fused)]
     bound = np.zeros(len(settings.dac_bits))
-    for t, g in zip(layer.tiles, read):
+    for t, g in zip(layer.tiles, cells_read):
         bound[t.array] = max(bound[t.array], np.abs(g).sum(axis=0).max() / G_MAX)
     y = np.zeros((len(x), layer.out_features))
-    for i, (t, g) in enumerate(zip(layer.tiles, read)):
-        a = t.array
-        xr = x[:, t.in_start:t.in_start + t.in_count].astype(np.float64)
-        fs = settings.dac_fs[a] if settings.dac_fs[a] > 0 else np.abs(xr).max(axis=1, keepdims=True)
-        fs = np.where(fs > 0, fs, 1.0)
-        u = xr / fs
-        if settings.dac_bits[a]:
-            top = max(1, 2 ** (int(settings.dac_bits[a]) - 1) - 1)
-            u = np.rint(np.clip(u, -1, 1) * top) / top
-        s = u @ g / G_MAX
-        if noise is not None:
-            s = s + noise(i, u)
-        if settings.adc_bits[a]:
-            full = settings.adc_fs[a] if settings.adc_fs[a] > 0 else bound[a]
-            top = max(1, 2 ** (int(settings.adc_bits[a]) - 1) - 1)
-            s = np.rint(np.clip(s, -full, full) / full * top) * full / top
-        partial = s * fs * G_MAX if fused[i] else (s * fs * G_MAX).reshape(len(x), t.out_count, S) @ PLACE
+    for i, (t, g) in enumerate(zip(layer.tiles, cells_read)):
+        s = read(x[:, t.in_start:t.in_start + t.in_count], g, settings, t.array, bound,
+                 None if noise is None else lambda u, i=i: noise(i, u))
+        partial = s if fused[i] else s.reshape(len(x), t.out_count, S) @ PLACE
         y[:, t.out_start:t.out_start + t.out_count] += t.sign * partial
     return y * np.broadcast_to(layer.scale, (layer.out_features,))
 
@@ -114,6 +101,20 @@ def test_fixed_full_scales_clip_and_match_the_reference():
     # the clip acts: a larger DAC range changes the result
     wider = ConverterSettings.uniform(6, 6, 7, dac_fs=50.0, adc_fs=4.0)
     assert not np.allclose(_plan(program, cells, wider).product(x), got)
+
+
+def test_one_adc_resolution_everywhere_clips_at_the_fixed_full_scale():
+    """Every tile as wide as the others (no padding columns) and one ADC resolution: the product's
+    single-resolution rounding must clip at the full scale like any other."""
+    program, cells = _layer(256, 64, 128, 32, seed=4)
+    settings = ConverterSettings.uniform(6, 6, 7, dac_fs=1.5, adc_fs=4.0)
+    plan = _plan(program, cells, settings)
+    assert [r.adc_levels for r in plan.readouts] == [63.0]          # the single-resolution pass is the one here
+    x = 2 * np.random.default_rng(9).standard_normal((30, 256)).astype(np.float32)
+    got = plan.product(x)
+    agree(got, _reference(program, cells, settings, x), 0.01 * G_MAX * 1.5 * 64 * 4.0 / 63)
+    assert not np.allclose(_plan(program, cells, ConverterSettings.uniform(6, 6, 7, dac_fs=1.5, adc_fs=40.0))
+                           .product(x), got)                       # the clip acts at 4.0
 
 
 def test_ideal_converters_give_the_effective_matrix_product():

@@ -8,7 +8,7 @@ stacks every pair of a layer into one batched float32 product.
 
 import numpy as np
 import pytest
-from crossbar_reference import G_MAX, PLACE, K, M, S, agree, fused_columns
+from crossbar_reference import G_MAX, PLACE, K, M, S, agree, fused_columns, read
 
 from nvcim import driver
 from nvcim.compiler import Target, compile_model
@@ -74,21 +74,8 @@ def _reference(program, cells, settings, x, noise=None):
     y = np.zeros((len(x), layer.out_features))
     for key, (a, sign, g) in reads.items():
         t = tile_of[key]
-        xr = x[:, t.in_start:t.in_start + t.in_count].astype(np.float64)
-        fs = settings.dac_fs[a] if settings.dac_fs[a] > 0 else np.abs(xr).max(axis=1, keepdims=True)
-        fs = np.where(fs > 0, fs, 1.0)
-        u = xr / fs
-        if settings.dac_bits[a]:
-            top = max(1, 2 ** (int(settings.dac_bits[a]) - 1) - 1)
-            u = np.rint(np.clip(u, -1, 1) * top) / top
-        s = u @ g / G_MAX
-        if noise is not None:
-            s = s + noise(u, g.shape[1])
-        if settings.adc_bits[a]:
-            full = settings.adc_fs[a] if settings.adc_fs[a] > 0 else bound[a]
-            top = max(1, 2 ** (int(settings.adc_bits[a]) - 1) - 1)
-            s = np.rint(np.clip(s, -full, full) / full * top) * full / top
-        out = s * fs * G_MAX
+        out = read(x[:, t.in_start:t.in_start + t.in_count], g, settings, a, bound,
+                   None if noise is None else lambda u, g=g: noise(u, g.shape[1]))
         if not settings.shift_add[a]:
             out = out.reshape(len(x), t.out_count, S) @ PLACE
         y[:, t.out_start:t.out_start + t.out_count] += sign * out
