@@ -47,3 +47,12 @@ def read(xr, g, settings, a, bound, noise=None):
         top = max(1, 2 ** (int(settings.adc_bits[a]) - 1) - 1)
         s = np.rint(np.clip(s, -full, full) / full * top) * full / top
     return s * fs * G_MAX
+
+
+def assert_same_alone_or_in_a_batch(plan, seed: int) -> None:
+    """A layer plan gives a sample the same bits alone as inside a batch of 256 with a loud neighbour."""
+    x = np.random.default_rng(seed).standard_normal((256, plan.in_features)).astype(np.float32)
+    x[17] *= 40                                               # an outlier in the batch must not move the others
+    batch = plan.product(x)
+    for i in (0, 17, 255):
+        assert np.array_equal(plan.product(x[i:i + 1])[0], batch[i])
