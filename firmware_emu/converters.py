@@ -47,9 +47,12 @@ Without DIFFERENTIAL, positive and negative tiles are read by separate ADCs, eac
 own array's, and each array's converter registers mean exactly what they say.
 
 Speed: tiles that see the same input (same rows of x, same DAC) form one group; every
-group's cells are stacked into one zero-padded (groups, rows, columns) tensor, prepared
-once per programming, so a layer is one batched matrix product, one noise draw per
-column sum, one rounding pass and one shift-and-add - no Python loop per tile.
+group's cells are stacked into one zero-padded (groups, columns, rows) tensor, prepared
+once per programming, so a layer is one pass of the DAC, one batched matrix product, one
+noise draw per column sum and one pass of the ADC side - no Python loop per tile. The
+batch runs along the last axis of every array (a layer may have 9 rows and 5 columns;
+a chunk of the batch has thousands of vectors), and the two passes are compiled loops
+(``converter_kernels``).
 """
 
 from __future__ import annotations
@@ -86,6 +89,12 @@ def _torch():
     import torch  # deferred: a chip that never runs a program does not pay for the import
 
     return torch
+
+
+def _kernels():
+    from . import converter_kernels  # deferred like torch: numba's import and compiled code load on first use
+
+    return converter_kernels
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -141,8 +150,9 @@ class Windows:
 
     ``view`` is the input's windows as ``ops.windows`` gives them, (N, *O, C, *K), nothing
     copied. The product's worker threads each copy only their own chunk's rows (a few
-    hundred KB, in cache), so no thread waits while one copies the whole im2col matrix
-    (300 MB for a VGG-8 layer at batch 64). Chunks start at an output line (``unit`` rows).
+    hundred KB, in cache), transposed (``columns``), so no thread waits while one copies the
+    whole im2col matrix (300 MB for a VGG-8 layer at batch 64). Chunks start at an output
+    line (``unit`` rows).
     """
 
     def __init__(self, view: np.ndarray):
@@ -157,9 +167,12 @@ class Windows:
         c = self.view.shape[1 + nd] // groups
         return Windows(self.view[(slice(None),) * (1 + nd) + (slice(g * c, (g + 1) * c),)])
 
-    def rows(self, a: int, b: int) -> np.ndarray:
-        """Rows a..b as a (b - a, features) float32 array; a and b are multiples of ``unit`` (b may be the end)."""
-        out = np.empty((b - a, self.shape[1]), np.float32)
+    def columns(self, a: int, b: int, height: int) -> np.ndarray:
+        """Rows a..b transposed, as a (height, b - a) float32 array: column r - a holds row r's
+        features, the rows below the features read 0. a and b are multiples of ``unit`` (b may be the end)."""
+        features = self.shape[1]
+        out = np.empty((height, b - a), np.float32)
+        out[features:] = 0
         lines, line, end, at = self.spatial[0], a // self.unit, -(-b // self.unit), 0
         while line < end:
             n, o = divmod(line, lines)
@@ -167,8 +180,10 @@ class Windows:
                 piece = self.view[n:n + (end - line) // lines]
             else:                                                             # part of one image
                 piece = self.view[n, o:min(lines, o + end - line)]
-            count = piece.size // self.shape[1]
-            out[at:at + count].reshape(piece.shape)[...] = piece
+            lead = piece.ndim - (self.view.ndim - 1 - len(self.spatial))       # the axes that number rows
+            count = piece.size // features
+            target = np.reshape(out[:features, at:at + count], piece.shape[lead:] + piece.shape[:lead], copy=False)
+            target[...] = piece.transpose(*range(lead, piece.ndim), *range(lead))
             at += count
             line += count // self.unit
         return out
@@ -208,7 +223,7 @@ class _Readout:
         self.g_max = float((1 << k) - 1)
         self.slices = s
         self.out_features = layer.out_features
-        self.place = torch.from_numpy((2.0 ** (k * np.arange(s))).astype(np.float32))
+        self.place = (2.0 ** (k * np.arange(s))).astype(np.float32)
         # read noise of one ADC column in units of the rows' norm: 1, or the fused places' root sum of squares
         noise_gain = float(np.sqrt(np.sum(4.0 ** (k * np.arange(program.slices))))) if fused else 1.0
         groups: dict[tuple, list[Unit]] = {}
@@ -223,10 +238,10 @@ class _Readout:
         width = max((sum(layer.tiles[u.tile].out_count for u in groups[key]) for key in keys), default=0)
         n = self.groups
         g_all = np.zeros((n, rows, width * s), np.float32)
-        gather = np.full((n, rows), layer.in_features, np.int64)     # index in_features: a zero column
+        gather = np.full((n, rows), layer.in_features, np.int64)     # the row of x each reads (in_features: 0)
         col_scale = np.zeros((n, width * s), np.float32)              # read-noise gain / ADC step
         post = np.zeros((n, width), np.float32)                       # sign * ADC step * g_max
-        adc_top = np.full((n, 1, width * s), np.nan, np.float32)      # largest ADC level per column (0: ideal)
+        adc_top = np.full((n, width * s), np.nan, np.float32)         # largest ADC level per column (0: ideal)
         out_index = np.full((n, width), layer.out_features, np.int64)  # output of each column group
         self.dac_top = np.zeros(n, np.float32)                        # largest DAC level per group (0: ideal)
         self.dac_fs = np.zeros(n, np.float32)                         # fixed full scale (0: per vector)
@@ -250,115 +265,44 @@ class _Readout:
                     g = fused_cells(g.astype(np.float64), program.slices, k)
                 g_all[gi, :in_count, cols] = g * (inv / (self.g_max * (dac_top or 1)))
                 col_scale[gi, cols] = inv * noise_gain * (SQRT2 if unit.differential else 1.0)
-                adc_top[gi, 0, cols] = top
+                adc_top[gi, cols] = top
                 post[gi, c:c + t.out_count] = t.sign * step * self.g_max
                 out_index[gi, c:c + t.out_count] = np.arange(t.out_start, t.out_start + t.out_count)
                 c += t.out_count
-        self.cells = torch.from_numpy(g_all)
+        # the batch runs along the last axis: column sums (groups, columns, P) = cells^T @ drive (groups, rows, P)
+        self.cells = torch.from_numpy(np.ascontiguousarray(g_all.transpose(0, 2, 1)))
         self.width = g_all.shape[2]
-        self.gather = torch.from_numpy(gather)
-        self.col_scale = torch.from_numpy(col_scale)
-        self.post = torch.from_numpy(post)
-        finite = adc_top > 0
-        finite[np.isnan(adc_top)] = finite.any()                      # padding columns (cells 0) follow the rest
-        adc_top[np.isnan(adc_top)] = 1
-        self.adc_all_finite = bool(finite.all())
-        self.adc_any_finite = bool(finite.any())
-        self.adc_top = torch.from_numpy(np.where(finite, adc_top, np.float32(np.inf)))
-        tops = np.unique(adc_top[finite])
-        self.adc_levels = float(tops[0]) if self.adc_all_finite and len(tops) == 1 else 0.0
-        self.adc_finite = torch.from_numpy(finite)
-        self.per_vector = bool((self.dac_fs == 0).any())
-        # groups that are the consecutive row blocks of x (the usual tiling): read by one reshape, no gather
-        self.blocked = all(np.array_equal(gather[gi], np.minimum(np.arange(gi * rows, (gi + 1) * rows),
-                                                                layer.in_features)) for gi in range(n))
         self.rows = rows
-        # the outputs: one sum over groups when every group maps its columns to the same outputs,
-        # and a sum over a view (no scatter) when those are whole copies of 0..out-1 in order: a
-        # layer's negative and positive tiles side by side, as the compiler places them
-        self.same_outputs = bool((out_index == out_index[:1]).all())
-        self.out_index = torch.from_numpy(out_index[0] if self.same_outputs else out_index.reshape(-1))
-        o = layer.out_features
-        self.copies = width // o if self.same_outputs and width % o == 0 and np.array_equal(
-            out_index[0], np.tile(np.arange(o), width // o)) else 0
-        self.all_levels = bool((self.dac_top > 0).all())               # every group's DAC finite
-        self.clip = bool((self.dac_fs > 0).any())                      # some full scale fixed: inputs clip
-        self.top = torch.from_numpy(self.dac_top).view(-1, 1, 1)
-        self.noise_unit = torch.from_numpy(1 / np.where(self.dac_top > 0, self.dac_top, 1)).view(-1, 1, 1)
+        self.gather = gather
+        self.col_scale = col_scale
+        self.post = post
+        self.out_index = out_index
+        padding = np.isnan(adc_top)                                   # padding columns: cells 0, clipped at 1
+        self.rounded = np.where(padding, (adc_top > 0).any(), adc_top > 0)   # finite ADC: the sum is rounded
+        self.adc_top = np.where(padding, np.float32(1), np.where(adc_top > 0, adc_top, np.float32(np.inf)))
 
-    def inputs(self, x):
-        """The DAC's drive of every group (groups, P, rows), in levels for a finite DAC, and the
-        input scale it was divided by: (groups, P, 1) per vector, else (groups, 1, 1)."""
-        torch = _torch()
-        if self.blocked:                                                # (P, groups, rows), a view
-            if x.shape[1] != self.groups * self.rows:
-                x = torch.nn.functional.pad(x, (0, self.groups * self.rows - x.shape[1]))
-            rows = x.view(x.shape[0], self.groups, self.rows)
-        else:
-            padded = torch.nn.functional.pad(x, (0, 1))                 # column in_features reads 0
-            rows = padded[:, self.gather]
-        scale = torch.from_numpy(self.dac_fs).view(-1, 1, 1)
-        if self.per_vector:
-            vec = rows.abs().amax(dim=2, keepdim=True).transpose(0, 1)  # reduced where rows are contiguous
-            scale = torch.where(scale > 0, scale, torch.where(vec > 0, vec, torch.ones_like(vec)))
-        rows = rows.transpose(0, 1)                                     # (groups, P, rows)
-        top = self.top
-        if self.all_levels:                                             # integer levels, one copy
-            u = torch.mul(rows, top / scale)                            # |x| <= its own full scale: no clip
-            if self.clip:
-                torch.clamp(u, -top, top, out=u)
-            return u.round_(), scale
-        u = torch.div(rows, scale)
-        if (self.dac_top > 0).any():
-            q = (u.clamp(-1, 1) * top).round_()
-            u = torch.where(top > 0, q, u)
-        return u, scale
+    def add(self, x: np.ndarray, out: np.ndarray, span: int, read_noise: float, generator) -> None:
+        """out (out + 1, P) += these tiles' digital outputs for the batch x (features, P), ``span`` groups at a time.
 
-    def add(self, x, out, span: int, read_noise: float, generator) -> None:
-        """out (P, out + 1) += these tiles' digital outputs for the batch rows x, ``span`` groups at a time."""
+        x is the batch transposed, zero from row in_features down (the row padding rows read).
+        """
         torch = _torch()
-        u_all, scale_all = self.inputs(x)
-        p, o = x.shape[0], self.out_features
+        p = x.shape[1]
+        u = np.empty((self.groups, self.rows, p), np.float32)
+        scale, sigma = np.empty((self.groups, p), np.float32), np.empty((self.groups, p), np.float32)
+        kernels = _kernels()
+        kernels.drive(x, self.gather, self.dac_top, self.dac_fs, u, scale, sigma)
+        sigma *= np.float32(read_noise)
+        drive = torch.from_numpy(u)
         for g0 in range(0, self.groups, span):
             g = slice(g0, g0 + span)
-            u, cells = u_all[g], self.cells[g]
-            n = u.shape[0]
-            if read_noise > 0:
-                sigma = torch.linalg.vector_norm(u, dim=2, keepdim=True).mul_(self.noise_unit[g] * read_noise)
-                sums = torch.empty(n, p, cells.shape[2]).normal_(generator=generator)
-                sums.mul_(sigma).mul_(self.col_scale[g].unsqueeze(1)).baddbmm_(u, cells)
-            else:
-                sums = torch.bmm(u, cells)                                   # ADC input in steps
-            adc_top = self.adc_top[g]
-            if self.adc_levels:                                               # one resolution everywhere
-                sums.round_().clamp_(-self.adc_levels, self.adc_levels)
-            elif self.adc_all_finite:
-                sums.round_()
-                torch.minimum(sums, adc_top, out=sums)
-                torch.maximum(sums, -adc_top, out=sums)
-            elif self.adc_any_finite:                                         # some arrays' ADCs ideal
-                torch.where(self.adc_finite[g], sums.round(), sums, out=sums)
-                torch.minimum(sums, adc_top, out=sums)
-                torch.maximum(sums, -adc_top, out=sums)
-            if self.slices == 1:                                              # fused columns: place 1
-                cols = sums.mul_(self.post[g].unsqueeze(1))
-            else:
-                cols = torch.matmul(sums.view(n, p, -1, self.slices), self.place)   # (groups, P, width)
-                cols.mul_(self.post[g].unsqueeze(1))
-            scale = scale_all[g]
-            if self.copies:             # the outputs: the copies' column blocks added, no scatter
-                if n > 1:               # groups of their own input scales: each scaled before the sum
-                    cols.mul_(scale)
-                part = cols.sum(0) if n > 1 else cols[0]        # groups, then copies, always in this order:
-                if self.copies > 1:                             # a sample's bits are the same in any batch
-                    part = sum((part[:, c * o:(c + 1) * o] for c in range(2, self.copies)),
-                               torch.add(part[:, :o], part[:, o:2 * o]))
-                out[:, :o] += part.mul_(scale[0]) if n == 1 else part   # one group: scaled once, summed
-            elif self.same_outputs:
-                out.index_add_(1, self.out_index, cols.mul_(scale).sum(0))
-            else:
-                index = self.out_index.view(self.groups, -1)[g].reshape(-1)
-                out.index_add_(1, index, cols.mul_(scale).permute(1, 0, 2).reshape(p, -1))
+            sums = torch.bmm(self.cells[g], drive[g])                          # ADC input in steps
+            noise = torch.empty(sums.shape).normal_(generator=generator).numpy() if read_noise > 0 else _QUIET
+            kernels.convert(sums.numpy(), noise, sigma[g], self.col_scale[g], self.rounded[g], self.adc_top[g],
+                            self.place, self.post[g], scale[g], self.out_index[g], out)
+
+
+_QUIET = np.empty((0, 0, 0), np.float32)  # ``convert``'s noise when there is no read noise
 
 
 class LayerConverters:
@@ -373,22 +317,22 @@ class LayerConverters:
 
     def __init__(self, program: Program, layer_index: int, cells: Callable[[int], np.ndarray],
                  settings: ConverterSettings, adc_bound: np.ndarray, units: list[Unit] | None = None):
-        torch = _torch()
         layer = program.layers[layer_index]
         if units is None:
             units = pair_units(program, settings.differential)[layer_index]
         self.out_features = layer.out_features
         self.in_features = layer.in_features
-        self.scale = torch.from_numpy(np.ascontiguousarray(np.broadcast_to(
-            np.asarray(layer.scale, np.float32), (layer.out_features,))))
+        self.scale = np.ascontiguousarray(np.broadcast_to(np.asarray(layer.scale, np.float32), (layer.out_features,)))
         fused = [bool(settings.shift_add[u.array]) for u in units]
         self.readouts = [_Readout(program, layer_index, [u for u, f in zip(units, fused) if f == mode], cells,
                                   settings, adc_bound, mode) for mode in (False, True) if mode in fused]
+        self.height = layer.in_features + 1                           # the inputs, then the zero row padding reads
         self.sums = sum(r.groups * r.width for r in self.readouts)   # ADC samples per input vector
         self.macs = sum(r.groups * r.rows * r.width for r in self.readouts)  # multiply-adds per input vector
 
     def product(self, x: np.ndarray | Windows, read_noise: float = 0.0, noise: NoiseStream | None = None) -> np.ndarray:
-        """The layer's output (P, out) for inputs x (P, in), or a CONV's ``Windows``, through the converters.
+        """The layer's output (P, out) for inputs x (P, in), or a CONV's ``Windows``, through the converters:
+        the transposed view of an (out, P) array (the batch runs along the last axis throughout).
 
         The batch is cut into chunks of about ``CHUNK_SUMS`` column sums, so the passes over
         them (noise, rounding, shift-add) run in cache, on the worker threads (a CONV's
@@ -398,12 +342,10 @@ class LayerConverters:
         """
         if read_noise > 0 and noise is None:
             raise ValueError("read noise needs a NoiseStream")
-        torch = _torch()
         if isinstance(x, Windows):
-            unit, take = x.unit, lambda a, b: torch.from_numpy(x.rows(a, b))
+            unit, take = x.unit, lambda a, b: x.columns(a, b, self.height)
         else:
-            xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-            unit, take = 1, lambda a, b: xt[a:b]
+            unit, take = 1, lambda a, b: _transposed(x[a:b], self.height)
         p = x.shape[0]
         budget = max(MIN_ROWS, CHUNK_SUMS // max(1, self.sums))   # rows per chunk (sizes the passes)
         chunks = -(-p // budget)
@@ -413,25 +355,32 @@ class LayerConverters:
         rows = -(-rows // unit) * unit                       # a CONV's chunk starts at an output line
         cuts = list(range(0, p, rows)) + [p]
         generators = [noise.generator() if read_noise > 0 else None for _ in cuts[:-1]]
-        y = torch.empty(p, self.out_features)
-        jobs = [(take, a, b, y[a:b], budget, read_noise, gen) for a, b, gen in zip(cuts[:-1], cuts[1:], generators)]
+        y = np.empty((self.out_features, p), np.float32)     # filled as it is made: outputs x batch rows
+        jobs = [(take, a, b, y[:, a:b], budget, read_noise, gen) for a, b, gen in zip(cuts[:-1], cuts[1:], generators)]
         if len(jobs) == 1:
             self._chunk(*jobs[0])
         else:
             for future in [_pool().submit(self._chunk, *job) for job in jobs]:
                 future.result()
-        return y.numpy()
+        return y.T
 
     def _chunk(self, take: Callable, a: int, b: int, y, rows: int, read_noise: float, generator) -> None:
         """y = the product for the batch rows a..b, ``take(a, b)`` their inputs; ``rows`` sizes the passes
         (the same for every batch: a sample's groups are summed in the same order alone or in a batch)."""
-        torch = _torch()
-        x = take(a, b)
-        out = torch.zeros(x.shape[0], self.out_features + 1)
+        x = take(a, b)                                                            # (features, batch rows)
+        out = np.zeros((self.out_features + 1, x.shape[1]), np.float32)          # outputs x batch rows
         for r in self.readouts:
             span = max(1, CHUNK_SUMS // (rows * max(1, r.width)))                # groups per pass
             r.add(x, out, span, read_noise, generator)
-        torch.mul(out[:, :self.out_features], self.scale, out=y)
+        np.multiply(out[:self.out_features], self.scale[:, None], out=y)
+
+
+def _transposed(x: np.ndarray, height: int) -> np.ndarray:
+    """x (P, in) as (height, P) float32: the batch along the last axis, zero rows below the inputs."""
+    out = np.empty((height, x.shape[0]), np.float32)
+    out[:x.shape[1]] = x.T
+    out[x.shape[1]:] = 0
+    return out
 
 
 def weight_bounds(program: Program, conductance: TileConductance, arrays: int,

@@ -70,9 +70,10 @@ def test_one_coarse_array_changes_only_the_layers_it_holds(cnn_path):
     ((2, 6, 9, 8), [3, 2], [1, 2], [2, 1], [1, 0, 2, 1], 3),
     ((2, 2, 5, 4, 6), [2, 3, 2], [1, 1, 2], [1, 1, 1], [0, 1, 1, 1, 0, 0], 1),
 ])
-def test_windows_give_every_chunk_the_rows_of_an_explicit_im2col(shape, kernel, strides, dilations, pads, group):
-    """A converter product copies a CONV's windows chunk by chunk; any chunk starting at an output
-    line must be exactly those rows of the im2col matrix, written here window by window."""
+def test_windows_give_every_chunk_the_columns_of_an_explicit_im2col(shape, kernel, strides, dilations, pads, group):
+    """A converter product copies a CONV's windows chunk by chunk, transposed (the batch along the
+    last axis); any chunk starting at an output line must be exactly those rows of the im2col matrix,
+    written here window by window, as columns."""
     x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
     ins = Instr(Opcode.CONV, "conv", [0], [1], 0, dict(kernel=kernel, strides=strides, dilations=dilations,
                                                         pads=pads, group=[group]))
@@ -92,4 +93,5 @@ def test_windows_give_every_chunk_the_rows_of_an_explicit_im2col(shape, kernel, 
         assert windows.shape == want.shape and windows.spatial == tuple(spatial)
         unit, total = windows.unit, want.shape[0]
         for a, b in [(0, total), (0, unit), (unit, total), (2 * unit, total - unit), (0, total - unit)]:
-            assert np.array_equal(windows.rows(a, b), want[a:b]), (g, a, b)
+            got = windows.columns(a, b, want.shape[1] + 3)               # transposed, 3 zero rows below
+            assert np.array_equal(got[:-3], want[a:b].T) and not got[-3:].any(), (g, a, b)
