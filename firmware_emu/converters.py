@@ -213,7 +213,7 @@ class _Readout:
     """The tiles of one layer that one readout reads (per column, or analog shift-add),
     stacked for one batched product: tiles that see the same input rows through the same
     DAC form a group; each group's ADC columns (a tile's out * S slice columns, or its out
-    fused columns) are stacked into one zero-padded (groups, rows, columns) tensor."""
+    fused columns) are stacked into one zero-padded (groups, columns, rows) tensor."""
 
     def __init__(self, program: Program, layer_index: int, units: list[Unit], cells: Callable[[int], np.ndarray],
                  settings: ConverterSettings, adc_bound: np.ndarray, fused: bool):
@@ -221,9 +221,7 @@ class _Readout:
         layer = program.layers[layer_index]
         k = program.cell_bits
         s = 1 if fused else program.slices                             # ADC columns per weight column
-        self.g_max = float((1 << k) - 1)
-        self.slices = s
-        self.out_features = layer.out_features
+        g_max = float((1 << k) - 1)
         self.place = (2.0 ** (k * np.arange(s))).astype(np.float32)
         # read noise of one ADC column in units of the rows' norm: 1, or the fused places' root sum of squares
         noise_gain = float(np.sqrt(np.sum(4.0 ** (k * np.arange(program.slices))))) if fused else 1.0
@@ -264,10 +262,10 @@ class _Readout:
                 g = unit_cells(unit, cells)
                 if fused:
                     g = fused_cells(g.astype(np.float64), program.slices, k)
-                g_all[gi, :in_count, cols] = g * (inv / (self.g_max * (dac_top or 1)))
+                g_all[gi, :in_count, cols] = g * (inv / (g_max * (dac_top or 1)))
                 col_scale[gi, cols] = inv * noise_gain * (SQRT2 if unit.differential else 1.0)
                 adc_top[gi, cols] = top
-                post[gi, c:c + t.out_count] = t.sign * step * self.g_max
+                post[gi, c:c + t.out_count] = t.sign * step * g_max
                 out_index[gi, c:c + t.out_count] = np.arange(t.out_start, t.out_start + t.out_count)
                 c += t.out_count
         # the batch runs along the last axis: column sums (groups, columns, P) = cells^T @ drive (groups, rows, P)
@@ -278,9 +276,8 @@ class _Readout:
         self.col_scale = col_scale
         self.post = post
         self.out_index = out_index
-        padding = np.isnan(adc_top)                                   # padding columns: cells 0, clipped at 1
-        self.rounded = np.where(padding, (adc_top > 0).any(), adc_top > 0)   # finite ADC: the sum is rounded
-        self.adc_top = np.where(padding, np.float32(1), np.where(adc_top > 0, adc_top, np.float32(np.inf)))
+        self.rounded = adc_top > 0                    # a finite ADC rounds (padding columns, NaN here, read 0)
+        self.adc_top = np.where(self.rounded, adc_top, np.float32(np.inf))
 
     def add(self, x: np.ndarray, out: np.ndarray, span: int, read_noise: float, generator) -> None:
         """out (out + 1, P) += these tiles' digital outputs for the batch x (features, P), ``span`` groups at a time.

@@ -90,6 +90,19 @@ def test_converters_match_the_per_tile_reference(dac, adc):
     agree(got, want, step)
 
 
+def test_arrays_with_ideal_and_finite_dacs_side_by_side_match_the_reference():
+    """Each group of tiles drives its rows through its own array's DAC: an ideal DAC (the
+    vector divided by its scale) next to finite ones (levels) in one layer."""
+    program, cells = _layer(600, 150, 256, 64, seed=11)
+    settings = ConverterSettings.uniform(6, 5, 7)
+    settings.dac_bits[[1, 4]] = 0
+    x = np.random.default_rng(12).standard_normal((30, 600)).astype(np.float32)
+    got = _plan(program, cells, settings).product(x)
+    agree(got, _reference(program, cells, settings, x), 0.01 * G_MAX * np.abs(x).max() * 64 / 63)
+    settings.dac_bits[[1, 4]] = 5                            # those arrays' DACs made finite: the result moves
+    assert not np.allclose(_plan(program, cells, settings).product(x), got)
+
+
 def test_fixed_full_scales_clip_and_match_the_reference():
     program, cells = _layer(300, 70, 128, 32, seed=3)
     settings = ConverterSettings.uniform(6, 6, 7, dac_fs=1.5, adc_fs=4.0)
