@@ -80,6 +80,7 @@ CHUNK_SUMS = 1 << 18  # column sums per pass: ~1 MB, so the passes over them sta
 MIN_ROWS = 128        # batch rows per chunk at least: fewer make the matrix product inefficient
 CHUNK_SET = 4         # chunks come in multiples of this many, of equal size
 SQRT2 = math.sqrt(2.0)  # a differential column's read noise: two bit lines' cells read
+SCRATCH_KEEP = 1 << 24  # floats (64 MB): a worker keeps working arrays up to this size for the next chunk
 
 _pool_lock = threading.Lock()
 _chunk_pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool)
@@ -317,6 +318,8 @@ def _scratch(name: str, shape: tuple[int, ...]) -> np.ndarray:
     from the system each time (0.9 ms of a 3.3 ms VGG-8 chunk went to faulting them in).
     """
     size = math.prod(shape)
+    if size > SCRATCH_KEEP:                          # a rare huge chunk (a very deep layer): not kept
+        return np.empty(shape, np.float32)
     held = getattr(_scratch_arrays, name, None)
     if held is None or held.size < size:
         held = np.empty(size, np.float32)
