@@ -72,7 +72,8 @@ from .contract.program_format import Program
 __all__ = ["ConverterPath", "ConverterSettings", "LayerConverters", "NoiseStream", "PairingError", "ReadNoise",
            "ReadNoiseMap", "Unit", "Windows", "fused_cells", "pair_units", "unit_cells", "weight_bounds"]
 
-LayerProduct = Callable[[int, "np.ndarray | Windows"], np.ndarray]  # (layer, x (P, in)) -> (P, out)
+# (layer, x (P, in)) -> (P, out); (layer, a CONV's Windows) -> its output planes (N, out, *O)
+LayerProduct = Callable[[int, "np.ndarray | Windows"], np.ndarray]
 TileConductance = Callable[[int, int], np.ndarray]       # (layer, tile) -> (in_count, out_count * S)
 
 
@@ -353,8 +354,9 @@ class LayerConverters:
         self.macs = sum(r.groups * r.rows * r.width for r in self.readouts)  # multiply-adds per input vector
 
     def product(self, x: np.ndarray | Windows, read_noise: float = 0.0, noise: NoiseStream | None = None) -> np.ndarray:
-        """The layer's output (P, out) for inputs x (P, in), or a CONV's ``Windows``, through the converters:
-        the transposed view of an (out, P) array (the batch runs along the last axis throughout).
+        """The layer's output through the converters: (P, out) for inputs x (P, in), the transposed
+        view of an (out, P) array (the batch runs along the last axis throughout); for a CONV's
+        ``Windows``, its output planes (N, out, *positions), written in place by the chunks.
 
         The batch is cut into chunks of about ``CHUNK_SUMS`` column sums, so the passes over
         them (noise, rounding, shift-add) run in cache, on the worker threads (a CONV's
@@ -377,26 +379,38 @@ class LayerConverters:
         rows = -(-rows // unit) * unit                       # a CONV's chunk starts at an output line
         cuts = list(range(0, p, rows)) + [p]
         generators = [noise.generator() if read_noise > 0 else None for _ in cuts[:-1]]
-        y = np.empty((self.out_features, p), np.float32)     # filled as it is made: outputs x batch rows
-        jobs = [(take, a, b, y[:, a:b], budget, read_noise, gen) for a, b, gen in zip(cuts[:-1], cuts[1:], generators)]
+        if isinstance(x, Windows):                           # each chunk writes its part of each image's planes
+            images, positions = x.view.shape[0], p // x.view.shape[0]
+            y = np.empty((images, self.out_features, positions), np.float32)
+            parts = [[(y[n, :, max(a, n * positions) - n * positions:min(b, (n + 1) * positions) - n * positions],
+                       max(a, n * positions) - a) for n in range(a // positions, -(-b // positions))]
+                     for a, b in zip(cuts[:-1], cuts[1:])]
+        else:                                                # outputs x batch rows
+            y = np.empty((self.out_features, p), np.float32)
+            parts = [[(y[:, a:b], 0)] for a, b in zip(cuts[:-1], cuts[1:])]
+        jobs = [(take, a, b, part, budget, read_noise, gen)
+                for a, b, part, gen in zip(cuts[:-1], cuts[1:], parts, generators)]
         if len(jobs) == 1:
             self._chunk(*jobs[0])
         else:
             for future in [_pool().submit(self._chunk, *job) for job in jobs]:
                 future.result()
-        return y.T
+        return y.reshape(y.shape[:2] + x.spatial) if isinstance(x, Windows) else y.T
 
-    def _chunk(self, take: Callable, a: int, b: int, y, rows: int, read_noise: float, generator) -> None:
-        """y = the product for the batch rows a..b, ``take(a, b, buffer)`` their inputs (in buffer);
-        ``rows`` sizes the passes (the same for every batch: a sample's groups are summed in the same
-        order alone or in a batch)."""
+    def _chunk(self, take: Callable, a: int, b: int, parts: list[tuple[np.ndarray, int]], rows: int,
+               read_noise: float, generator) -> None:
+        """The product for the batch rows a..b, ``take(a, b, buffer)`` their inputs (in buffer), written
+        to ``parts``: (out, k) views, each the outputs of k consecutive rows from the row its int gives
+        (counted from a). ``rows`` sizes the passes (the same for every batch: a sample's groups are
+        summed in the same order alone or in a batch)."""
         x = take(a, b, _scratch("x", (self.height, b - a)))                      # (features, batch rows)
         out = _scratch("out", (self.out_features + 1, b - a))                    # outputs x batch rows
         out[...] = 0
         for r in self.readouts:
             span = max(1, CHUNK_SUMS // (rows * max(1, r.width)))                # groups per pass
             r.add(x, out, span, read_noise, generator)
-        np.multiply(out[:self.out_features], self.scale[:, None], out=y)
+        for target, first in parts:
+            np.multiply(out[:self.out_features, first:first + target.shape[1]], self.scale[:, None], out=target)
 
 
 def _transposed(x: np.ndarray, out: np.ndarray) -> np.ndarray:

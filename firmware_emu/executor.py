@@ -193,11 +193,8 @@ def _conv_read_noise(ins: Instr, x: np.ndarray, noise: ReadNoise) -> np.ndarray:
 def _conv_tiled(ins: Instr, x: np.ndarray, rows: int, product: LayerProduct) -> np.ndarray:
     """Convolution as the crossbars see it: the im2col rows of each group's windows through its layer."""
     windows, group = Windows(ops.windows(ins, x)), ins.attrs["group"][0]
-    out = [product(ins.layer + g, windows.group(g, group)).T for g in range(group)]    # each (C_out / group, P)
-    out = out[0] if group == 1 else np.concatenate(out, axis=0)
-    # (C_out, N, *positions) to N, C_out, *positions: one copy of whole output planes, and the ops after it
-    # read a contiguous array
-    return np.ascontiguousarray(np.moveaxis(out.reshape(-1, x.shape[0], *windows.spatial), 0, 1))
+    planes = [product(ins.layer + g, windows.group(g, group)) for g in range(group)]   # each (N, C_out / group, *O)
+    return planes[0] if group == 1 else np.concatenate(planes, axis=1)
 
 
 def execute(ins: Instr, args: list[np.ndarray], weights: WeightProvider,
