@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from nvcim.tools.cli import CHIP_IMAGE, device_url, main
+from nvcim.tools.evaluate import monte_carlo
 
 
 def _ok(runner, args):
@@ -63,3 +66,17 @@ def test_chip_commands_default_to_the_environment_then_the_flow_chip_image(monke
     monkeypatch.setenv("NVCIM_DEVICE", "emu://?arrays=3")
     assert device_url(None) == "emu://?arrays=3"
     assert device_url("socket://127.0.0.1:5000") == "socket://127.0.0.1:5000"
+
+
+def test_a_monte_carlo_of_no_chips_is_refused_by_name(tmp_path):
+    """The flow and the demo report Monte Carlo columns: --draws 0 is a usage error there (eval
+    takes 0 as "chip only"), not an internal error after training a backbone."""
+    runner = CliRunner()
+    for command in (["flow", "--workdir", tmp_path], ["demo", "--workdir", tmp_path]):
+        result = runner.invoke(main, [str(a) for a in command] + ["--draws", "0"])
+        assert result.exit_code == 2 and "'--draws': 0 is not in the range x>=1" in result.output
+        assert not any(tmp_path.iterdir())                      # refused before anything ran
+    result = runner.invoke(main, ["eval", str(tmp_path / "m.onnx"), "--draws", "-1"])
+    assert result.exit_code == 2 and "'--draws': -1 is not in the range x>=0" in result.output
+    with pytest.raises(ValueError, match="at least one chip, got draws=0"):
+        monte_carlo(None, np.zeros((1, 1, 28, 28), np.float32), np.zeros(1, np.int64), None, draws=0)

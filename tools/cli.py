@@ -123,7 +123,8 @@ def main(debug: bool) -> None:
 @main.command()
 @click.option("--workdir", type=click.Path(path_type=Path), default=WORKDIR, show_default=True)
 @click.option("--seeds", default="1,2,3,4,5", show_default=True, help="Chip seeds: one fresh emulated chip each.")
-@click.option("--draws", type=int, default=200, show_default=True, help="Monte Carlo chips.")
+@click.option("--draws", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Monte Carlo chips (the summary table reports them).")
 @click.option("--mlp", is_flag=True, help="Instead: the digits MLP on an ideal and a noisy chip next to onnxruntime.")
 @_clear_errors
 def demo(workdir: Path, seeds: str, draws: int, mlp: bool) -> None:
@@ -357,7 +358,8 @@ def tsb_flash(backbone, tsb_model, noise_path, device) -> None:
 @data_option
 @click.option("--noise", "noise_path", type=click.Path(path_type=Path), default=None,
               help="For a TSB model: the backbone noise file, held fixed in the Monte Carlo runs.")
-@click.option("--draws", type=int, default=200, show_default=True, help="Monte Carlo chips (0: chip only).")
+@click.option("--draws", type=click.IntRange(min=0), default=200, show_default=True,
+              help="Monte Carlo chips (0: chip only).")
 @click.option("--sigma", type=float, default=None, help="Monte Carlo sigma of the backbone [default: the chip's].")
 @click.option("--sigma-verified", type=float, default=0.03, show_default=True)
 @click.option("--no-chip", is_flag=True, help="Only the Monte Carlo simulation; do not touch a chip.")
@@ -383,7 +385,8 @@ def eval_cmd(model, device, data, noise_path, draws, sigma, sigma_verified, no_c
 @click.option("--tsb-epochs", type=int, default=10, show_default=True)
 @click.option("--tsb-lr", type=float, default=1e-2, show_default=True)
 @click.option("--sigma-verified", type=float, default=0.03, show_default=True)
-@click.option("--draws", type=int, default=200, show_default=True, help="Monte Carlo chips.")
+@click.option("--draws", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Monte Carlo chips (the summary table reports them).")
 @age_option("also measure each reflashed chip after this long of drift")
 @_clear_errors
 def flow(workdir, arch, width, bn, image, epochs, stop_fraction, patience, lr, sigma_train, seed, data, sigma,

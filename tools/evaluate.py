@@ -87,6 +87,8 @@ def monte_carlo(model: Net, x: np.ndarray, y: np.ndarray, backbone: DeviceSettin
     ``tsb``: noise of the TSB weights (verified devices), redrawn per chip (None: ideal TSB).
     ``budget``: activation floats per vectorised chunk (bounds memory).
     """
+    if draws < 1:
+        raise ValueError(f"monte_carlo needs at least one chip, got draws={draws}")
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     fixed, drawn = split_weights(model, backbone, fixed, tsb, weight_bits)
