@@ -143,7 +143,7 @@ def _conv(ins: Instr, args: list[np.ndarray], weights: WeightProvider,
     matrices = ops.conv_layers(ins, x, weights)                           # each (Cg*K, Cog)
     rows, cols = matrices[0].shape
     if product is not None:
-        return _conv_tiled(ins, x, rows, product)
+        return _conv_tiled(ins, x, product)
     y = _convolve(ins, x, _kernel(ins, matrices), rows * cols * len(matrices))
     if read_noise is not None:
         y += _conv_read_noise(ins, x, read_noise)
@@ -190,7 +190,7 @@ def _conv_read_noise(ins: Instr, x: np.ndarray, noise: ReadNoise) -> np.ndarray:
     return np.moveaxis(noise.draw(std), -1, 1)
 
 
-def _conv_tiled(ins: Instr, x: np.ndarray, rows: int, product: LayerProduct) -> np.ndarray:
+def _conv_tiled(ins: Instr, x: np.ndarray, product: LayerProduct) -> np.ndarray:
     """Convolution as the crossbars see it: the im2col rows of each group's windows through its layer."""
     windows, group = Windows(ops.windows(ins, x)), ins.attrs["group"][0]
     planes = [product(ins.layer + g, windows.group(g, group)) for g in range(group)]   # each (N, C_out / group, *O)
