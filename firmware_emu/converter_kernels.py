@@ -3,7 +3,9 @@
 A layer's product through its converters is a batched matrix product (torch, in
 ``converters``) between two passes: the DAC over every input element (the vector's full
 scale, quantisation, the read noise's gain) and the ADC side over every column sum (read
-noise, rounding and clipping, shift-add, digital scaling, the sum into the outputs).
+noise, rounding and clipping, shift-add, digital scaling, the sum into the outputs). The
+ADC pass draws each sample's read noise where it adds it (``gaussian_source``), so the
+draws never go through memory.
 Written as torch operations each pass took ten sweeps over memory, and on layers of a few
 rows and columns far more time than the product itself. Here each is one loop nest that
 reads its inputs once; the batch runs along the innermost axis, so the loops vectorise
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+
+from .gaussian_source import normals, workspace
 
 __all__ = ["convert", "drive"]
 
@@ -75,14 +79,15 @@ def drive(x: np.ndarray, gather: np.ndarray, top: np.ndarray, fs: np.ndarray,
 
 
 @numba.njit(nogil=True, cache=True)
-def convert(sums: np.ndarray, noise: np.ndarray, sigma: np.ndarray, column_noise: np.ndarray,
+def convert(sums: np.ndarray, key: np.ndarray, first_group: int, sigma: np.ndarray, column_noise: np.ndarray,
             rounded: np.ndarray, adc_top: np.ndarray, place: np.ndarray, post: np.ndarray,
             scale: np.ndarray, out_index: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
     """Every column sum through read noise and its ADC, shift-added, scaled and summed into the outputs.
 
-    sums (G, W, P) float32: the column sums in ADC steps; noise: standard Gaussians of the
-    same shape, or an empty array (no read noise); sigma (G, P): the read noise's std on a
-    column of unit gain; column_noise (G, W): each column's gain. rounded (G, W): the
+    sums (G, W, P) float32: the column sums in ADC steps; key (2,) uint32: the read noise's
+    key (``gaussian_source``; empty: no read noise): column w of group g draws stream
+    (w, first_group + g); sigma (G, P): the read noise's std on a column of unit gain;
+    column_noise (G, W): each column's gain. rounded (G, W): the
     column's ADC is finite (its sum is rounded to a level); adc_top (G, W): the largest
     level it clips to (inf where ideal). place (S,): the place values the S slice columns of
     a weight (consecutive) are added with (S = 1: fused columns). post (G, W / S): sign x
@@ -92,8 +97,10 @@ def convert(sums: np.ndarray, noise: np.ndarray, sigma: np.ndarray, column_noise
     """
     groups, width, vectors = sums.shape
     slices = place.shape[0]
-    noisy = noise.size > 0
+    noisy = key.size > 0
     column = np.empty(vectors, np.float32)
+    z = np.zeros(vectors, np.float32)
+    words = np.empty(workspace(vectors), np.uint32)
     for g in range(groups):
         spread = sigma[g]
         factor = scale[g]
@@ -101,11 +108,12 @@ def convert(sums: np.ndarray, noise: np.ndarray, sigma: np.ndarray, column_noise
             for j in range(slices):
                 w = o * slices + j
                 sw, top, gain, weight = sums[g, w], adc_top[g, w], column_noise[g, w], place[j]
-                nw = noise[g, w] if noisy else sw
+                if noisy:
+                    normals(z, words, w, first_group + g, key)
                 for p in range(vectors):
                     s = sw[p]
                     if noisy:
-                        s += nw[p] * spread[p] * gain
+                        s += z[p] * spread[p] * gain
                     if rounded[g, w]:
                         s = np.rint(s)
                     if s > top:

@@ -14,7 +14,8 @@ ARRAY_CONVERTERS / ARRAY_DAC_FS / ARRAY_ADC_FS):
   (it depends on that vector only, so never on the batch). 0 bits: u = x / dac_fs, exact.
 * Read noise: reading a cell returns g + N(0, (read_noise * g_max)^2), fresh on every
   product. On a column sum that is exactly one Gaussian of std read_noise * ||u_rows||_2
-  (in the normalised units below), drawn per column, per slice, per tile.
+  (in the normalised units below), drawn per column, per slice, per tile, inside the ADC
+  pass from a counter-based source (``gaussian_source``) keyed per chunk of the batch.
 * ADC, b bits: column j's normalised sum s_j = sum_i u_i g_ij / g_max (plus its noise) is
   clipped to [-adc_fs, adc_fs] and rounded to 2^(b-1) - 1 levels of adc_fs. ``adc_fs`` is
   the array's ADC full scale; 0 means the weight bound: the largest |s| any input in the
@@ -48,8 +49,8 @@ own array's, and each array's converter registers mean exactly what they say.
 
 Speed: tiles that see the same input (same rows of x, same DAC) form one group; every
 group's cells are stacked into one zero-padded (groups, columns, rows) tensor, prepared
-once per programming, so a layer is one pass of the DAC, one batched matrix product, one
-noise draw per column sum and one pass of the ADC side - no Python loop per tile. The
+once per programming, so a layer is one pass of the DAC, one batched matrix product and
+one pass of the ADC side that draws one Gaussian per column sum - no Python loop per tile. The
 batch runs along the last axis of every array (a layer may have 9 rows and 5 columns;
 a chunk of the batch has thousands of vectors), and the two passes are compiled loops
 (``converter_kernels``).
@@ -193,22 +194,30 @@ class Windows:
 
 
 class NoiseStream:
-    """Independent random generators for the read noise of one run, in a fixed order.
+    """Independent random streams for the read noise of one run, in a fixed order.
 
-    Seeded from a numpy SeedSequence: the same sequence gives the same generators in the
-    same order, hence the same noise; every ``generator()`` call is a fresh substream.
+    Seeded from a numpy SeedSequence: the same sequence gives the same streams in the
+    same order, hence the same noise; every ``generator()`` (a torch generator) or
+    ``keys()`` (Philox keys for ``gaussian_source``) call is a fresh substream.
     """
 
     def __init__(self, seed: np.random.SeedSequence | int | Sequence[int]):
         self._seed = seed
         self._seq: np.random.SeedSequence | None = None  # made on first use: a run without read noise never pays it
 
-    def generator(self):
+    def _child(self) -> np.random.SeedSequence:
         if self._seq is None:
             seed = self._seed
             self._seq = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
         child, = self._seq.spawn(1)
-        return _torch().Generator().manual_seed(int(child.generate_state(1, np.uint64)[0] >> 1))
+        return child
+
+    def generator(self):
+        return _torch().Generator().manual_seed(int(self._child().generate_state(1, np.uint64)[0] >> 1))
+
+    def keys(self, count: int) -> np.ndarray:
+        """``count`` independent 64-bit Philox keys, (count, 2) uint32."""
+        return self._child().generate_state(2 * count, np.uint32).reshape(count, 2)
 
 
 class _Readout:
@@ -281,10 +290,11 @@ class _Readout:
         self.rounded = adc_top > 0                    # a finite ADC rounds (padding columns, NaN here, read 0)
         self.adc_top = np.where(self.rounded, adc_top, np.float32(np.inf))
 
-    def add(self, x: np.ndarray, out: np.ndarray, span: int, read_noise: float, generator) -> None:
+    def add(self, x: np.ndarray, out: np.ndarray, span: int, read_noise: float, key: np.ndarray) -> None:
         """out (out + 1, P) += these tiles' digital outputs for the batch x (features, P), ``span`` groups at a time.
 
-        x is the batch transposed, zero from row in_features down (the row padding rows read).
+        x is the batch transposed, zero from row in_features down (the row padding rows read);
+        ``key`` (2,) uint32 keys the read noise's draws (unused without read noise).
         """
         torch = _torch()
         p = x.shape[1]
@@ -297,18 +307,14 @@ class _Readout:
         for g0 in range(0, self.groups, span):
             g = slice(g0, g0 + span)
             cells = self.cells[g]
-            shape = (cells.shape[0], cells.shape[1], p)
-            sums = _scratch("sums", shape)
+            sums = _scratch("sums", (cells.shape[0], cells.shape[1], p))
             torch.bmm(cells, drive[g], out=torch.from_numpy(sums))                # ADC input in steps
-            noise = _QUIET
-            if read_noise > 0:
-                noise = _scratch("noise", shape)
-                torch.from_numpy(noise).normal_(generator=generator)
-            kernels.convert(sums, noise, sigma[g], self.col_scale[g], self.rounded[g], self.adc_top[g],
-                            self.place, self.post[g], scale[g], self.out_index[g], out)
+            kernels.convert(sums, key if read_noise > 0 else _QUIET, g0, sigma[g], self.col_scale[g],
+                            self.rounded[g], self.adc_top[g], self.place, self.post[g], scale[g],
+                            self.out_index[g], out)
 
 
-_QUIET = np.empty((0, 0, 0), np.float32)  # ``convert``'s noise when there is no read noise
+_QUIET = np.empty(0, np.uint32)  # ``convert``'s key when there is no read noise
 _scratch_arrays = threading.local()
 
 
@@ -361,8 +367,8 @@ class LayerConverters:
         The batch is cut into chunks of about ``CHUNK_SUMS`` column sums, so the passes over
         them (noise, rounding, shift-add) run in cache, on the worker threads (a CONV's
         chunk starts at an output line; each worker copies its own windows). With read
-        noise each chunk draws from its own generator, taken from ``noise`` in chunk order:
-        the same stream gives the same result whatever the threads do.
+        noise each chunk draws under its own keys, one per readout, taken from ``noise`` in
+        chunk order: the same stream gives the same result whatever the threads do.
         """
         if read_noise > 0 and noise is None:
             raise ValueError("read noise needs a NoiseStream")
@@ -378,7 +384,7 @@ class LayerConverters:
         rows = -(-p // chunks)
         rows = -(-rows // unit) * unit                       # a CONV's chunk starts at an output line
         cuts = list(range(0, p, rows)) + [p]
-        generators = [noise.generator() if read_noise > 0 else None for _ in cuts[:-1]]
+        keys = [noise.keys(len(self.readouts)) if read_noise > 0 else None for _ in cuts[:-1]]
         if isinstance(x, Windows):                           # each chunk writes its part of each image's planes
             images, positions = x.view.shape[0], p // x.view.shape[0]
             y = np.empty((images, self.out_features, positions), np.float32)
@@ -388,8 +394,8 @@ class LayerConverters:
         else:                                                # outputs x batch rows
             y = np.empty((self.out_features, p), np.float32)
             parts = [[(y[:, a:b], 0)] for a, b in zip(cuts[:-1], cuts[1:])]
-        jobs = [(take, a, b, part, budget, read_noise, gen)
-                for a, b, part, gen in zip(cuts[:-1], cuts[1:], parts, generators)]
+        jobs = [(take, a, b, part, budget, read_noise, key)
+                for a, b, part, key in zip(cuts[:-1], cuts[1:], parts, keys)]
         if len(jobs) == 1:
             self._chunk(*jobs[0])
         else:
@@ -398,7 +404,7 @@ class LayerConverters:
         return y.reshape(y.shape[:2] + x.spatial) if isinstance(x, Windows) else y.T
 
     def _chunk(self, take: Callable, a: int, b: int, parts: list[tuple[np.ndarray, int]], rows: int,
-               read_noise: float, generator) -> None:
+               read_noise: float, keys: np.ndarray | None) -> None:
         """The product for the batch rows a..b, ``take(a, b, buffer)`` their inputs (in buffer), written
         to ``parts``: (out, k) views, each the outputs of k consecutive rows from the row its int gives
         (counted from a). ``rows`` sizes the passes (the same for every batch: a sample's groups are
@@ -406,9 +412,9 @@ class LayerConverters:
         x = take(a, b, _scratch("x", (self.height, b - a)))                      # (features, batch rows)
         out = _scratch("out", (self.out_features + 1, b - a))                    # outputs x batch rows
         out[...] = 0
-        for r in self.readouts:
+        for i, r in enumerate(self.readouts):
             span = max(1, CHUNK_SUMS // (rows * max(1, r.width)))                # groups per pass
-            r.add(x, out, span, read_noise, generator)
+            r.add(x, out, span, read_noise, keys[i] if keys is not None else _QUIET)
         for target, first in parts:
             np.multiply(out[:self.out_features, first:first + target.shape[1]], self.scale[:, None], out=target)
 
