@@ -388,9 +388,7 @@ class LayerConverters:
         if isinstance(x, Windows):                           # each chunk writes its part of each image's planes
             images, positions = x.view.shape[0], p // x.view.shape[0]
             y = np.empty((images, self.out_features, positions), np.float32)
-            parts = [[(y[n, :, max(a, n * positions) - n * positions:min(b, (n + 1) * positions) - n * positions],
-                       max(a, n * positions) - a) for n in range(a // positions, -(-b // positions))]
-                     for a, b in zip(cuts[:-1], cuts[1:])]
+            parts = [_plane_parts(y, a, b) for a, b in zip(cuts[:-1], cuts[1:])]
         else:                                                # outputs x batch rows
             y = np.empty((self.out_features, p), np.float32)
             parts = [[(y[:, a:b], 0)] for a, b in zip(cuts[:-1], cuts[1:])]
@@ -416,7 +414,30 @@ class LayerConverters:
             span = max(1, CHUNK_SUMS // (rows * max(1, r.width)))                # groups per pass
             r.add(x, out, span, read_noise, keys[i] if keys is not None else _QUIET)
         for target, first in parts:
-            np.multiply(out[:self.out_features, first:first + target.shape[1]], self.scale[:, None], out=target)
+            if target.ndim == 3:                                                 # whole images' planes
+                images, outputs, positions = target.shape
+                rows = out[:outputs, first:first + images * positions].reshape(outputs, images, positions)
+                np.multiply(rows.transpose(1, 0, 2), self.scale[:, None], out=target)
+            else:
+                np.multiply(out[:self.out_features, first:first + target.shape[1]], self.scale[:, None], out=target)
+
+
+def _plane_parts(y: np.ndarray, a: int, b: int) -> list[tuple[np.ndarray, int]]:
+    """Where batch rows a..b of a CONV go in its output planes y (N, out, positions): (view, the
+    first of its rows counted from a), a part image's (out, k) view, a run of whole images' (k, out, positions)."""
+    positions = y.shape[2]
+    parts, row = [], a
+    while row < b:
+        n, at = divmod(row, positions)
+        if at == 0 and b - row >= positions:                                  # whole images
+            k = (b - row) // positions
+            parts.append((y[n:n + k], row - a))
+            row += k * positions
+        else:
+            end = min(b, (n + 1) * positions)
+            parts.append((y[n, :, at:end - n * positions], row - a))
+            row = end
+    return parts
 
 
 def _transposed(x: np.ndarray, out: np.ndarray) -> np.ndarray:

@@ -95,3 +95,19 @@ def test_windows_give_every_chunk_the_columns_of_an_explicit_im2col(shape, kerne
         for a, b in [(0, total), (0, unit), (unit, total), (2 * unit, total - unit), (0, total - unit)]:
             got = windows.columns(a, b, want.shape[1] + 3)               # transposed, 3 zero rows below
             assert np.array_equal(got[:-3], want[a:b].T) and not got[-3:].any(), (g, a, b)
+
+
+def test_chunks_that_cut_images_write_every_output_plane_once(cnn_path, monkeypatch):
+    """A CONV's batch is cut into chunks at output lines, so a chunk may hold part of an image,
+    whole images, then part of another: each writes its rows into the right planes."""
+    from nvcim.firmware_emu import converters
+
+    x = np.random.default_rng(4).standard_normal((12, 3, 8, 8)).astype(np.float32)
+    with driver.load(cnn_path, device="emu://?sigma=0.3&seed=2&rows=32&cols=64&dac_bits=0&adc_bits=24") as sess:
+        whole = sess.run(None, {"x": x})[0]
+        # 12 images of 8 x 8 positions in 8 chunks of 96 rows: [0, 96) is image 0 and half of
+        # image 1, [96, 192) the other half and image 2, ...
+        monkeypatch.setattr(converters, "CHUNK_SUMS", 1)
+        monkeypatch.setattr(converters, "MIN_ROWS", 100)
+        cut = sess.run(None, {"x": x})[0]
+    assert np.allclose(cut, whole, rtol=1e-5, atol=1e-5 * np.abs(whole).max())
