@@ -99,8 +99,8 @@ def convert(sums: np.ndarray, key: np.ndarray, first_group: int, sigma: np.ndarr
     slices = place.shape[0]
     noisy = key.size > 0
     column = np.empty(vectors, np.float32)
-    z = np.zeros(vectors, np.float32)
-    words = np.empty(workspace(vectors), np.uint32)
+    z = np.zeros(vectors if noisy else 0, np.float32)
+    words = np.empty(workspace(vectors) if noisy else 0, np.uint32)
     for g in range(groups):
         spread = sigma[g]
         factor = scale[g]

@@ -416,8 +416,8 @@ class LayerConverters:
         for target, first in parts:
             if target.ndim == 3:                                                 # whole images' planes
                 images, outputs, positions = target.shape
-                rows = out[:outputs, first:first + images * positions].reshape(outputs, images, positions)
-                np.multiply(rows.transpose(1, 0, 2), self.scale[:, None], out=target)
+                planes = out[:outputs, first:first + images * positions].reshape(outputs, images, positions)
+                np.multiply(planes.transpose(1, 0, 2), self.scale[:, None], out=target)
             else:
                 np.multiply(out[:self.out_features, first:first + target.shape[1]], self.scale[:, None], out=target)
 

@@ -18,9 +18,9 @@ reads them back. Here each draw is made where it is used, inside the ADC pass
   uniform taken from separate bits of the word as Doornik, "An improved ziggurat method
   to generate normal random samples", 2005, recommends): bits 0-7 pick a layer, bit 8
   the sign, bits 9-31 a 23-bit uniform. 98.5 % of words are accepted by one compare and
-  one multiply in float32; the rest (a wedge, or the tail beyond R = 3.654) take further
-  words from counters (b, column, group, 1 + 4 k + lane), k = 0, 1, ... and the exact
-  rejection tests in float64.
+  one multiply in float32; the rest (a wedge, or the tail beyond R = 3.654) take the
+  exact rejection tests in float64, the k-th rejected draw of a stream with further words
+  from counters (k, column, group, 1), (k, column, group, 2), ...
 
 The integer steps and the float32 fast path are exact IEEE operations, so a draw has the
 same bits on any machine; the rare slow path calls the C library's exp and log.
@@ -77,13 +77,14 @@ def philox(c0, c1, c2, c3, k0, k1):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True)
-def _rejected(k, word, r, c1, c2, k0, k1, x, height):  # pragma: no cover - compiled
+def _rejected(k, word, r, c1, c2, k0, k1, step, inner, x, height):  # pragma: no cover - compiled
     """The k-th draw of a stream that the fast test rejected, ``word`` its first word, ``r`` the
     four words of counter (k, c1, c2, 1).
 
     Its layer's wedge is tested exactly; a rejected point starts over with a fresh word, as
     the ziggurat does; layer 0 beyond R samples the tail (Marsaglia's exponential test).
-    Words beyond ``r`` come from counters (k, c1, c2, 2), (k, c1, c2, 3), ...
+    Words beyond ``r`` come from counters (k, c1, c2, 2), (k, c1, c2, 3), ...; a fresh word
+    takes the fast path's test (``step``, ``inner``) first.
     """
     call = 2
     while True:
@@ -105,10 +106,9 @@ def _rejected(k, word, r, c1, c2, k0, k1, x, height):  # pragma: no cover - comp
         word = r[0]                                                      # start over
         r = philox(np.uint64(k), c1, c2, np.uint64(call), k0, k1)
         call += 1
-        i = word & np.uint64(LAYERS - 1)
-        mag = np.float32(word >> np.uint64(9)) * np.float32(2.0 ** -23)
-        if mag < np.float32(x[i + 1] / x[i]):
-            return np.float32(-1.0 if word & np.uint64(LAYERS) else 1.0) * (mag * np.float32(x[i]))
+        u = np.int32(word >> np.uint64(9))
+        if u < inner[word & np.uint64(LAYERS - 1)]:
+            return np.float32(u) * step[word & np.uint64(2 * LAYERS - 1)]
 
 
 @numba.njit(nogil=True, cache=True)
@@ -133,7 +133,7 @@ def _normals(z, words, c1, c2, k0, k1, step, inner, x, height):  # pragma: no co
     for k in range(rejected):
         p = at[k]
         r = (np.uint64(spare[4 * k]), np.uint64(spare[4 * k + 1]), np.uint64(spare[4 * k + 2]), np.uint64(0))
-        z[p] = _rejected(k, np.uint64(words[p]), r, c1, c2, k0, k1, x, height)
+        z[p] = _rejected(k, np.uint64(words[p]), r, c1, c2, k0, k1, step, inner, x, height)
 
 
 @numba.njit(inline="always", nogil=True, cache=True)
