@@ -52,30 +52,28 @@ def drive(x: np.ndarray, gather: np.ndarray, top: np.ndarray, fs: np.ndarray,
             s[:] = 0
             for r in range(rows):
                 xr = x[gather[g, r]]
-                for p in range(vectors):
-                    a = abs(xr[p])
-                    if a > s[p]:
-                        s[p] = a
+                for p in range(vectors):                 # np.maximum vectorises; a compare and store did not
+                    s[p] = np.maximum(s[p], np.abs(xr[p]))
             for p in range(vectors):
                 if s[p] == 0:
                     s[p] = 1
         n[:] = 0
         for p in range(vectors):
-            gain[p] = level / s[p] if level > 0 else 1 / s[p]
+            gain[p] = (level if level > 0 else 1) / s[p]
         for r in range(rows):
             xr, ur = x[gather[g, r]], u[g, r]
-            for p in range(vectors):
-                v = xr[p] * gain[p]
-                if level > 0:
-                    if v > level:
-                        v = level
-                    if v < -level:
-                        v = -level
-                    v = np.rint(v)
-                ur[p] = v
-                n[p] += v * v
+            if level > 0:
+                for p in range(vectors):
+                    v = np.rint(np.minimum(np.maximum(xr[p] * gain[p], -level), level))
+                    ur[p] = v
+                    n[p] += v * v
+            else:
+                for p in range(vectors):
+                    v = xr[p] * gain[p]
+                    ur[p] = v
+                    n[p] += v * v
         for p in range(vectors):
-            n[p] = np.sqrt(n[p]) / level if level > 0 else np.sqrt(n[p])
+            n[p] = np.sqrt(n[p]) / (level if level > 0 else 1)
 
 
 @numba.njit(nogil=True, cache=True)
