@@ -7,12 +7,13 @@ import mmap
 import zlib
 
 import numpy as np
-from chip_programs import small_model
 
 from nvcim.compiler import Target, compile_model
 from nvcim.firmware_emu import page_backing
 from nvcim.firmware_emu.chip import Chip, ChipConfig
 from nvcim.firmware_emu.contract.protocol import Command, ProgramLoadArgs
+
+from chip_programs import small_model
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _LIBC.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
