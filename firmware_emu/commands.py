@@ -227,7 +227,6 @@ def program_load(chip: Chip, payload: bytes) -> bytes:
     program = parse_program(c, code)
     check_runnable(program)
     chip.program, chip.program_code = program, code
-    chip.cells.back(t.array for layer in program.layers for t in layer.tiles)  # the cells' writes come next
     chip.registers.done()
     return b""
 

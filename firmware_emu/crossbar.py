@@ -9,15 +9,11 @@ clock, and read (and multiplied by) as they have drifted since (``drift``).
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterable
-
 import numpy as np
 
 from .contract.protocol import CellQuantity, WriteStats
 from .contract.variation import VariationMode, region_levels
 from .drift import FRESH, Aging, CellAges
-from .page_backing import back_in_background, runs
 from .physics import DeviceModel, write_verify
 
 
@@ -34,13 +30,6 @@ class CellArrays:
         self.dirty: set[int] = set()  # arrays changed since the owner last persisted them
         self.ages = CellAges(self.shape)
         self._stuck: dict[tuple, np.ndarray] = {}
-        self.backing: threading.Thread | None = None  # the thread backing a loaded program's pages, if any
-
-    def back(self, arrays: Iterable[int]) -> None:
-        """Have the system back these arrays' pages on a background thread, ahead of their writes
-        (``page_backing``); contents are unchanged."""
-        planes = (self.g, self.noise, self.target, self.ages.programmed_at)
-        self.backing = back_in_background([plane[a:b] for a, b in runs(arrays) for plane in planes])
 
     def check_region(self, array: int, row: int, col: int, height: int, width: int) -> str | None:
         """None if the region lies on the chip, else a message saying what is outside."""
