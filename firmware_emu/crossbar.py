@@ -30,6 +30,8 @@ class CellArrays:
         self.dirty: set[int] = set()  # arrays changed since the owner last persisted them
         self.ages = CellAges(self.shape)
         self._stuck: dict[tuple, np.ndarray] = {}
+        # per array: nothing written since power-up, every plane still all zero (an erase at clock 0 is a no-op)
+        self._pristine = np.ones(arrays, bool)
 
     def check_region(self, array: int, row: int, col: int, height: int, width: int) -> str | None:
         """None if the region lies on the chip, else a message saying what is outside."""
@@ -99,11 +101,19 @@ class CellArrays:
             self.noise[array].reshape(-1)[cells] = captured
             self.target[array].reshape(-1)[cells] = t
         # only cells not stamped with this clock yet (a region erased just now holds it): no page written in vain
+        self._pristine[array] = False
         restamp = self.ages.programmed_at[sl] != clock
         self.ages.stamp(array, sl[1], sl[2], restamp if mask is None else restamp & mask, clock)
         self.generation += 1
         self.dirty.add(array)
         return stats
+
+    def restore(self, array: int, g: np.ndarray, target: np.ndarray, noise: np.ndarray,
+                programmed_at: np.ndarray) -> None:
+        """Load one array's planes (from the non-volatile image)."""
+        self.g[array], self.target[array], self.noise[array] = g, target, noise
+        self.ages.restore(array, programmed_at)
+        self._pristine[array] = False
 
     def conductance(self, array: int, aging: Aging) -> np.ndarray:
         """One array's conductances as they read under ``aging`` (read only: may be a cached drifted plane)."""
@@ -122,9 +132,13 @@ class CellArrays:
 
     def erase(self, first: int, count: int, row: int, col: int, height: int, width: int, clock: int = 0) -> None:
         """Reset a region of ``count`` consecutive arrays to the erased state g = 0, stamped with ``clock``."""
-        sl = (slice(first, first + count), slice(row, row + height), slice(col, col + width))
-        for plane, value in ((self.g, 0), (self.noise, 0), (self.target, 0), (self.ages.programmed_at, clock)):
-            _fill(plane[sl], value)
+        arrays = slice(first, first + count)
+        sl = (arrays, slice(row, row + height), slice(col, col + width))
+        if clock or not self._pristine[arrays].all():    # else every plane holds its erased value already
+            for plane, value in ((self.g, 0), (self.noise, 0), (self.target, 0), (self.ages.programmed_at, clock)):
+                _fill(plane[sl], value)
+            if clock:
+                self._pristine[arrays] = False
         self.generation += 1
         self.dirty.update(range(first, first + count))
 

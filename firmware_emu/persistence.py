@@ -62,8 +62,7 @@ def power_up(chip_class: type[Chip], path: str, explicit: dict) -> Chip:
     chip = chip_class(config, image)
     cells = chip.cells
     for index, (g, target, noise, programmed_at) in state.arrays.items():
-        cells.g[index], cells.target[index], cells.noise[index] = g, target, noise
-        cells.ages.restore(index, programmed_at)
+        cells.restore(index, g, target, noise, programmed_at)
     cells.generation += 1
     chip.registers.regs["CLOCK"] = state.clock
     if program is not None:

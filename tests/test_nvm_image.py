@@ -37,6 +37,17 @@ def test_cells_noise_and_program_persist_across_processes(tmp_path, batch):
         assert np.array_equal(dev.run([batch])[0], before)
 
 
+def test_an_erase_after_power_up_clears_the_cells_the_image_restored(tmp_path):
+    url = f"emu://?image={tmp_path / 'chip.nvm'}&arrays=2&rows=16&cols=16&sigma=0.1&seed=3"
+    with driver.open(url) as dev:
+        dev.write_cells(1, 0, 0, np.full((16, 16), 3, np.uint8))
+    with driver.open(f"emu://?image={tmp_path / 'chip.nvm'}") as dev:       # the clock reads 0 again: no time let pass
+        assert dev.read_cells(1, 0, 0, 16, 16, CellQuantity.TARGET).min() == 3
+        dev.erase(1)
+        for quantity in (CellQuantity.CONDUCTANCE, CellQuantity.NOISE, CellQuantity.TARGET):
+            assert not dev.read_cells(1, 0, 0, 16, 16, quantity).any(), quantity.name
+
+
 def test_geometry_of_an_existing_image_cannot_be_changed(tmp_path):
     with driver.open(f"emu://?image={tmp_path / 'c'}&arrays=4"):
         pass
