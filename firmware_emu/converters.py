@@ -79,7 +79,7 @@ TileConductance = Callable[[int, int], np.ndarray]       # (layer, tile) -> (in_
 
 
 CHUNK_SUMS = 1 << 18  # column sums per pass: ~1 MB, so the passes over them stay in cache
-MIN_ROWS = 512        # batch rows per chunk at least: a wide layer's product runs faster on more (VGG-8: 128 -> 512, -12-15 %)
+MIN_ROWS = 512        # batch rows per chunk at least: wide layers multiply faster (VGG-8: 128 -> 512, -12-15 %)
 CHUNK_SET = 4         # chunks come in multiples of this many, of equal size
 SQRT2 = math.sqrt(2.0)  # a differential column's read noise: two bit lines' cells read
 SCRATCH_KEEP = 1 << 24  # floats (64 MB): a worker keeps working arrays up to this size for the next chunk
