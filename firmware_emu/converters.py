@@ -70,11 +70,11 @@ import numpy as np
 from .contract.pairing import PairingError, Unit, pair_units, unit_cells
 from .contract.program_format import Program
 
-__all__ = ["ConverterPath", "ConverterSettings", "LayerConverters", "NoiseStream", "PairingError", "ReadNoise",
-           "ReadNoiseMap", "Unit", "Windows", "fused_cells", "pair_units", "unit_cells", "weight_bounds"]
+__all__ = ["ConverterPath", "ConverterSettings", "Epilogue", "LayerConverters", "NoiseStream", "PairingError",
+           "ReadNoise", "ReadNoiseMap", "Unit", "Windows", "fused_cells", "pair_units", "unit_cells", "weight_bounds"]
 
-# (layer, x (P, in)) -> (P, out); (layer, a CONV's Windows) -> its output planes (N, out, *O)
-LayerProduct = Callable[[int, "np.ndarray | Windows"], np.ndarray]
+# (layer, x (P, in)[, Epilogue]) -> (P, out); (layer, a CONV's Windows[, Epilogue]) -> its output planes (N, out, *O)
+LayerProduct = Callable[..., np.ndarray]
 TileConductance = Callable[[int, int], np.ndarray]       # (layer, tile) -> (in_count, out_count * S)
 
 
@@ -146,6 +146,27 @@ def fused_cells(g: np.ndarray, slices: int, cell_bits: int) -> np.ndarray:
     = sum_j 2^(jK) g[:, o * S + j], the S slice currents weighted by their place values."""
     place = (2.0 ** (cell_bits * np.arange(slices))).astype(g.dtype)
     return g.reshape(g.shape[0], -1, slices) @ place
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """What the digital unit applies to a layer's outputs after its scale: a per-output bias
+    (the program's bias ADD) and a RELU, in that order.
+
+    The product applies them in each chunk while its outputs are in cache and on the worker
+    threads, instead of two more passes over the whole output afterwards; they are the same
+    float32 additions and maxima as the instructions they stand for, so the same bits.
+    """
+
+    bias: np.ndarray | None = None  # (out,) float32
+    relu: bool = False
+
+    def apply(self, y: np.ndarray) -> None:
+        """In place on outputs y whose axis -2 runs over the layer's outputs: (out, k) or (images, out, positions)."""
+        if self.bias is not None:
+            np.add(y, self.bias[:, None], out=y)
+        if self.relu:
+            np.maximum(y, np.float32(0), out=y)
 
 
 class Windows:
@@ -359,10 +380,12 @@ class LayerConverters:
         self.sums = sum(r.groups * r.width for r in self.readouts)   # ADC samples per input vector
         self.macs = sum(r.groups * r.rows * r.width for r in self.readouts)  # multiply-adds per input vector
 
-    def product(self, x: np.ndarray | Windows, read_noise: float = 0.0, noise: NoiseStream | None = None) -> np.ndarray:
+    def product(self, x: np.ndarray | Windows, read_noise: float = 0.0, noise: NoiseStream | None = None,
+                epilogue: Epilogue | None = None) -> np.ndarray:
         """The layer's output through the converters: (P, out) for inputs x (P, in), the transposed
         view of an (out, P) array (the batch runs along the last axis throughout); for a CONV's
-        ``Windows``, its output planes (N, out, *positions), written in place by the chunks.
+        ``Windows``, its output planes (N, out, *positions), written in place by the chunks,
+        each applying ``epilogue`` (if given) to its outputs.
 
         The batch is cut into chunks of about ``CHUNK_SUMS`` column sums, so the passes over
         them (noise, rounding, shift-add) run in cache, on the worker threads (a CONV's
@@ -392,7 +415,7 @@ class LayerConverters:
         else:                                                # outputs x batch rows
             y = np.empty((self.out_features, p), np.float32)
             parts = [[(y[:, a:b], 0)] for a, b in zip(cuts[:-1], cuts[1:])]
-        jobs = [(take, a, b, part, budget, read_noise, key)
+        jobs = [(take, a, b, part, budget, read_noise, key, epilogue)
                 for a, b, part, key in zip(cuts[:-1], cuts[1:], parts, keys)]
         if len(jobs) == 1:
             self._chunk(*jobs[0])
@@ -402,7 +425,7 @@ class LayerConverters:
         return y.reshape(y.shape[:2] + x.spatial) if isinstance(x, Windows) else y.T
 
     def _chunk(self, take: Callable, a: int, b: int, parts: list[tuple[np.ndarray, int]], rows: int,
-               read_noise: float, keys: np.ndarray | None) -> None:
+               read_noise: float, keys: np.ndarray | None, epilogue: Epilogue | None) -> None:
         """The product for the batch rows a..b, ``take(a, b, buffer)`` their inputs (in buffer), written
         to ``parts``: (out, k) views, each the outputs of k consecutive rows from the row its int gives
         (counted from a). ``rows`` sizes the passes (the same for every batch: a sample's groups are
@@ -420,6 +443,8 @@ class LayerConverters:
                 np.multiply(planes.transpose(1, 0, 2), self.scale[:, None], out=target)
             else:
                 np.multiply(out[:self.out_features, first:first + target.shape[1]], self.scale[:, None], out=target)
+            if epilogue is not None:
+                epilogue.apply(target)
 
 
 def _plane_parts(y: np.ndarray, a: int, b: int) -> list[tuple[np.ndarray, int]]:
@@ -494,7 +519,7 @@ class ConverterPath:
         """The layer product of one run: its read noise from ``noise``, layer after layer."""
         if read_noise > 0 and noise is None:
             raise ValueError("read noise needs a NoiseStream")
-        return lambda index, x: self.layer(index).product(x, read_noise, noise)
+        return lambda index, x, epilogue=None: self.layer(index).product(x, read_noise, noise, epilogue)
 
 
 class ReadNoiseMap:

@@ -3,8 +3,9 @@
 What every opcode computes is its reference kernel in the contract's op table
 (``contract.ops``); this interpreter runs those kernels and adds what is the emulator's
 own: the crossbar products in torch (2-3x faster than numpy's im2col) split over worker
-threads, products formed tile by tile through finite converters, and elementwise ops
-that write into their input when nothing else can see it. The chip and the compiler's
+threads, products formed tile by tile through finite converters (which also apply the
+layer's bias ADD and RELU while their chunk of outputs is in cache, ``_epilogue``), and
+elementwise ops that write into their input when nothing else can see it. The chip and the compiler's
 reference executor differ only in where a layer's effective weights come from
 (programmed conductances vs. ideal targets), so a mismatch between them points at the
 cells, not at the op implementations.
@@ -29,7 +30,7 @@ from .contract import ops
 from .contract.interpreter import bind_inputs, store_results
 from .contract.ops import ExecutionError, WeightProvider
 from .contract.program_format import Instr, Opcode, Program
-from .converters import LayerProduct, ReadNoise, Windows
+from .converters import Epilogue, LayerProduct, ReadNoise, Windows
 
 # -- crossbar ops ---------------------------------------------------------------------
 # The matrix products run in torch: its kernels are 2-3x faster than numpy's im2col here.
@@ -122,12 +123,12 @@ def _kernel(ins: Instr, matrices: list[np.ndarray]):
     return value
 
 
-def _matmul(ins: Instr, args: list[np.ndarray], weights: WeightProvider,
-            product: LayerProduct | None = None, read_noise: ReadNoise | None = None) -> np.ndarray:
+def _matmul(ins: Instr, args: list[np.ndarray], weights: WeightProvider, product: LayerProduct | None = None,
+            read_noise: ReadNoise | None = None, epilogue: Epilogue | None = None) -> np.ndarray:
     x, = args
     w = ops.matmul_layer(ins, x, weights)
     if product is not None:
-        return product(ins.layer, x.reshape(-1, w.shape[0])).reshape(*x.shape[:-1], w.shape[1])
+        return product(ins.layer, x.reshape(-1, w.shape[0]), epilogue).reshape(*x.shape[:-1], w.shape[1])
     w_t = _tensor(w)
     y = _over_batch(lambda part: part @ w_t, _tensor(x), x.size * w.shape[1])
     if read_noise is not None:
@@ -135,15 +136,15 @@ def _matmul(ins: Instr, args: list[np.ndarray], weights: WeightProvider,
     return y
 
 
-def _conv(ins: Instr, args: list[np.ndarray], weights: WeightProvider,
-          product: LayerProduct | None = None, read_noise: ReadNoise | None = None) -> np.ndarray:
+def _conv(ins: Instr, args: list[np.ndarray], weights: WeightProvider, product: LayerProduct | None = None,
+          read_noise: ReadNoise | None = None, epilogue: Epilogue | None = None) -> np.ndarray:
     """out[n, o, p] = sum_r im2col(x)[n, p, r] * W[r, o], one matrix W per group, rows r in
     (channel, kernel offset) order: exactly a convolution with W reshaped to (C_out, C_in/g, *k)."""
     x, = args
     matrices = ops.conv_layers(ins, x, weights)                           # each (Cg*K, Cog)
     rows, cols = matrices[0].shape
     if product is not None:
-        return _conv_tiled(ins, x, product)
+        return _conv_tiled(ins, x, product, epilogue)
     y = _convolve(ins, x, _kernel(ins, matrices), rows * cols * len(matrices))
     if read_noise is not None:
         y += _conv_read_noise(ins, x, read_noise)
@@ -190,22 +191,62 @@ def _conv_read_noise(ins: Instr, x: np.ndarray, noise: ReadNoise) -> np.ndarray:
     return np.moveaxis(noise.draw(std), -1, 1)
 
 
-def _conv_tiled(ins: Instr, x: np.ndarray, product: LayerProduct) -> np.ndarray:
-    """Convolution as the crossbars see it: the im2col rows of each group's windows through its layer."""
+def _conv_tiled(ins: Instr, x: np.ndarray, product: LayerProduct, epilogue: Epilogue | None = None) -> np.ndarray:
+    """Convolution as the crossbars see it: the im2col rows of each group's windows through its
+    layer (``epilogue``: only for one group)."""
     windows, group = Windows(ops.windows(ins, x)), ins.attrs["group"][0]
+    if group == 1:
+        return product(ins.layer, windows, epilogue)
     planes = [product(ins.layer + g, windows.group(g, group)) for g in range(group)]   # each (N, C_out / group, *O)
-    return planes[0] if group == 1 else np.concatenate(planes, axis=1)
+    return np.concatenate(planes, axis=1)
 
 
-def execute(ins: Instr, args: list[np.ndarray], weights: WeightProvider,
-            product: LayerProduct | None = None, read_noise: ReadNoise | None = None) -> list[np.ndarray]:
+def _epilogue(program: Program, at: int, last_use: dict[int, int], rank: int) -> tuple[Epilogue | None, int]:
+    """The bias ADD and RELU that follow crossbar instruction ``at`` and that its product through
+    the converters can apply itself (``Epilogue``): (the epilogue or None, the last instruction it covers).
+
+    Only what nothing else sees: each intermediate is read once, by the next instruction, and
+    is no program output; the bias is a float32 constant, one value or one per output along
+    the output axis (1 for a CONV, the last for a MATMUL), so it leaves the output's shape as
+    it is (``rank``: the crossbar output's).
+    """
+    steps, ins = program.instructions, program.instructions[at]
+    if ins.op == Opcode.CONV and ins.attrs["group"][0] != 1:
+        return None, at
+    axis = 1 if ins.op == Opcode.CONV else rank - 1
+    last, tensor, bias, relu = at, ins.outputs[0], None, False
+
+    def consumes(step: int, op: Opcode) -> bool:
+        nxt = steps[step] if step < len(steps) else None
+        return nxt is not None and nxt.op == op and nxt.inputs[0] == tensor and nxt.inputs.count(tensor) == 1 \
+            and last_use.get(tensor) == step
+
+    if consumes(last + 1, Opcode.ADD) and len(steps[last + 1].inputs) == 2:
+        b = program.constants.get(steps[last + 1].inputs[1])
+        shape = (1,) * (rank - b.ndim) + b.shape if b is not None else ()
+        if b is not None and b.dtype == np.float32 and b.ndim <= rank \
+                and b.size in (1, program.layers[ins.layer].out_features) \
+                and all(n == 1 for i, n in enumerate(shape) if i != axis):
+            last += 1
+            tensor = steps[last].outputs[0]
+            bias = b.reshape(-1)
+    if consumes(last + 1, Opcode.RELU):
+        last += 1
+        tensor, relu = steps[last].outputs[0], True
+    if last == at:
+        return None, at
+    return Epilogue(bias, relu), last
+
+
+def execute(ins: Instr, args: list[np.ndarray], weights: WeightProvider, product: LayerProduct | None = None,
+            read_noise: ReadNoise | None = None, epilogue: Epilogue | None = None) -> list[np.ndarray]:
     """Run one instruction on its input arrays: the crossbar ops in torch (or through
-    ``product``, finite converters; or with ``read_noise`` added to each output), every
-    other op with its reference kernel."""
+    ``product``, finite converters, which then applies ``epilogue``; or with ``read_noise``
+    added to each output), every other op with its reference kernel."""
     if ins.op == Opcode.MATMUL:
-        return [_matmul(ins, args, weights, product, read_noise)]
+        return [_matmul(ins, args, weights, product, read_noise, epilogue)]
     if ins.op == Opcode.CONV:
-        return [_conv(ins, args, weights, product, read_noise)]
+        return [_conv(ins, args, weights, product, read_noise, epilogue)]
     return ops.execute(ins, args, weights)
 
 
@@ -245,7 +286,9 @@ def run(program: Program, feeds: list[np.ndarray], weights: WeightProvider,
     last_use = {t: i for i, ins in enumerate(steps) for t in ins.inputs}
     last_use.update({t: len(steps) for t in program.outputs})
     owned: set[int] = set()  # intermediates whose array no other live tensor shares
-    for i, ins in enumerate(steps):
+    i = 0
+    while i < len(steps):
+        ins, last, epilogue = steps[i], i, None
         try:
             args = [env[t] for t in ins.inputs]
             first = ins.inputs[0] if ins.inputs else -1
@@ -253,12 +296,15 @@ def run(program: Program, feeds: list[np.ndarray], weights: WeightProvider,
                     and np.broadcast_shapes(*(a.shape for a in args)) == args[0].shape:
                 outs = [_IN_PLACE[ins.op](ins, args)]
             else:
-                outs = execute(ins, args, weights, product, read_noise)
+                if product is not None and ins.op in (Opcode.CONV, Opcode.MATMUL):   # its bias and RELU with it
+                    epilogue, last = _epilogue(program, i, last_use, args[0].ndim)
+                outs = execute(ins, args, weights, product, read_noise, epilogue)
         except (ValueError, IndexError, KeyError, TypeError) as e:
             raise ExecutionError(f"{ins.op.name} '{ins.name}': {e}") from None
-        store_results(ins, outs, env)
+        store_results(steps[last], outs, env)
         if ops.OPS[ins.op].view:
             owned.difference_update(ins.inputs)
         else:
-            owned.update(ins.outputs)
+            owned.update(steps[last].outputs)
+        i = last + 1
     return [env[t] for t in program.outputs]

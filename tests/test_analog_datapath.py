@@ -12,6 +12,7 @@ one ADC step apart where a column sum sits on a rounding boundary).
 
 import numpy as np
 import pytest
+import torch
 from crossbar_reference import G_MAX, PLACE, K, M, S, agree, assert_same_alone_or_in_a_batch, fused_columns, read
 
 from nvcim import driver
@@ -25,7 +26,7 @@ from nvcim.firmware_emu.converters import (
     weight_bounds,
 )
 
-from zoo import cnn_images
+from zoo import cnn_images, export
 
 
 def _layer(in_features: int, out_features: int, rows: int, units: int, seed: int,
@@ -457,3 +458,51 @@ def test_the_readout_is_stored_in_the_build_and_an_older_build_reads_column():
     assert ChipConfig.from_dict(stored) == config and config.readout == Readout.SHIFT_ADD
     del stored["readout"]                                      # an image written before the option existed
     assert ChipConfig.from_dict(stored).readout == Readout.COLUMN
+
+
+class _Residual(torch.nn.Module):
+    """A conv whose biased output feeds both a RELU and an ADD: only its bias may join the product."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.fc = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x):
+        h = self.c1(x)
+        return self.fc((torch.relu(h) + h).flatten(1))
+
+
+@pytest.mark.parametrize("model, fused", [
+    ("cnn", [(True, True), (True, False)]),          # c1: bias and RELU; grouped c2: neither; fc: bias
+    ("residual", [(True, False), (True, False)]),    # c1: its RELU's input is also the ADD's; fc: bias
+])
+def test_a_layers_bias_and_relu_in_its_product_give_the_instructions_bits(cnn_path, tmp_path, monkeypatch,
+                                                                            model, fused):
+    """Through converters a layer's product applies the bias ADD and RELU that follow it while its
+    outputs are in cache (executor._epilogue): with read noise on, the outputs are bit for bit
+    those of the instructions run one by one, and it joins only what nothing else reads."""
+    from nvcim.firmware_emu import executor
+
+    if model == "residual":
+        torch.manual_seed(1)
+        path = export(_Residual().eval(), tmp_path / "residual.onnx", (3, 8, 8), dynamo=False)
+    else:
+        path = cnn_path
+    x = cnn_images(48, 5)
+    joined, find = [], executor._epilogue
+
+    def recorded(*args):
+        epilogue, last = find(*args)
+        if epilogue is not None:
+            joined.append((epilogue.bias is not None, epilogue.relu))
+        return epilogue, last
+
+    with driver.load(path, device=f"{CHIP}&dac_bits=6&adc_bits=6") as sess:
+        sess.device.write_register("READ_NOISE", round(0.05 * 65536))
+        runs = []
+        for epilogues in (recorded, lambda program, at, *rest: (None, at)):
+            monkeypatch.setattr(executor, "_epilogue", epilogues)
+            sess.device.write_register("RUN_SEED", 3)
+            runs.append(sess.run(None, {"x": x})[0])
+    assert joined == fused
+    assert np.array_equal(runs[0], runs[1])
