@@ -107,7 +107,7 @@ def main() -> None:
     torch.manual_seed(0)
     costs = [_unit_costs()]
     cores = torch.get_num_threads()
-    nets = {"LeNet-3": (LeNet3(), (1, 28, 28), 256, 8), "VGG-8": (VGG8(), (3, 32, 32), 64, 1)}
+    nets = {"LeNet-3": (LeNet3(), (1, 28, 28), 256, 24), "VGG-8": (VGG8(), (3, 32, 32), 64, 2)}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, (model, shape, batch, repeats) in nets.items():
